@@ -23,7 +23,7 @@ std::string str(const Args&... args) {
 // Throws Error("<where>: <message>"). `where` is usually a file path.
 template <typename... Args>
 [[noreturn]] void fail(const std::string& where, const Args&... message) {
-  throw Error(where + ": " + str(message...));
+  throw Error(where + ": " + mlaforge::str(message...));
 }
 
 template <typename... Args>

@@ -48,7 +48,7 @@ std::string dtype_name(at::ScalarType t) {
     case at::kChar: return "I8";
     case at::kByte: return "U8";
     case at::kBool: return "BOOL";
-    default: throw Error(str("safetensors: cannot store dtype ", t));
+    default: throw Error(mlaforge::str("safetensors: cannot store dtype ", t));
   }
 }
 

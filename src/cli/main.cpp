@@ -1,0 +1,151 @@
+// mlaforge: convert vision-language models to Multi-head Latent Attention and serve them.
+// This file only parses arguments and prints; the work lives in the library.
+#include <ATen/ATen.h>
+
+#include <CLI/CLI.hpp>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+
+#include "core/error.h"
+#include "core/threads.h"
+#include "eval/eval.h"
+#include "infer/generate.h"
+#include "io/dataset.h"
+#include "model/vlm.h"
+
+using namespace mlaforge;
+
+namespace {
+
+std::string human_count(int64_t n) {
+  char buf[32];
+  if (n >= 1000000000)
+    std::snprintf(buf, sizeof buf, "%.2fB", double(n) / 1e9);
+  else if (n >= 1000000)
+    std::snprintf(buf, sizeof buf, "%.2fM", double(n) / 1e6);
+  else
+    std::snprintf(buf, sizeof buf, "%lld", (long long)n);
+  return buf;
+}
+
+int cmd_inspect(const std::string& model_dir) {
+  auto m = Vlm::load(model_dir);
+  const ModelConfig& c = m->config();
+  const TextConfig& t = c.text;
+  std::printf("model           %s\n", model_dir.c_str());
+  std::printf("architecture    %s (vision: Qwen2-VL ViT depth %lld width %lld; decoder: %lld layers, hidden %lld)\n",
+              c.model_type.c_str(), (long long)c.vision.depth, (long long)c.vision.embed_dim, (long long)t.num_layers,
+              (long long)t.hidden_size);
+  std::printf("attention       %lld query heads, %lld KV heads (%s), head_dim %lld, %s\n", (long long)t.num_heads,
+              (long long)t.num_kv_heads, t.num_heads == t.num_kv_heads ? "MHA" : "GQA", (long long)t.head_dim,
+              t.mrope_section.empty() ? "1-D RoPE"
+                                      : str("M-RoPE section [", t.mrope_section[0], ", ", t.mrope_section[1], ", ",
+                                            t.mrope_section[2], "]").c_str());
+  std::printf("parameters      %s total: vision %s, language model %s\n", human_count(m->parameter_count("all")).c_str(),
+              human_count(m->parameter_count("vision")).c_str(), human_count(m->parameter_count("language")).c_str());
+  std::printf("KV cache        %lld bytes/token in bf16 (2 x %lld layers x %lld KV heads x %lld dims x 2 B); "
+              "%lld in float32\n",
+              (long long)c.kv_bytes_per_token(2), (long long)t.num_layers, (long long)t.num_kv_heads,
+              (long long)t.head_dim, (long long)c.kv_bytes_per_token(4));
+  return 0;
+}
+
+int cmd_generate(const std::string& model_dir, const std::vector<std::string>& images, const std::string& prompt,
+                 const SamplingOptions& so) {
+  auto m = Vlm::load(model_dir);
+  Prompt p;
+  p.turns.push_back(user_turn_from_text(prompt));
+  p.image_paths = images;
+  size_t markers = 0;
+  for (auto& it : p.turns[0].items) markers += it.is_image;
+  if (markers != images.size())
+    throw Error(str("--prompt: ", markers, " <image> markers for ", images.size(), " --image files ",
+                    "(each <image> takes the next --image)"));
+  auto gens = generate(*m, {p}, so);
+  std::printf("%s\n", gens[0].text.c_str());
+  return 0;
+}
+
+int cmd_eval(const std::string& model_dir, const std::string& data, int64_t limit, const EvalOptions& eo,
+             const std::string& report_path) {
+  auto m = Vlm::load(model_dir);
+  auto rows = load_conversations(data, limit);
+  if (rows.empty()) throw Error(data + ": no records");
+  EvalReport rep = evaluate(*m, rows, eo);
+  std::printf("accuracy %.4f on %lld questions in %.1f s\n", rep.accuracy, (long long)rep.n, rep.seconds);
+  for (auto& [kind, s] : rep.by_kind)
+    std::printf("  %-14s %.3f  (%lld/%lld)\n", kind.empty() ? "(none)" : kind.c_str(),
+                double(s.correct) / double(s.total), (long long)s.correct, (long long)s.total);
+  if (!report_path.empty()) {
+    std::ofstream out(report_path);
+    if (!out) throw Error(report_path + ": cannot write report");
+    out << rep.to_json() << "\n";
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // libgomp reads OMP_WAIT_POLICY when it loads, before main: its default spinning threads fight
+  // OpenBLAS's for the cores and make small matmuls ~3x slower. Set it and restart once.
+  if (!std::getenv("OMP_WAIT_POLICY")) {
+    setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
+    execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
+  }
+  CLI::App app{"mlaforge: convert vision-language models (Qwen2-VL, LLaVA) to Multi-head Latent Attention,\n"
+               "recover accuracy with a short fine-tune, and serve them with a small KV cache."};
+  app.require_subcommand(1);
+  int threads = 0;
+  app.add_option("--threads", threads, "CPU threads (default: all cores)");
+
+  auto* inspect = app.add_subcommand("inspect", "Show a model's architecture, parameter counts and KV-cache bytes per token");
+  std::string inspect_model;
+  inspect->add_option("model", inspect_model, "Model directory (Hugging Face checkpoint)")->required();
+
+  auto* gen = app.add_subcommand("generate", "Answer one prompt; each <image> in the prompt takes the next --image");
+  std::string gen_model, gen_prompt;
+  std::vector<std::string> gen_images;
+  SamplingOptions so;
+  so.max_new_tokens = 128;
+  gen->add_option("--model", gen_model, "Model directory")->required();
+  gen->add_option("--image", gen_images, "Image file (PNG or JPEG); repeat for several");
+  gen->add_option("--prompt", gen_prompt, "Prompt text, with <image> where each image goes")->required();
+  gen->add_option("--max-new-tokens", so.max_new_tokens, "Most tokens to generate")->capture_default_str();
+  gen->add_option("--temperature", so.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
+  gen->add_option("--top-p", so.top_p, "Nucleus sampling mass (with temperature > 0)")->capture_default_str();
+  gen->add_option("--seed", so.seed, "Random seed for sampling")->capture_default_str();
+
+  auto* ev = app.add_subcommand("eval", "Exact-match accuracy of greedy answers on LLaVA-style JSONL questions");
+  std::string ev_model, ev_data, ev_report;
+  int64_t ev_limit = 0;
+  EvalOptions eo;
+  ev->add_option("--model", ev_model, "Model directory")->required();
+  ev->add_option("--data", ev_data, "JSONL file; image paths are relative to its folder")->required();
+  ev->add_option("--limit", ev_limit, "Evaluate only the first N rows");
+  ev->add_option("--max-new-tokens", eo.max_new_tokens, "Most tokens per answer")->capture_default_str();
+  ev->add_option("--batch", eo.batch_size, "Questions decoded together")->capture_default_str();
+  ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    set_threads(threads);
+    if (*inspect) return cmd_inspect(inspect_model);
+    if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so);
+    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    // Anything else is a bug or an unforeseen input; still one line, never a crash.
+    std::string msg = e.what();
+    msg = msg.substr(0, msg.find('\n'));
+    std::fprintf(stderr, "error: internal: %s\n", msg.c_str());
+    return 2;
+  }
+  return 0;
+}

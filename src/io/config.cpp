@@ -1,0 +1,164 @@
+#include "io/config.h"
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace mlaforge {
+namespace {
+
+json read_json(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, "file not found");
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {
+    fail(path, "not valid JSON (", e.what(), ")");
+  }
+}
+
+// Looks a key up in `primary` (e.g. text_config) and then in `fallback` (the top level).
+const json* lookup(const json& primary, const json& fallback, const std::string& key) {
+  if (primary.is_object() && primary.contains(key) && !primary[key].is_null()) return &primary[key];
+  if (fallback.is_object() && fallback.contains(key) && !fallback[key].is_null()) return &fallback[key];
+  return nullptr;
+}
+
+template <typename T>
+T get_or(const json& primary, const json& fallback, const std::string& key, T def) {
+  const json* v = lookup(primary, fallback, key);
+  if (!v) return def;
+  try {
+    return v->get<T>();
+  } catch (const json::exception&) {
+    return def;
+  }
+}
+
+template <typename T>
+T require(const json& primary, const json& fallback, const std::string& key, const std::string& path) {
+  const json* v = lookup(primary, fallback, key);
+  if (!v) fail(path, "missing key \"", key, "\"");
+  try {
+    return v->get<T>();
+  } catch (const json::exception&) {
+    fail(path, "key \"", key, "\" has the wrong type");
+  }
+}
+
+std::vector<int64_t> id_list(const json* v) {
+  std::vector<int64_t> out;
+  if (!v) return out;
+  if (v->is_number_integer()) out.push_back(v->get<int64_t>());
+  if (v->is_array())
+    for (auto& x : *v)
+      if (x.is_number_integer()) out.push_back(x.get<int64_t>());
+  return out;
+}
+
+void read_text(const json& tc, const json& top, const std::string& path, TextConfig& t) {
+  t.vocab_size = require<int64_t>(tc, top, "vocab_size", path);
+  t.hidden_size = require<int64_t>(tc, top, "hidden_size", path);
+  t.intermediate_size = require<int64_t>(tc, top, "intermediate_size", path);
+  t.num_layers = require<int64_t>(tc, top, "num_hidden_layers", path);
+  t.num_heads = require<int64_t>(tc, top, "num_attention_heads", path);
+  t.num_kv_heads = get_or<int64_t>(tc, top, "num_key_value_heads", t.num_heads);
+  t.head_dim = get_or<int64_t>(tc, top, "head_dim", t.num_heads > 0 ? t.hidden_size / t.num_heads : 0);
+  t.rms_norm_eps = get_or<double>(tc, top, "rms_norm_eps", 1e-6);
+  t.tie_word_embeddings = get_or<bool>(tc, top, "tie_word_embeddings", false);
+  t.hidden_act = get_or<std::string>(tc, top, "hidden_act", "silu");
+  check(t.num_heads > 0 && t.num_kv_heads > 0 && t.num_heads % t.num_kv_heads == 0, path,
+        "num_attention_heads (", t.num_heads, ") must be a positive multiple of num_key_value_heads (",
+        t.num_kv_heads, ")");
+  check(t.head_dim > 0 && t.head_dim % 2 == 0, path, "head_dim must be positive and even, got ", t.head_dim);
+  check(t.hidden_act == "silu", path, "unsupported text hidden_act \"", t.hidden_act, "\" (only silu)");
+
+  // RoPE: transformers 5 "rope_parameters", or older "rope_theta" + "rope_scaling".
+  t.rope_theta = get_or<double>(tc, top, "rope_theta", 10000.0);
+  for (const char* key : {"rope_scaling", "rope_parameters"}) {
+    const json* rp = lookup(tc, top, key);
+    if (!rp || !rp->is_object()) continue;
+    if (rp->contains("rope_theta")) t.rope_theta = (*rp)["rope_theta"].get<double>();
+    // M-RoPE is detected by mrope_section; transformers 5 keeps rope_type "default" beside it.
+    if (rp->contains("mrope_section")) t.mrope_section = (*rp)["mrope_section"].get<std::vector<int64_t>>();
+    std::string type = rp->value("rope_type", rp->value("type", std::string("default")));
+    if (type != "default" && type != "mrope")
+      fail(path, "unsupported RoPE scaling type \"", type, "\"");
+  }
+  if (!t.mrope_section.empty()) {
+    int64_t pairs = 0;
+    for (int64_t s : t.mrope_section) pairs += s;
+    check(t.mrope_section.size() == 3 && pairs == t.head_dim / 2, path, "mrope_section must have 3 entries summing to ",
+          "head_dim/2 = ", t.head_dim / 2);
+  }
+}
+
+void read_qwen2_vision(const json& vc, const std::string& path, Qwen2VisionConfig& v, int64_t text_hidden) {
+  const json none = json::object();
+  v.depth = require<int64_t>(vc, none, "depth", path);
+  v.embed_dim = require<int64_t>(vc, none, "embed_dim", path);
+  v.num_heads = require<int64_t>(vc, none, "num_heads", path);
+  // Qwen2-VL calls the LLM width "hidden_size" inside vision_config.
+  v.out_hidden_size = get_or<int64_t>(vc, none, "hidden_size", text_hidden);
+  double ratio = get_or<double>(vc, none, "mlp_ratio", 4.0);
+  v.mlp_hidden = int64_t(double(v.embed_dim) * ratio);
+  v.patch_size = get_or<int64_t>(vc, none, "patch_size", 14);
+  v.temporal_patch_size = get_or<int64_t>(vc, none, "temporal_patch_size", 2);
+  v.spatial_merge_size = get_or<int64_t>(vc, none, "spatial_merge_size", 2);
+  v.in_channels = get_or<int64_t>(vc, none, "in_channels", 3);
+  v.hidden_act = get_or<std::string>(vc, none, "hidden_act", "quick_gelu");
+  check(v.num_heads > 0 && v.embed_dim % v.num_heads == 0, path, "vision embed_dim ", v.embed_dim,
+        " is not divisible by num_heads ", v.num_heads);
+  check((v.embed_dim / v.num_heads) % 4 == 0, path, "vision head dim must be a multiple of 4 for its 2-D RoPE");
+  check(v.hidden_act == "quick_gelu" || v.hidden_act == "gelu", path, "unsupported vision hidden_act \"",
+        v.hidden_act, "\"");
+  check(v.out_hidden_size == text_hidden, path, "vision_config.hidden_size (", v.out_hidden_size,
+        ") must equal the language model's hidden_size (", text_hidden, ")");
+}
+
+}  // namespace
+
+ModelConfig load_model_config(const std::string& dir) {
+  ModelConfig c;
+  c.path = (fs::path(dir) / "config.json").string();
+  if (!fs::is_directory(dir)) fail(dir, "model directory not found");
+  json top = read_json(c.path);
+  if (!top.is_object()) fail(c.path, "not a JSON object");
+  c.model_type = top.value("model_type", std::string());
+  if (c.model_type == "qwen2_vl") {
+    c.family = Family::Qwen2VL;
+  } else if (c.model_type.empty()) {
+    fail(c.path, "no \"model_type\"");
+  } else {
+    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl)");
+  }
+  const json tc = top.contains("text_config") && top["text_config"].is_object() ? top["text_config"] : json::object();
+  read_text(tc, top, c.path, c.text);
+  if (!top.contains("vision_config") || !top["vision_config"].is_object()) fail(c.path, "missing \"vision_config\"");
+  read_qwen2_vision(top["vision_config"], c.path, c.vision, c.text.hidden_size);
+  check(!c.text.mrope_section.empty(), c.path, "qwen2_vl needs an mrope_section in rope_scaling or rope_parameters");
+
+  c.image_token_id = get_or<int64_t>(top, tc, "image_token_id", -1);
+  c.video_token_id = get_or<int64_t>(top, tc, "video_token_id", -1);
+  c.vision_start_token_id = get_or<int64_t>(top, tc, "vision_start_token_id", -1);
+  c.vision_end_token_id = get_or<int64_t>(top, tc, "vision_end_token_id", -1);
+  check(c.image_token_id >= 0 && c.image_token_id < c.text.vocab_size, c.path, "image_token_id missing or outside the vocabulary");
+  c.pad_token_id = get_or<int64_t>(tc, top, "pad_token_id", -1);
+  c.eos_token_ids = id_list(lookup(tc, top, "eos_token_id"));
+
+  fs::path gen = fs::path(dir) / "generation_config.json";
+  if (fs::exists(gen)) {
+    json g = read_json(gen.string());
+    auto ids = id_list(g.contains("eos_token_id") ? &g["eos_token_id"] : nullptr);
+    if (!ids.empty()) c.eos_token_ids = ids;
+    if (g.contains("pad_token_id") && g["pad_token_id"].is_number_integer()) c.pad_token_id = g["pad_token_id"];
+  }
+  return c;
+}
+
+}  // namespace mlaforge

@@ -1,0 +1,52 @@
+// Model configuration read from a Hugging Face checkpoint's config.json (and generation_config.json).
+//
+// Both layouts are accepted: text keys flat at the top level (Hub files) or nested in "text_config"
+// (transformers 5), and RoPE given as "rope_parameters" or as "rope_theta" + "rope_scaling".
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mlaforge {
+
+enum class Family { Qwen2VL };
+
+struct TextConfig {
+  int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
+  int64_t num_heads = 0, num_kv_heads = 0, head_dim = 0;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  // M-RoPE: frequency pairs per axis (temporal, height, width); empty means 1-D RoPE.
+  std::vector<int64_t> mrope_section;
+  bool tie_word_embeddings = false;
+  std::string hidden_act = "silu";
+};
+
+struct Qwen2VisionConfig {
+  int64_t depth = 0, embed_dim = 0, num_heads = 0, out_hidden_size = 0, mlp_hidden = 0;
+  int64_t patch_size = 14, temporal_patch_size = 2, spatial_merge_size = 2, in_channels = 3;
+  double rope_theta = 10000.0;
+  std::string hidden_act = "quick_gelu";
+};
+
+struct ModelConfig {
+  std::string path;        // config.json path, for error messages
+  std::string model_type;  // "qwen2_vl"
+  Family family = Family::Qwen2VL;
+  TextConfig text;
+  Qwen2VisionConfig vision;
+  int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1, vision_end_token_id = -1;
+  int64_t pad_token_id = -1;
+  std::vector<int64_t> eos_token_ids;  // generation stops at any of these
+
+  // KV-cache bytes per token over all layers for an element size in bytes (2 for bf16).
+  int64_t kv_bytes_per_token(int64_t element_bytes) const {
+    return 2 * text.num_layers * text.num_kv_heads * text.head_dim * element_bytes;
+  }
+};
+
+// Reads <dir>/config.json and, when present, <dir>/generation_config.json. Unknown architectures,
+// missing keys and inconsistent sizes are errors naming config.json.
+ModelConfig load_model_config(const std::string& dir);
+
+}  // namespace mlaforge

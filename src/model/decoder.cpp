@@ -1,0 +1,125 @@
+#include "model/decoder.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+#include "core/error.h"
+#include "io/safetensors.h"
+#include "model/ops.h"
+#include "model/rope.h"
+
+namespace mlaforge {
+
+int64_t KVCache::bytes() const {
+  int64_t b = 0;
+  for (auto& t : k) b += t.numel() * t.element_size();
+  for (auto& t : v) b += t.numel() * t.element_size();
+  return b;
+}
+
+DecoderLM::DecoderLM(const TextConfig& cfg, const WeightStore& store, const std::string& lm_prefix,
+                     const std::string& head_name)
+    : cfg_(cfg) {
+  const int64_t d = cfg.hidden_size, h = cfg.num_heads, g = cfg.num_kv_heads, dh = cfg.head_dim,
+                f = cfg.intermediate_size, V = cfg.vocab_size;
+  WeightLoader w(store, lm_prefix);
+  embed_w_ = w.get("embed_tokens.weight", {V, d});
+  final_norm_ = w.get("norm.weight", {d});
+  if (store.has(head_name))
+    head_w_ = store.load(head_name, {V, d});
+  else if (cfg.tie_word_embeddings)
+    head_w_ = embed_w_;
+  else
+    fail(store.dir(), "missing tensor ", head_name, " (and tie_word_embeddings is false)");
+  for (int64_t i = 0; i < cfg.num_layers; ++i) {
+    WeightLoader l = w.sub("layers." + std::to_string(i) + ".");
+    DecoderLayer L;
+    L.q_w = l.get("self_attn.q_proj.weight", {h * dh, d});
+    L.q_b = l.maybe("self_attn.q_proj.bias", {h * dh});
+    L.k_w = l.get("self_attn.k_proj.weight", {g * dh, d});
+    L.k_b = l.maybe("self_attn.k_proj.bias", {g * dh});
+    L.v_w = l.get("self_attn.v_proj.weight", {g * dh, d});
+    L.v_b = l.maybe("self_attn.v_proj.bias", {g * dh});
+    L.o_w = l.get("self_attn.o_proj.weight", {d, h * dh});
+    L.o_b = l.maybe("self_attn.o_proj.bias", {d});
+    L.input_norm = l.get("input_layernorm.weight", {d});
+    L.post_norm = l.get("post_attention_layernorm.weight", {d});
+    L.gate_w = l.get("mlp.gate_proj.weight", {f, d});
+    L.up_w = l.get("mlp.up_proj.weight", {f, d});
+    L.down_w = l.get("mlp.down_proj.weight", {d, f});
+    layers_.push_back(std::move(L));
+  }
+  inv_freq_ = rope_inv_freq(dh, cfg.rope_theta);
+}
+
+at::Tensor DecoderLM::embed(const at::Tensor& ids) const { return at::embedding(embed_w_, ids); }
+
+KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& device) const {
+  KVCache c;
+  c.capacity = capacity;
+  auto opts = at::TensorOptions().dtype(embed_w_.scalar_type()).device(device);
+  for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+    c.k.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
+    c.v.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
+  }
+  c.key_valid = at::zeros({batch, capacity}, at::TensorOptions().dtype(at::kBool).device(device));
+  return c;
+}
+
+at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const at::Tensor& cos,
+                                const at::Tensor& sin, const at::Tensor& mask, KVCache& cache, size_t layer) const {
+  const int64_t B = x.size(0), T = x.size(1), h = cfg_.num_heads, g = cfg_.num_kv_heads, dh = cfg_.head_dim;
+  const int64_t group = h / g, start = cache.len, S = start + T;
+  // q [B, h, T, dh]; k, v [B, g, T, dh]
+  at::Tensor q = dense(x, L.q_w, L.q_b).view({B, T, h, dh}).transpose(1, 2);
+  at::Tensor k = dense(x, L.k_w, L.k_b).view({B, T, g, dh}).transpose(1, 2);
+  at::Tensor v = dense(x, L.v_w, L.v_b).view({B, T, g, dh}).transpose(1, 2);
+  at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, dh]
+  q = apply_rotary(q, c, s);
+  k = apply_rotary(k, c, s);
+  cache.k[layer].narrow(2, start, T).copy_(k);
+  cache.v[layer].narrow(2, start, T).copy_(v);
+  at::Tensor K = cache.k[layer].narrow(2, 0, S), V = cache.v[layer].narrow(2, 0, S);
+  // GQA without copying K/V: queries grouped by their KV head, [B, g, group*T, dh].
+  at::Tensor qg = q.reshape({B, g, group * T, dh});
+  at::Tensor scores = at::matmul(qg, K.transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
+  scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
+  at::Tensor p = at::softmax(scores, -1, at::kFloat).view({B, g, group * T, S});
+  at::Tensor out = at::matmul(p, V).view({B, h, T, dh}).transpose(1, 2).reshape({B, T, h * dh});
+  return dense(out, L.o_w, L.o_b);
+}
+
+at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid, KVCache& cache,
+                              std::vector<at::Tensor>* hidden) const {
+  const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
+  check(S <= cache.capacity, "kv cache", "capacity ", cache.capacity, " exceeded (", S, " positions)");
+  auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
+  cache.key_valid.narrow(1, start, T).copy_(valid);
+  // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
+  at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
+  at::Tensor query_pos = key_pos.narrow(0, start, T);
+  at::Tensor causal = key_pos.view({1, S}) <= query_pos.view({T, 1});     // [T, S]
+  at::Tensor self = key_pos.view({1, S}) == query_pos.view({T, 1});       // [T, S]
+  at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
+  at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
+  mask = mask.view({B, 1, 1, T, S});
+
+  at::Tensor x = x_in;
+  if (hidden) hidden->push_back(x);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const DecoderLayer& L = layers_[i];
+    x = x + attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, cache, i);
+    at::Tensor h2 = rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
+    x = x + dense(at::silu(dense(h2, L.gate_w)) * dense(h2, L.up_w), L.down_w);
+    if (hidden && i + 1 < layers_.size()) hidden->push_back(x);
+  }
+  cache.len = S;
+  x = rms_norm(x, final_norm_, cfg_.rms_norm_eps);
+  if (hidden) hidden->push_back(x);
+  return x;
+}
+
+at::Tensor DecoderLM::logits(const at::Tensor& h) const { return at::linear(h, head_w_); }
+
+}  // namespace mlaforge

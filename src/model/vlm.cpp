@@ -1,0 +1,171 @@
+#include "model/vlm.h"
+
+#include <ATen/ATen.h>
+
+#include <filesystem>
+
+#include "core/error.h"
+#include "model/ops.h"
+#include "model/rope.h"
+#include "vision/image.h"
+
+namespace fs = std::filesystem;
+
+namespace mlaforge {
+
+std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
+  std::unique_ptr<Vlm> m(new Vlm());
+  m->dir_ = dir;
+  m->cfg_ = load_model_config(dir);
+  m->store_ = std::make_unique<WeightStore>(WeightStore::open_dir(dir));
+  fs::path tok = fs::path(dir) / "tokenizer.json";
+  m->tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_file(tok.string()));
+  m->chat_ = std::make_unique<ChatFormat>(ChatFormat::from_model_dir(dir));
+  fs::path pre = fs::path(dir) / "preprocessor_config.json";
+  m->image_cfg_ = load_qwen2vl_image_config(pre.string());
+  const auto& v = m->cfg_.vision;
+  check(m->image_cfg_.patch_size == v.patch_size && m->image_cfg_.temporal_patch_size == v.temporal_patch_size &&
+            m->image_cfg_.merge_size == v.spatial_merge_size,
+        pre.string(), "patch_size/temporal_patch_size/merge_size disagree with config.json's vision_config");
+
+  const WeightStore& ws = *m->store_;
+  // Hub layout (model.*, visual.*) or the newer one (model.language_model.*, model.visual.*).
+  std::string lm = find_prefix(ws, {"model.language_model.", "model."}, "embed_tokens.weight", "language model");
+  std::string vis = find_prefix(ws, {"visual.", "model.visual."}, "patch_embed.proj.weight", "vision tower");
+  m->vision_ = std::make_unique<Qwen2VisionTower>(m->cfg_.vision, ws, vis);
+  m->decoder_ = std::make_unique<DecoderLM>(m->cfg_.text, ws, lm, "lm_head.weight");
+  m->pad_id_ = m->cfg_.pad_token_id >= 0 ? m->cfg_.pad_token_id : 0;
+  return m;
+}
+
+int64_t Vlm::parameter_count(const std::string& part) const {
+  int64_t n = 0;
+  for (const auto& name : store_->names()) {
+    bool vision = name.find("visual.") != std::string::npos;
+    if (part == "all" || (part == "vision") == vision) {
+      int64_t c = 1;
+      for (int64_t d : store_->entry(name).shape) c *= d;
+      n += c;
+    }
+  }
+  return n;
+}
+
+Batch Vlm::prepare(const std::vector<Prompt>& prompts) const {
+  std::vector<std::vector<int64_t>> all_ids;
+  std::vector<at::Tensor> pixels;
+  std::vector<std::array<int64_t, 3>> grids;
+  const int64_t merge2 = cfg_.vision.spatial_merge_size * cfg_.vision.spatial_merge_size;
+  for (const Prompt& p : prompts) {
+    size_t n_items = 0;
+    for (auto& t : p.turns)
+      for (auto& it : t.items) n_items += it.is_image;
+    if (n_items > p.image_paths.size())
+      throw Error(str("prompt has ", n_items, " image markers but only ", p.image_paths.size(), " images"));
+    if (n_items < p.image_paths.size())
+      throw Error(str("prompt has ", p.image_paths.size(), " images but only ", n_items, " image markers"));
+    std::vector<int64_t> counts;  // image tokens per image
+    for (const auto& path : p.image_paths) {
+      PatchedImage pi = qwen2vl_preprocess(load_image(path), image_cfg_);
+      pixels.push_back(at::from_blob(pi.values.data(), {pi.rows, pi.cols}, at::kFloat).clone());
+      grids.push_back({pi.grid_t, pi.grid_h, pi.grid_w});
+      counts.push_back(int64_t(pi.grid_t) * pi.grid_h * pi.grid_w / merge2);
+    }
+    std::string text = chat_->render(p.turns, /*add_generation_prompt=*/true);
+    std::vector<int32_t> raw = tokenizer_->encode(text, /*add_special_tokens=*/true);
+    std::vector<int64_t> ids;
+    size_t image = 0;
+    for (int32_t id : raw) {
+      if (id != cfg_.image_token_id) {
+        ids.push_back(id);
+        continue;
+      }
+      if (image >= counts.size()) throw Error("the rendered prompt has more image tokens than images");
+      ids.insert(ids.end(), size_t(counts[image++]), cfg_.image_token_id);
+    }
+    if (image != counts.size()) throw Error("the rendered prompt has fewer image tokens than images");
+    all_ids.push_back(std::move(ids));
+  }
+  at::Tensor pv = pixels.empty() ? at::Tensor() : at::cat(pixels, 0);
+  return make_batch(all_ids, pv, grids);
+}
+
+Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Tensor& pixel_values,
+                      const std::vector<std::array<int64_t, 3>>& grids) const {
+  Batch b;
+  const int64_t B = int64_t(ids.size());
+  int64_t T = 0;
+  for (auto& s : ids) T = std::max<int64_t>(T, int64_t(s.size()));
+  b.ids = at::full({B, T}, pad_id_, at::kLong);
+  b.valid = at::zeros({B, T}, at::kBool);
+  b.pos = at::zeros({3, B, T}, at::kLong);
+  b.pixel_values = pixel_values;
+  b.grids = grids;
+  const int64_t m = cfg_.vision.spatial_merge_size;
+  size_t image = 0;
+  for (int64_t r = 0; r < B; ++r) {
+    const auto& s = ids[size_t(r)];
+    const int64_t L = int64_t(s.size()), off = T - L;
+    // Which images this row uses: one per run of image tokens of the right length.
+    std::vector<std::array<int64_t, 3>> llm_grids;
+    int64_t n_image_tokens = 0;
+    for (int64_t id : s) n_image_tokens += (id == cfg_.image_token_id);
+    int64_t taken = 0;
+    while (taken < n_image_tokens) {
+      if (image >= grids.size()) throw Error("more image tokens in the prompts than image features");
+      const auto& g = grids[image++];
+      llm_grids.push_back({g[0], g[1] / m, g[2] / m});
+      taken += g[0] * (g[1] / m) * (g[2] / m);
+    }
+    if (taken != n_image_tokens)
+      throw Error(str("row ", r, " has ", n_image_tokens, " image tokens but its images give ", taken, " features"));
+    int64_t next = 0;
+    at::Tensor pos = mrope_positions(s, cfg_.image_token_id, llm_grids, &next);
+    b.next_position.push_back(next);
+    if (L > 0) {
+      b.ids[r].narrow(0, off, L).copy_(at::tensor(s, at::kLong));
+      b.valid[r].narrow(0, off, L).fill_(true);
+      b.pos.select(1, r).narrow(1, off, L).copy_(pos);
+    }
+  }
+  if (image != grids.size()) throw Error(str(grids.size(), " images given but the prompts use ", image));
+  return b;
+}
+
+at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const {
+  return vision_->forward(pixel_values, grids);
+}
+
+at::Tensor Vlm::input_embeddings(const Batch& batch) const {
+  at::Tensor x = decoder_->embed(batch.ids);  // [B, T, d]
+  at::Tensor is_image = batch.ids == cfg_.image_token_id;
+  int64_t n = is_image.sum().item<int64_t>();
+  if (batch.grids.empty()) {
+    check(n == 0, "prompt", n, " image tokens but no images");
+    return x;
+  }
+  at::Tensor feats = image_features(batch.pixel_values, batch.grids);  // [n, d]
+  check(feats.size(0) == n, "prompt", "image token count (", n, ") does not match the image features (",
+        feats.size(0), ")");
+  // Scatter in order: row-major over (batch, position), as transformers' masked_scatter.
+  at::Tensor flat = x.view({-1, x.size(2)});
+  at::Tensor idx = is_image.view({-1}).nonzero().squeeze(1);
+  flat.index_copy_(0, idx, feats.to(flat.scalar_type()));
+  return x;
+}
+
+at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden) const {
+  at::Tensor x = input_embeddings(batch);
+  return decoder_->forward(x, batch.pos, batch.valid, cache, hidden);
+}
+
+at::Tensor Vlm::decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const {
+  const int64_t B = tokens.size(0);
+  at::Tensor x = decoder_->embed(tokens.view({B, 1}));
+  at::Tensor pos = positions.view({1, B, 1}).expand({3, B, 1});
+  at::Tensor valid = at::ones({B, 1}, at::TensorOptions().dtype(at::kBool).device(tokens.device()));
+  at::Tensor h = decoder_->forward(x, pos, valid, cache);
+  return decoder_->logits(h.select(1, 0));
+}
+
+}  // namespace mlaforge

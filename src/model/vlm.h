@@ -1,0 +1,73 @@
+// A vision-language model assembled from a Hugging Face checkpoint directory: config, tokenizer,
+// chat format, image preprocessing, vision tower and decoder. Turns prompts into batches and runs them.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <array>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/config.h"
+#include "io/safetensors.h"
+#include "model/decoder.h"
+#include "text/chat.h"
+#include "text/prompt.h"
+#include "text/tokenizer.h"
+#include "vision/preprocess.h"
+#include "vision/qwen2vl_vit.h"
+
+namespace mlaforge {
+
+// A left-padded batch ready for the decoder.
+struct Batch {
+  at::Tensor ids;    // [B, T] int64, padding = pad id
+  at::Tensor valid;  // [B, T] bool, false on left padding
+  at::Tensor pos;    // [3, B, T] int64 M-RoPE positions (equal axes for text)
+  at::Tensor pixel_values;                    // [N, C*tps*ps*ps] float32, or undefined without images
+  std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image, in order
+  std::vector<int64_t> next_position;         // [B]: position of each row's first generated token
+  int64_t batch() const { return ids.size(0); }
+  int64_t length() const { return ids.size(1); }
+};
+
+class Vlm {
+ public:
+  // Loads everything from `dir`; every problem is an Error naming the file.
+  static std::unique_ptr<Vlm> load(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  const ModelConfig& config() const { return cfg_; }
+  const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const DecoderLM& decoder() const { return *decoder_; }
+  int64_t parameter_count(const std::string& part) const;  // "vision", "language", "all"
+
+  // Renders, tokenizes and preprocesses prompts into one left-padded batch.
+  Batch prepare(const std::vector<Prompt>& prompts) const;
+  // Builds a batch from token ids whose image tokens are already expanded, with given pixel values.
+  Batch make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Tensor& pixel_values,
+                   const std::vector<std::array<int64_t, 3>>& grids) const;
+
+  // Image features [n_image_tokens, d] for a batch's images.
+  at::Tensor image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const;
+  // Token embeddings with image features scattered into the image-token positions: [B, T, d].
+  at::Tensor input_embeddings(const Batch& batch) const;
+  // Runs the prompt through the decoder into `cache`; returns the final hidden state [B, T, d].
+  at::Tensor prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden = nullptr) const;
+  // One decoding step: tokens [B] at positions [B] (all three axes). Returns logits [B, vocab].
+  at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const;
+
+ private:
+  Vlm() = default;
+  std::string dir_;
+  ModelConfig cfg_;
+  std::unique_ptr<WeightStore> store_;
+  std::unique_ptr<Tokenizer> tokenizer_;
+  std::unique_ptr<ChatFormat> chat_;
+  Qwen2VLImageConfig image_cfg_;
+  std::unique_ptr<Qwen2VisionTower> vision_;
+  std::unique_ptr<DecoderLM> decoder_;
+  int64_t pad_id_ = 0;
+};
+
+}  // namespace mlaforge

@@ -1,0 +1,63 @@
+// Chat prompts: renders conversation turns the way a checkpoint's Jinja chat template would, for
+// the template families mlaforge knows. There is no Jinja engine: the family is recognised from
+// the template's text and a few facts are read off it (default system prompt, image placeholder).
+//
+// Families:
+//   ChatML (Qwen2-VL, Qwen2.5-VL; template contains "<|im_start|>"):
+//     [<|im_start|>system\n{default}<|im_end|>\n]   only if the template injects a default system
+//                                                   turn and the first turn is not a system turn
+//     <|im_start|>{role}\n{items}<|im_end|>\n        per turn; an image item is
+//                                                   <|vision_start|><|image_pad|><|vision_end|>
+//     <|im_start|>assistant\n                        generation prompt
+//   LLaVA-1.5 (template contains "ASSISTANT:"; llava-hf's template):
+//     {ROLE}: {images}{text} ...                     per turn, ROLE upper-cased and omitted for
+//                                                   system; each image "<image>\n", all images of
+//                                                   a turn before its texts; each text + " "
+//     ASSISTANT:                                     generation prompt
+//   e.g. "USER: <image>\nWhat is this? ASSISTANT:".
+// Neither family writes a BOS: encode the rendered prompt with add_special_tokens=true, so the
+// tokenizer's post-processor adds what the checkpoint expects (Llama's "<s>"; nothing for Qwen),
+// as transformers' processors do.
+#pragma once
+#include <string>
+#include <vector>
+
+namespace mlaforge {
+
+struct ChatItem {
+  bool is_image = false;
+  std::string text;
+};
+struct ChatTurn {
+  std::string role;  // system / user / assistant
+  std::vector<ChatItem> items;
+};
+
+class ChatFormat {
+ public:
+  enum class Family { kChatML, kLlava };
+
+  // Reads the chat template from <dir>/chat_template.jinja, else <dir>/chat_template.json
+  // {"chat_template": ...}, else tokenizer_config.json's "chat_template" (a string, or a list of
+  // {"name", "template"} where "default" is taken). Errors name the file (or the directory).
+  static ChatFormat from_model_dir(const std::string& dir);
+  // Recognises a template text; `where` names its source in errors.
+  static ChatFormat from_template(const std::string& template_text, const std::string& where);
+
+  // Renders turns as the template would with add_generation_prompt.
+  std::string render(const std::vector<ChatTurn>& turns, bool add_generation_prompt = true) const;
+
+  Family family() const { return family_; }
+  const std::string& image_placeholder() const { return image_placeholder_; }  // "" if none
+  const std::string& default_system() const { return default_system_; }        // "" if none
+  const std::string& source() const { return source_; }
+
+ private:
+  Family family_ = Family::kChatML;
+  std::string image_placeholder_;
+  std::string default_system_;
+  bool images_first_ = false;  // LLaVA: a turn's images are rendered before its texts
+  std::string source_;
+};
+
+}  // namespace mlaforge

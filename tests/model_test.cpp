@@ -1,0 +1,182 @@
+// The Qwen2-VL runtime against transformers 5.17 fixtures (tools/make_fixtures.py): logits, hidden
+// states, image features and greedy tokens of tiny random checkpoints in both layouts, and the bundled
+// qwen2vl-shapes model's logits and greedy answers.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "eval/eval.h"
+#include "infer/generate.h"
+#include "io/dataset.h"
+#include "io/safetensors.h"
+#include "model/vlm.h"
+#include "test_util.h"
+
+using namespace mlaforge;
+using namespace mlaforge::test;
+using json = nlohmann::json;
+
+namespace {
+
+constexpr double kTol = 1e-4;
+
+struct Case {
+  std::vector<std::vector<int64_t>> rows;  // unpadded ids
+  at::Tensor valid;                        // [B, T] as in the fixture
+  at::Tensor pixel_values;
+  std::vector<std::array<int64_t, 3>> grids;
+};
+
+Case read_case(const SafetensorsFile& f, const std::string& name) {
+  Case c;
+  at::Tensor ids = f.load(name + ".input_ids", at::kLong), mask = f.load(name + ".attention_mask", at::kLong);
+  c.valid = mask.to(at::kBool);
+  for (int64_t b = 0; b < ids.size(0); ++b) {
+    at::Tensor row = ids[b].masked_select(c.valid[b]);
+    c.rows.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+  }
+  if (f.has(name + ".pixel_values")) {
+    c.pixel_values = f.load(name + ".pixel_values");
+    at::Tensor g = f.load(name + ".image_grid_thw", at::kLong);
+    for (int64_t i = 0; i < g.size(0); ++i) c.grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
+  }
+  return c;
+}
+
+// Valid positions of x [B, T, ...] flattened to [n, ...].
+at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid) {
+  return x.reshape({x.size(0) * x.size(1), -1}).index_select(0, valid.reshape({-1}).nonzero().squeeze(1));
+}
+
+Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question) {
+  // As tools/make_fixtures.py's qwen_messages: images, "and then" after the first of several, the question.
+  Prompt p;
+  ChatTurn t;
+  t.role = "user";
+  for (size_t i = 0; i < images.size(); ++i) {
+    t.items.push_back({true, ""});
+    if (images.size() > 1 && i == 0) t.items.push_back({false, "and then"});
+    bool jpg = images[i].find("photo") != std::string::npos || images[i].find("big") != std::string::npos;
+    p.image_paths.push_back(fixture("preprocess/" + images[i] + (jpg ? ".jpg" : ".png")));
+  }
+  t.items.push_back({false, question});
+  p.turns.push_back(t);
+  return p;
+}
+
+class TinyQwen2VL : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(TinyQwen2VL, MatchesTransformers) {
+  const std::string model = GetParam();
+  const std::string dir = fixture("qwen2vl/" + model);
+  if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
+  auto m = Vlm::load(dir);
+  auto f = SafetensorsFile::open(fixture("qwen2vl/" + model + ".safetensors"));
+  std::ifstream in(fixture("qwen2vl/" + model + ".cases.json"));
+  json meta = json::parse(in);
+  for (const json& jc : meta["cases"]) {
+    const std::string name = jc["name"];
+    SCOPED_TRACE(model + "/" + name);
+    Case c = read_case(*f, name);
+
+    // Our prompt rendering, tokenizer and preprocessing give the fixture's ids and pixel values.
+    std::vector<Prompt> prompts;
+    for (size_t i = 0; i < jc["questions"].size(); ++i)
+      prompts.push_back(fixture_prompt(jc["images"][i].get<std::vector<std::string>>(), jc["questions"][i]));
+    Batch ours = m->prepare(prompts);
+    for (size_t b = 0; b < c.rows.size(); ++b) {
+      at::Tensor row = ours.ids[int64_t(b)].masked_select(ours.valid[int64_t(b)]);
+      EXPECT_EQ(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()), c.rows[b])
+          << "token ids of row " << b;
+    }
+    if (c.pixel_values.defined()) {
+      ASSERT_EQ(ours.grids, c.grids);
+      EXPECT_LT((ours.pixel_values - c.pixel_values).abs().max().item<double>(), 1e-5);
+    }
+
+    // The model fed the fixture's own ids and pixel_values.
+    Batch batch = m->make_batch(c.rows, c.pixel_values, c.grids);
+    ASSERT_TRUE(batch.valid.equal(c.valid));
+    if (c.pixel_values.defined()) {
+      at::Tensor feats = m->image_features(c.pixel_values, c.grids);
+      EXPECT_LE(rel_err(feats, f->load(name + ".image_embeds")), kTol) << "image features";
+    }
+    KVCache cache = m->decoder().new_cache(batch.batch(), batch.length(), at::kCPU);
+    std::vector<at::Tensor> hidden;
+    at::Tensor h = m->prefill(batch, cache, &hidden);
+    at::Tensor logits = m->decoder().logits(h);
+    at::Tensor ref_logits = f->load(name + ".logits"), ref_hidden = f->load(name + ".hidden_states");
+    const double logit_err = rel_err(valid_rows(logits, c.valid), valid_rows(ref_logits, c.valid));
+    std::printf("%s/%s: logits relative error %.2e\n", model.c_str(), name.c_str(), logit_err);
+    EXPECT_LE(logit_err, kTol) << "logits";
+    ASSERT_EQ(int64_t(hidden.size()), ref_hidden.size(0));
+    for (size_t l = 0; l < hidden.size(); ++l)
+      EXPECT_LE(rel_err(valid_rows(hidden[l], c.valid), valid_rows(ref_hidden[int64_t(l)], c.valid)), kTol)
+          << "hidden state " << l;
+
+    // Greedy decoding with the KV cache gives transformers' tokens (8 steps, no stop token in them).
+    SamplingOptions so;
+    so.max_new_tokens = 8;
+    auto gens = generate(*m, batch, so);
+    at::Tensor ref_gen = f->load(name + ".generated", at::kLong);
+    const auto& eos = m->config().eos_token_ids;
+    for (size_t b = 0; b < gens.size(); ++b) {
+      // transformers' tokens up to its first stop token (ours exclude the stop token).
+      std::vector<int64_t> want;
+      for (int64_t i = 0; i < ref_gen.size(1); ++i) {
+        int64_t t = ref_gen[int64_t(b)][i].item<int64_t>();
+        if (std::find(eos.begin(), eos.end(), t) != eos.end()) break;
+        want.push_back(t);
+      }
+      EXPECT_EQ(gens[b].tokens, want) << "generated tokens of row " << b;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layouts, TinyQwen2VL, ::testing::Values("tiny-a", "tiny-b"));
+
+TEST(ShapesModel, BatchLogitsMatchTransformers) {
+  const std::string dir = source_path("models/qwen2vl-shapes");
+  auto m = Vlm::load(dir);
+  auto f = SafetensorsFile::open(fixture("shapes/batch.safetensors"));
+  at::Tensor ids = f->load("input_ids", at::kLong), valid = f->load("attention_mask", at::kLong).to(at::kBool);
+  std::vector<std::vector<int64_t>> rows;
+  for (int64_t b = 0; b < ids.size(0); ++b) {
+    at::Tensor r = ids[b].masked_select(valid[b]);
+    rows.emplace_back(r.data_ptr<int64_t>(), r.data_ptr<int64_t>() + r.numel());
+  }
+  at::Tensor g = f->load("image_grid_thw", at::kLong);
+  std::vector<std::array<int64_t, 3>> grids;
+  for (int64_t i = 0; i < g.size(0); ++i) grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
+  Batch batch = m->make_batch(rows, f->load("pixel_values"), grids);
+  KVCache cache = m->decoder().new_cache(batch.batch(), batch.length(), at::kCPU);
+  at::Tensor logits = m->decoder().logits(m->prefill(batch, cache));
+  const double err = rel_err(valid_rows(logits, valid), valid_rows(f->load("logits"), valid));
+  std::printf("qwen2vl-shapes batch of %lld: logits relative error %.2e\n", (long long)batch.batch(), err);
+  EXPECT_LE(err, kTol);
+}
+
+TEST(ShapesModel, GreedyAnswersMatchTransformers) {
+  // transformers' float32 answers for every eval row; check the first 48 here (eval covers all).
+  std::ifstream in(fixture("shapes/eval_answers.json"));
+  json ref = json::parse(in);
+  auto m = Vlm::load(source_path("models/qwen2vl-shapes"));
+  auto rows = load_conversations(source_path("data/shapes-mini/eval.jsonl"), 48);
+  ASSERT_EQ(rows.size(), 48u);
+  std::vector<Prompt> prompts;
+  for (auto& r : rows) prompts.push_back(question_prompt(r));
+  SamplingOptions so;
+  so.max_new_tokens = 48;
+  auto gens = generate(*m, prompts, so);
+  int same = 0;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    std::string want = ref["answers"][rows[i].id], got = normalize_answer(gens[i].text);
+    EXPECT_EQ(got, want) << rows[i].id;
+    same += got == want;
+  }
+  EXPECT_EQ(same, 48);
+}
+
+}  // namespace

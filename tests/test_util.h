@@ -1,0 +1,40 @@
+// Helpers shared by the tests: fixture paths, error norms, temporary directories, running the CLI.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <filesystem>
+#include <string>
+
+#include "test_paths.h"
+
+namespace mlaforge::test {
+
+inline std::string source_path(const std::string& rel) { return std::string(MLAFORGE_SOURCE_DIR) + "/" + rel; }
+inline std::string fixture(const std::string& rel) { return source_path("tests/fixtures/" + rel); }
+
+// ||a - b|| / ||b|| in float64.
+inline double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor ad = a.to(at::kDouble), bd = b.to(at::kDouble);
+  return (ad - bd).norm().item<double>() / std::max(bd.norm().item<double>(), 1e-30);
+}
+
+// A fresh empty directory under the system temp dir, removed by the destructor.
+class TempDir {
+ public:
+  explicit TempDir(const std::string& name);
+  ~TempDir();
+  const std::string& path() const { return path_; }
+  std::string operator/(const std::string& rel) const { return path_ + "/" + rel; }
+
+ private:
+  std::string path_;
+};
+
+struct CommandResult {
+  int exit_code = 0;
+  std::string output;  // stdout and stderr together
+};
+// Runs the mlaforge binary with `args` (shell-quoted by the caller).
+CommandResult run_cli(const std::string& args);
+
+}  // namespace mlaforge::test
