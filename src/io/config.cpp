@@ -112,6 +112,8 @@ void read_qwen2_vision(const json& vc, const std::string& path, Qwen2VisionConfi
   v.spatial_merge_size = get_or<int64_t>(vc, none, "spatial_merge_size", 2);
   v.in_channels = get_or<int64_t>(vc, none, "in_channels", 3);
   v.hidden_act = get_or<std::string>(vc, none, "hidden_act", "quick_gelu");
+  if (vc.contains("rope_parameters") && vc["rope_parameters"].is_object())
+    v.rope_theta = vc["rope_parameters"].value("rope_theta", v.rope_theta);
   check(v.num_heads > 0 && v.embed_dim % v.num_heads == 0, path, "vision embed_dim ", v.embed_dim,
         " is not divisible by num_heads ", v.num_heads);
   check((v.embed_dim / v.num_heads) % 4 == 0, path, "vision head dim must be a multiple of 4 for its 2-D RoPE");

@@ -17,7 +17,6 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& pos, const at::
                                                const std::vector<int64_t>& mrope_section) {
   // freqs[a, b, t, k] = pos[a, b, t] * inv_freq[k]: [3, B, T, P]
   at::Tensor freqs = pos.to(at::kFloat).unsqueeze(-1) * inv_freq.to(pos.device()).view({1, 1, 1, -1});
-  const int64_t P = inv_freq.size(0);
   at::Tensor chosen;  // [B, T, P]
   if (mrope_section.empty()) {
     chosen = freqs[0];
@@ -30,7 +29,6 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& pos, const at::
     }
     chosen = at::cat(parts, -1);
   }
-  (void)P;
   at::Tensor emb = at::cat({chosen, chosen}, -1);  // [B, T, head_dim]
   return {emb.cos(), emb.sin()};
 }

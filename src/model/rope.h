@@ -21,7 +21,7 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& pos, const at::
 // transformers' get_rope_index for one unpadded sequence: text runs advance all three axes together;
 // an image block of LLM grid (t, h, w) = (grid_t, grid_h/merge, grid_w/merge) gets (t, row, column) offset
 // by the position where it starts; the following text starts at max + 1.
-// ids: the sequence; image runs are maximal runs of image_token_id, one per entry of llm_grids.
+// ids: the sequence; each image takes the next t*h*w image_token_id tokens, images in llm_grids order.
 // Returns [3, L] int64 and sets *next_position to max + 1 (the position of the first generated token).
 at::Tensor mrope_positions(const std::vector<int64_t>& ids, int64_t image_token_id,
                            const std::vector<std::array<int64_t, 3>>& llm_grids, int64_t* next_position);
