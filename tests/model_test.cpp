@@ -1,12 +1,16 @@
-// The Qwen2-VL runtime against transformers 5.17 fixtures (tools/make_fixtures.py): logits, hidden
-// states, image features and greedy tokens of tiny random checkpoints in both layouts, and the bundled
-// qwen2vl-shapes model's logits and greedy answers.
+// The runtime against transformers 5.17 fixtures (tools/make_fixtures.py): logits, hidden states, image
+// features and greedy tokens of tiny random Qwen2-VL and LLaVA-1.5 checkpoints in several layouts, and
+// the bundled qwen2vl-shapes model's logits and greedy answers.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
+#include <functional>
+#include <map>
 #include <nlohmann/json.hpp>
 
+#include "core/error.h"
 #include "eval/eval.h"
 #include "infer/generate.h"
 #include "io/dataset.h"
@@ -29,7 +33,7 @@ struct Case {
   std::vector<std::array<int64_t, 3>> grids;
 };
 
-Case read_case(const SafetensorsFile& f, const std::string& name) {
+Case read_case(const SafetensorsFile& f, const std::string& name, const ModelConfig& cfg) {
   Case c;
   at::Tensor ids = f.load(name + ".input_ids", at::kLong), mask = f.load(name + ".attention_mask", at::kLong);
   c.valid = mask.to(at::kBool);
@@ -39,8 +43,14 @@ Case read_case(const SafetensorsFile& f, const std::string& name) {
   }
   if (f.has(name + ".pixel_values")) {
     c.pixel_values = f.load(name + ".pixel_values");
-    at::Tensor g = f.load(name + ".image_grid_thw", at::kLong);
-    for (int64_t i = 0; i < g.size(0); ++i) c.grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
+    if (f.has(name + ".image_grid_thw")) {
+      at::Tensor g = f.load(name + ".image_grid_thw", at::kLong);
+      for (int64_t i = 0; i < g.size(0); ++i)
+        c.grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
+    } else {  // LLaVA: [n, 3, S, S], one (1, S/P, S/P) patch grid per image
+      const int64_t G = c.pixel_values.size(2) / cfg.clip.patch_size;
+      for (int64_t i = 0; i < c.pixel_values.size(0); ++i) c.grids.push_back({1, G, G});
+    }
   }
   return c;
 }
@@ -66,20 +76,21 @@ Prompt fixture_prompt(const std::vector<std::string>& images, const std::string&
   return p;
 }
 
-class TinyQwen2VL : public ::testing::TestWithParam<std::string> {};
+// Tiny random checkpoints of each family and layout, with transformers' outputs beside them.
+class TinyModels : public ::testing::TestWithParam<std::string> {};
 
-TEST_P(TinyQwen2VL, MatchesTransformers) {
+TEST_P(TinyModels, MatchTransformers) {
   const std::string model = GetParam();
-  const std::string dir = fixture("qwen2vl/" + model);
+  const std::string dir = fixture(model);
   if (!std::filesystem::exists(dir)) GTEST_SKIP() << "no fixture " << dir;
   auto m = Vlm::load(dir);
-  auto f = SafetensorsFile::open(fixture("qwen2vl/" + model + ".safetensors"));
-  std::ifstream in(fixture("qwen2vl/" + model + ".cases.json"));
+  auto f = SafetensorsFile::open(fixture(model + ".safetensors"));
+  std::ifstream in(fixture(model + ".cases.json"));
   json meta = json::parse(in);
   for (const json& jc : meta["cases"]) {
     const std::string name = jc["name"];
     SCOPED_TRACE(model + "/" + name);
-    Case c = read_case(*f, name);
+    Case c = read_case(*f, name, m->config());
 
     // Our prompt rendering, tokenizer and preprocessing give the fixture's ids and pixel values.
     std::vector<Prompt> prompts;
@@ -135,7 +146,13 @@ TEST_P(TinyQwen2VL, MatchesTransformers) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layouts, TinyQwen2VL, ::testing::Values("tiny-a", "tiny-b"));
+INSTANTIATE_TEST_SUITE_P(Checkpoints, TinyModels,
+                         ::testing::Values("qwen2vl/tiny-a", "qwen2vl/tiny-b", "llava/llava-mha", "llava/llava-gqa"),
+                         [](const auto& info) {
+                           std::string n = info.param.substr(info.param.find('/') + 1);
+                           std::replace(n.begin(), n.end(), '-', '_');
+                           return n;
+                         });
 
 TEST(ShapesModel, BatchLogitsMatchTransformers) {
   const std::string dir = source_path("models/qwen2vl-shapes");
@@ -177,6 +194,113 @@ TEST(ShapesModel, GreedyAnswersMatchTransformers) {
     same += got == want;
   }
   EXPECT_EQ(same, 48);
+}
+
+}  // namespace
+
+namespace {
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// Copies the llava-mha fixture with its weights renamed by `rename` (applied to every tensor name).
+std::string llava_with_names(const TempDir& d, const std::function<std::string(const std::string&)>& rename) {
+  const std::string src = fixture("llava/llava-mha"), dst = d / "m";
+  std::filesystem::copy(src, dst, std::filesystem::copy_options::recursive);
+  auto st = SafetensorsFile::open(src + "/model.safetensors");
+  std::map<std::string, at::Tensor> renamed;
+  for (auto& [name, e] : st->entries()) renamed[rename(name)] = st->load(name);
+  save_safetensors(dst + "/model.safetensors", renamed);
+  return dst;
+}
+
+std::string replace_prefix(const std::string& s, const std::string& from, const std::string& to) {
+  return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
+}
+
+at::Tensor first_logits(const Vlm& m) {
+  Batch b = m.prepare({fixture_prompt({"square224"}, "What color is the circle?")});
+  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
+  return m.decoder().logits(m.prefill(b, cache));
+}
+
+TEST(Llava, AllWeightLayoutsLoad) {
+  if (!std::filesystem::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
+  // The fixture has transformers 5.17's saved names: language_model.model.*, vision_tower.embeddings.*.
+  auto base = Vlm::load(fixture("llava/llava-mha"));
+  at::Tensor want = first_logits(*base);
+  TempDir hub("llava-hub"), mem("llava-mem");
+  // Hub names: vision_tower.vision_model.*
+  auto hub_dir = llava_with_names(hub, [](const std::string& n) {
+    return replace_prefix(n, "vision_tower.", "vision_tower.vision_model.");
+  });
+  // transformers' in-memory names: model.language_model.*, lm_head, model.vision_tower.vision_model.*, ...
+  auto mem_dir = llava_with_names(mem, [](const std::string& n) {
+    std::string r = replace_prefix(n, "language_model.model.", "model.language_model.");
+    r = replace_prefix(r, "language_model.lm_head.", "lm_head.");
+    r = replace_prefix(r, "vision_tower.", "model.vision_tower.vision_model.");
+    return replace_prefix(r, "multi_modal_projector.", "model.multi_modal_projector.");
+  });
+  EXPECT_TRUE(first_logits(*Vlm::load(hub_dir)).equal(want));
+  EXPECT_TRUE(first_logits(*Vlm::load(mem_dir)).equal(want));
+}
+
+std::string load_error(const std::string& dir) {
+  try {
+    Vlm::load(dir);
+  } catch (const mlaforge::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+TEST(Llava, BadConfigErrors) {
+  if (!std::filesystem::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
+  TempDir d("llava-cfg");
+  std::filesystem::copy(fixture("llava/llava-mha"), d / "m", std::filesystem::copy_options::recursive);
+  const std::string cfg_path = d / "m/config.json";
+  json cfg = json::parse(read_text_file(cfg_path));
+  auto write = [&](const json& j) { std::ofstream(cfg_path) << j.dump(); };
+
+  json bad = cfg;
+  bad["vision_feature_layer"] = -5;  // 3 layers: hidden states -4..3
+  write(bad);
+  std::string e = load_error(d / "m");
+  EXPECT_NE(e.find("config.json: vision_feature_layer -5 is out of range for a vision tower of 3 layers"),
+            std::string::npos) << e;
+
+  bad = cfg;
+  bad["image_seq_length"] = 20;  // the tower gives 16 patches
+  write(bad);
+  e = load_error(d / "m");
+  EXPECT_NE(e.find("config.json: image_seq_length 20 does not match the vision features: 16 patches"),
+            std::string::npos) << e;
+
+  bad = cfg;
+  bad["vision_config"]["model_type"] = "siglip_vision_model";
+  write(bad);
+  e = load_error(d / "m");
+  EXPECT_NE(e.find("unsupported vision tower \"siglip_vision_model\""), std::string::npos) << e;
+}
+
+TEST(Llava, ImageTokenCountMustMatchFeatures) {
+  if (!std::filesystem::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
+  auto m = Vlm::load(fixture("llava/llava-mha"));
+  const int64_t img = m->config().image_token_id;
+  at::Tensor pixels = at::zeros({1, 3, 56, 56});
+  std::vector<int64_t> ids = {1, 10, 11};
+  ids.insert(ids.end(), 15, img);  // one image gives 16 features, not 15
+  try {
+    m->make_batch({ids}, pixels, {{1, 4, 4}});
+    FAIL() << "expected an error";
+  } catch (const mlaforge::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("image token count (15 in row 0) does not match the image features"),
+              std::string::npos) << e.what();
+  }
+  ids.push_back(img);
+  EXPECT_NO_THROW(m->make_batch({ids}, pixels, {{1, 4, 4}}));
 }
 
 }  // namespace

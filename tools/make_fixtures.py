@@ -12,6 +12,7 @@ Everything tiny runs on the CPU in float32 with eager attention, so the fixtures
   preprocess/                                    images, processor configs, the processors' pixel_values
   qwen2vl/<model>/                               tiny random Qwen2-VL checkpoints (two layouts)
   qwen2vl/<model>.cases.json + .safetensors      prompts, ids, pixel_values, logits, hidden states, greedy tokens
+  llava/<model>/ and its .cases.json/.safetensors   the same for tiny LLaVA-1.5 checkpoints (MHA and GQA)
   shapes/                                        the bundled qwen2vl-shapes model: logits for a batch and
                                                  transformers' greedy answers for every eval row
 """
@@ -574,6 +575,137 @@ def make_qwen2vl(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
+# Tiny random LLaVA-1.5 checkpoints (CLIP ViT + projector + Llama) and their outputs
+# ----------------------------------------------------------------------------------------------
+# llava-hf/llava-1.5-7b-hf's chat template.
+LLAVA_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% "
+    "endif %}{# Render all images first #}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}{# Render all text next #}{% if message['role'] != "
+    "'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ "
+    "content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr('type', "
+    "'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif "
+    "%}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+LLAVA_VARIANTS = {
+    # name: tokenizer fixture, KV heads, image size, vision_feature_layer, select strategy, layout, rope_theta
+    "llava-mha": dict(tok="llama-legacy", kv=4, image=56, layer=-2, strategy="default", layout="save_pretrained",
+                      theta=10000.0),
+    "llava-gqa": dict(tok="llama-transformers5", kv=2, image=42, layer=[-3, -1], strategy="full",
+                      layout="hub-legacy", theta=500000.0),
+}
+
+
+def llava_hub_name(key):
+    """In-memory name -> the Hub's legacy llava layout."""
+    for a, b in [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                 ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")]:
+        if key.startswith(a):
+            key = b + key[len(a):]
+            break
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        key = "vision_tower.vision_model." + key[len("vision_tower."):]
+    return key
+
+
+def make_llava(out_dir):
+    from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+    from PIL import Image
+    d = os.path.join(out_dir, "llava")
+    os.makedirs(d, exist_ok=True)
+    images_dir = os.path.join(out_dir, "preprocess")
+    for vi, (name, v) in enumerate(LLAVA_VARIANTS.items()):
+        torch.manual_seed(10 + vi)
+        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out_dir, "tokenizer", v["tok"], "tokenizer.json"),
+                                      bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+        missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
+        if missing:  # transformers 5's LlamaTokenizer wrote neither
+            tok.add_special_tokens({"additional_special_tokens": missing})
+            tok.pad_token = "<pad>"
+        image_id = tok.convert_tokens_to_ids("<image>")
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=v["image"], patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                                  projection_dim=32, initializer_range=0.08)
+        text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=v["kv"], rms_norm_eps=1e-5,
+                           max_position_embeddings=512, rope_theta=v["theta"], bos_token_id=1, eos_token_id=2,
+                           pad_token_id=tok.pad_token_id, initializer_range=0.08, tie_word_embeddings=False)
+        try:
+            text.rope_parameters = {"rope_type": "default", "rope_theta": v["theta"]}
+        except Exception:
+            pass
+        n_patches = (v["image"] // 14) ** 2
+        seq = n_patches + (1 if v["strategy"] == "full" else 0)
+        cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                          vision_feature_layer=v["layer"], vision_feature_select_strategy=v["strategy"],
+                          projector_hidden_act="gelu", image_seq_length=seq, tie_word_embeddings=False)
+        model = LlavaForConditionalGeneration(cfg).eval()
+        perturb_(model, 20 + vi)
+        mdir = os.path.join(d, name)
+        if v["layout"] == "save_pretrained":
+            model.save_pretrained(mdir)
+        else:
+            os.makedirs(mdir, exist_ok=True)
+            save_tensors(os.path.join(mdir, "model.safetensors"),
+                         {llava_hub_name(k): t for k, t in model.state_dict().items()})
+            with open(os.path.join(mdir, "config.json"), "w") as f:
+                json.dump(cfg.to_dict(), f, indent=1)
+        ip = CLIPImageProcessor(size={"shortest_edge": v["image"]}, crop_size={"height": v["image"], "width": v["image"]},
+                                do_center_crop=True, resample=3)
+        proc = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                              vision_feature_select_strategy=v["strategy"], chat_template=LLAVA_TEMPLATE,
+                              num_additional_image_tokens=1, image_token="<image>")
+        proc.save_pretrained(mdir)
+        with open(os.path.join(mdir, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": tok.pad_token_id}, f)
+        model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager",
+                                                              dtype=torch.float32).eval()
+        processor = AutoProcessor.from_pretrained(mdir)
+        processor.tokenizer.padding_side = "left"
+        log(name, "files", sorted(os.listdir(mdir)), "image token", image_id, "tokens/image", seq)
+        tensors, meta = {}, {"model": name, "cases": [], "processor": type(processor).__name__,
+                             "image_processor": type(processor.image_processor).__name__,
+                             "tokenizer": type(processor.tokenizer).__name__}
+        for cname, samples in qwen_cases():
+            texts, imgs = [], []
+            for image_names, q in samples:
+                msgs = qwen_messages(image_names, q)
+                texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
+                imgs += [Image.open(os.path.join(images_dir, n + (".jpg" if "photo" in n or "big" in n else ".png")))
+                         for n in image_names]
+            kw = dict(text=texts, return_tensors="pt", padding=True)
+            if imgs:
+                kw["images"] = imgs
+            inputs = processor(**kw)
+            mask = inputs["attention_mask"]
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            with torch.no_grad():
+                out = model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
+                gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            tensors[f"{cname}.input_ids"] = inputs["input_ids"]
+            tensors[f"{cname}.attention_mask"] = mask
+            if imgs:
+                tensors[f"{cname}.pixel_values"] = inputs["pixel_values"].float()
+                with torch.no_grad():
+                    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
+                if hasattr(feats, "pooler_output"):
+                    feats = feats.pooler_output
+                if isinstance(feats, (list, tuple)):
+                    feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+                tensors[f"{cname}.image_embeds"] = feats.reshape(-1, feats.shape[-1]).float()
+            tensors[f"{cname}.logits"] = out.logits.float()
+            tensors[f"{cname}.hidden_states"] = torch.stack([h.float() for h in out.hidden_states])
+            tensors[f"{cname}.generated"] = gen[:, inputs["input_ids"].shape[1]:]
+            meta["cases"].append({"name": cname, "prompts": texts, "images": [list(s[0]) for s in samples],
+                                  "questions": [s[1] for s in samples], "n_hidden_states": len(out.hidden_states)})
+        save_tensors(os.path.join(d, name + ".safetensors"), tensors)
+        with open(os.path.join(d, name + ".cases.json"), "w") as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        log(name, "done:", meta["processor"], meta["image_processor"], meta["tokenizer"])
+
+
+# ----------------------------------------------------------------------------------------------
 # The bundled qwen2vl-shapes model
 # ----------------------------------------------------------------------------------------------
 def shapes_rows(path):
@@ -645,14 +777,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "shapes"), help="folder with eval.jsonl and images")
-    ap.add_argument("--only", default="tokenizer,preprocess,qwen2vl,shapes")
+    ap.add_argument("--only", default="tokenizer,preprocess,qwen2vl,llava,shapes")
     args = ap.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     import transformers
     log("torch", torch.__version__, "transformers", transformers.__version__)
     parts = args.only.split(",")
     steps = [("tokenizer", lambda: make_tokenizers(args.out)), ("preprocess", lambda: make_preprocess(args.out)),
-             ("qwen2vl", lambda: make_qwen2vl(args.out)),
+             ("qwen2vl", lambda: make_qwen2vl(args.out)), ("llava", lambda: make_llava(args.out)),
              ("shapes", lambda: make_shapes(args.out, args.data, "cuda" if torch.cuda.is_available() else "cpu"))]
     failed = []
     for name, fn in steps:

@@ -37,9 +37,13 @@ int cmd_inspect(const std::string& model_dir) {
   const ModelConfig& c = m->config();
   const TextConfig& t = c.text;
   std::printf("model           %s\n", model_dir.c_str());
-  std::printf("architecture    %s (vision: Qwen2-VL ViT depth %lld width %lld; decoder: %lld layers, hidden %lld)\n",
-              c.model_type.c_str(), (long long)c.vision.depth, (long long)c.vision.embed_dim, (long long)t.num_layers,
-              (long long)t.hidden_size);
+  const std::string vision =
+      c.family == Family::Qwen2VL
+          ? str("Qwen2-VL ViT depth ", c.vision.depth, " width ", c.vision.embed_dim)
+          : str("CLIP ViT ", c.clip.num_layers, " layers width ", c.clip.hidden_size, " at ", c.clip.image_size,
+                " px, ", c.llava.tokens_per_image(c.clip), " tokens per image");
+  std::printf("architecture    %s (vision: %s; decoder: %lld layers, hidden %lld)\n", c.model_type.c_str(),
+              vision.c_str(), (long long)t.num_layers, (long long)t.hidden_size);
   std::printf("attention       %lld query heads, %lld KV heads (%s), head_dim %lld, %s\n", (long long)t.num_heads,
               (long long)t.num_kv_heads, t.num_heads == t.num_kv_heads ? "MHA" : "GQA", (long long)t.head_dim,
               t.mrope_section.empty() ? "1-D RoPE"

@@ -61,15 +61,34 @@ std::vector<int64_t> id_list(const json* v) {
   return out;
 }
 
-void read_text(const json& tc, const json& top, const std::string& path, TextConfig& t) {
-  t.vocab_size = require<int64_t>(tc, top, "vocab_size", path);
-  t.hidden_size = require<int64_t>(tc, top, "hidden_size", path);
-  t.intermediate_size = require<int64_t>(tc, top, "intermediate_size", path);
-  t.num_layers = require<int64_t>(tc, top, "num_hidden_layers", path);
-  t.num_heads = require<int64_t>(tc, top, "num_attention_heads", path);
+// transformers' LlamaConfig defaults, which a LLaVA config's text_config falls back to.
+TextConfig llama_defaults() {
+  TextConfig t;
+  t.vocab_size = 32000;
+  t.hidden_size = 4096;
+  t.intermediate_size = 11008;
+  t.num_layers = 32;
+  t.num_heads = 32;
+  t.num_kv_heads = 0;  // = num_heads
+  t.rms_norm_eps = 1e-6;
+  t.rope_theta = 10000.0;
+  return t;
+}
+
+// `defaults`: class defaults for omitted keys, or null when the keys are required (Qwen2-VL).
+void read_text(const json& tc, const json& top, const std::string& path, TextConfig& t, const TextConfig* defaults) {
+  auto size = [&](const char* key, int64_t def) {
+    return defaults ? get_or<int64_t>(tc, top, key, def) : require<int64_t>(tc, top, key, path);
+  };
+  const TextConfig d = defaults ? *defaults : TextConfig();
+  t.vocab_size = size("vocab_size", d.vocab_size);
+  t.hidden_size = size("hidden_size", d.hidden_size);
+  t.intermediate_size = size("intermediate_size", d.intermediate_size);
+  t.num_layers = size("num_hidden_layers", d.num_layers);
+  t.num_heads = size("num_attention_heads", d.num_heads);
   t.num_kv_heads = get_or<int64_t>(tc, top, "num_key_value_heads", t.num_heads);
   t.head_dim = get_or<int64_t>(tc, top, "head_dim", t.num_heads > 0 ? t.hidden_size / t.num_heads : 0);
-  t.rms_norm_eps = get_or<double>(tc, top, "rms_norm_eps", 1e-6);
+  t.rms_norm_eps = get_or<double>(tc, top, "rms_norm_eps", defaults ? d.rms_norm_eps : 1e-6);
   t.tie_word_embeddings = get_or<bool>(tc, top, "tie_word_embeddings", false);
   t.hidden_act = get_or<std::string>(tc, top, "hidden_act", "silu");
   check(t.num_heads > 0 && t.num_kv_heads > 0 && t.num_heads % t.num_kv_heads == 0, path,
@@ -79,7 +98,7 @@ void read_text(const json& tc, const json& top, const std::string& path, TextCon
   check(t.hidden_act == "silu", path, "unsupported text hidden_act \"", t.hidden_act, "\" (only silu)");
 
   // RoPE: transformers 5 "rope_parameters", or older "rope_theta" + "rope_scaling".
-  t.rope_theta = get_or<double>(tc, top, "rope_theta", 10000.0);
+  t.rope_theta = get_or<double>(tc, top, "rope_theta", defaults ? d.rope_theta : 10000.0);
   for (const char* key : {"rope_scaling", "rope_parameters"}) {
     const json* rp = lookup(tc, top, key);
     if (!rp || !rp->is_object()) continue;
@@ -123,6 +142,85 @@ void read_qwen2_vision(const json& vc, const std::string& path, Qwen2VisionConfi
         ") must equal the language model's hidden_size (", text_hidden, ")");
 }
 
+// generation_config.json's stop and pad tokens override config.json's.
+void read_generation_config(const std::string& dir, ModelConfig& c) {
+  fs::path gen = fs::path(dir) / "generation_config.json";
+  if (!fs::exists(gen)) return;
+  json g = read_json(gen.string());
+  auto ids = id_list(g.contains("eos_token_id") ? &g["eos_token_id"] : nullptr);
+  if (!ids.empty()) c.eos_token_ids = ids;
+  if (g.contains("pad_token_id") && g["pad_token_id"].is_number_integer()) c.pad_token_id = g["pad_token_id"];
+}
+
+void read_clip_vision(const json& vc, const std::string& path, ClipVisionConfig& v) {
+  const json none = json::object();
+  std::string type = vc.value("model_type", std::string("clip_vision_model"));
+  if (type != "clip_vision_model") fail(path, "unsupported vision tower \"", type, "\" for llava (supported: clip_vision_model)");
+  v.hidden_size = get_or<int64_t>(vc, none, "hidden_size", v.hidden_size);
+  v.intermediate_size = get_or<int64_t>(vc, none, "intermediate_size", v.intermediate_size);
+  v.num_layers = get_or<int64_t>(vc, none, "num_hidden_layers", v.num_layers);
+  v.num_heads = get_or<int64_t>(vc, none, "num_attention_heads", v.num_heads);
+  v.image_size = get_or<int64_t>(vc, none, "image_size", v.image_size);
+  v.patch_size = get_or<int64_t>(vc, none, "patch_size", v.patch_size);
+  v.num_channels = get_or<int64_t>(vc, none, "num_channels", v.num_channels);
+  v.layer_norm_eps = get_or<double>(vc, none, "layer_norm_eps", v.layer_norm_eps);
+  v.hidden_act = get_or<std::string>(vc, none, "hidden_act", v.hidden_act);
+  check(v.num_heads > 0 && v.hidden_size % v.num_heads == 0, path, "vision hidden_size ", v.hidden_size,
+        " is not divisible by num_attention_heads ", v.num_heads);
+  check(v.patch_size > 0 && v.image_size % v.patch_size == 0, path, "vision image_size ", v.image_size,
+        " is not a multiple of patch_size ", v.patch_size);
+  check(v.hidden_act == "quick_gelu" || v.hidden_act == "gelu", path, "unsupported vision hidden_act \"",
+        v.hidden_act, "\"");
+}
+
+void read_llava(const json& top, ModelConfig& c) {
+  const json none = json::object();
+  const std::string& path = c.path;
+  const json tc = top.contains("text_config") && top["text_config"].is_object() ? top["text_config"] : json::object();
+  std::string text_type = tc.value("model_type", std::string("llama"));
+  if (text_type != "llama" && text_type != "mistral" && text_type != "qwen2")
+    fail(path, "unsupported llava text model \"", text_type, "\" (supported: llama, mistral, qwen2)");
+  TextConfig defaults = llama_defaults();
+  read_text(tc, none, path, c.text, &defaults);
+  check(c.text.mrope_section.empty(), path, "llava text models use 1-D RoPE, found an mrope_section");
+  // LlavaConfig's own default vision tower is CLIP ViT-L/14 at 336 px; a given dict falls back to
+  // CLIPVisionConfig's class defaults instead.
+  if (top.contains("vision_config") && top["vision_config"].is_object()) {
+    read_clip_vision(top["vision_config"], path, c.clip);
+  } else {
+    c.clip.hidden_size = 1024;
+    c.clip.intermediate_size = 4096;
+    c.clip.num_layers = 24;
+    c.clip.num_heads = 16;
+    c.clip.image_size = 336;
+    c.clip.patch_size = 14;
+  }
+  LlavaConfig& l = c.llava;
+  const json* layer = lookup(top, none, "vision_feature_layer");
+  if (layer && layer->is_number_integer()) l.feature_layers = {layer->get<int64_t>()};
+  else if (layer && layer->is_array()) l.feature_layers = layer->get<std::vector<int64_t>>();
+  else if (layer) fail(path, "vision_feature_layer must be an integer or a list of integers");
+  const int64_t states = c.clip.num_layers + 1;  // embeddings, then one per layer
+  check(!l.feature_layers.empty(), path, "vision_feature_layer is an empty list");
+  for (int64_t f : l.feature_layers)
+    check(f >= -states && f < states, path, "vision_feature_layer ", f, " is out of range for a vision tower of ",
+          c.clip.num_layers, " layers (valid: ", -states, " to ", states - 1, ")");
+  std::string strategy = get_or<std::string>(top, none, "vision_feature_select_strategy", "default");
+  check(strategy == "default" || strategy == "full", path, "unknown vision_feature_select_strategy \"", strategy, "\"");
+  l.keep_cls = strategy == "full";
+  l.projector_act = get_or<std::string>(top, none, "projector_hidden_act", "gelu");
+  check(l.projector_act == "gelu" || l.projector_act == "silu" || l.projector_act == "quick_gelu", path,
+        "unsupported projector_hidden_act \"", l.projector_act, "\"");
+  l.image_seq_length = get_or<int64_t>(top, none, "image_seq_length", l.tokens_per_image(c.clip));
+  check(l.image_seq_length == l.tokens_per_image(c.clip), path, "image_seq_length ", l.image_seq_length,
+        " does not match the vision features: ", c.clip.num_patches(), " patches",
+        l.keep_cls ? " + CLS" : "", " = ", l.tokens_per_image(c.clip), " tokens per image");
+  c.image_token_id = get_or<int64_t>(top, none, "image_token_index", get_or<int64_t>(top, none, "image_token_id", 32000));
+  c.pad_token_id = get_or<int64_t>(tc, top, "pad_token_id", -1);
+  c.eos_token_ids = id_list(lookup(tc, top, "eos_token_id"));
+  if (c.eos_token_ids.empty()) c.eos_token_ids = {2};
+}
+
 }  // namespace
 
 ModelConfig load_model_config(const std::string& dir) {
@@ -134,13 +232,22 @@ ModelConfig load_model_config(const std::string& dir) {
   c.model_type = top.value("model_type", std::string());
   if (c.model_type == "qwen2_vl") {
     c.family = Family::Qwen2VL;
+  } else if (c.model_type == "llava") {
+    c.family = Family::Llava;
   } else if (c.model_type.empty()) {
     fail(c.path, "no \"model_type\"");
   } else {
-    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl)");
+    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl, llava)");
+  }
+  if (c.family == Family::Llava) {
+    read_llava(top, c);
+    read_generation_config(dir, c);
+    check(c.image_token_id >= 0 && c.image_token_id < c.text.vocab_size, c.path,
+          "image_token_index ", c.image_token_id, " is outside the vocabulary (", c.text.vocab_size, ")");
+    return c;
   }
   const json tc = top.contains("text_config") && top["text_config"].is_object() ? top["text_config"] : json::object();
-  read_text(tc, top, c.path, c.text);
+  read_text(tc, top, c.path, c.text, nullptr);
   if (!top.contains("vision_config") || !top["vision_config"].is_object()) fail(c.path, "missing \"vision_config\"");
   read_qwen2_vision(top["vision_config"], c.path, c.vision, c.text.hidden_size);
   check(!c.text.mrope_section.empty(), c.path, "qwen2_vl needs an mrope_section in rope_scaling or rope_parameters");
@@ -153,13 +260,7 @@ ModelConfig load_model_config(const std::string& dir) {
   c.pad_token_id = get_or<int64_t>(tc, top, "pad_token_id", -1);
   c.eos_token_ids = id_list(lookup(tc, top, "eos_token_id"));
 
-  fs::path gen = fs::path(dir) / "generation_config.json";
-  if (fs::exists(gen)) {
-    json g = read_json(gen.string());
-    auto ids = id_list(g.contains("eos_token_id") ? &g["eos_token_id"] : nullptr);
-    if (!ids.empty()) c.eos_token_ids = ids;
-    if (g.contains("pad_token_id") && g["pad_token_id"].is_number_integer()) c.pad_token_id = g["pad_token_id"];
-  }
+  read_generation_config(dir, c);
   return c;
 }
 

@@ -9,7 +9,7 @@
 
 namespace mlaforge {
 
-enum class Family { Qwen2VL };
+enum class Family { Qwen2VL, Llava };
 
 struct TextConfig {
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
@@ -29,12 +29,34 @@ struct Qwen2VisionConfig {
   std::string hidden_act = "quick_gelu";
 };
 
+// CLIP vision tower of LLaVA (transformers' CLIPVisionConfig; omitted keys take its class defaults).
+struct ClipVisionConfig {
+  int64_t hidden_size = 768, intermediate_size = 3072, num_layers = 12, num_heads = 12;
+  int64_t image_size = 224, patch_size = 32, num_channels = 3;
+  double layer_norm_eps = 1e-5;
+  std::string hidden_act = "quick_gelu";
+  int64_t num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
+};
+
+// LLaVA-1.5: which CLIP hidden states feed the projector and how.
+struct LlavaConfig {
+  // Indices into (embeddings, layer 1, ..., layer L), Python-style (negative from the end); several
+  // are concatenated along features.
+  std::vector<int64_t> feature_layers = {-2};
+  bool keep_cls = false;  // select strategy "full" (true) or "default" (drops CLS)
+  std::string projector_act = "gelu";
+  int64_t image_seq_length = 576;
+  int64_t tokens_per_image(const ClipVisionConfig& v) const { return v.num_patches() + (keep_cls ? 1 : 0); }
+};
+
 struct ModelConfig {
   std::string path;        // config.json path, for error messages
-  std::string model_type;  // "qwen2_vl"
+  std::string model_type;  // "qwen2_vl", "llava"
   Family family = Family::Qwen2VL;
   TextConfig text;
-  Qwen2VisionConfig vision;
+  Qwen2VisionConfig vision;  // Family::Qwen2VL
+  ClipVisionConfig clip;      // Family::Llava
+  LlavaConfig llava;          // Family::Llava
   int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1, vision_end_token_id = -1;
   int64_t pad_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation stops at any of these

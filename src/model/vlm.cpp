@@ -21,27 +21,49 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
   fs::path tok = fs::path(dir) / "tokenizer.json";
   m->tokenizer_ = std::make_unique<Tokenizer>(Tokenizer::from_file(tok.string()));
   m->chat_ = std::make_unique<ChatFormat>(ChatFormat::from_model_dir(dir));
-  fs::path pre = fs::path(dir) / "preprocessor_config.json";
-  m->image_cfg_ = load_qwen2vl_image_config(pre.string());
-  const auto& v = m->cfg_.vision;
-  check(m->image_cfg_.patch_size == v.patch_size && m->image_cfg_.temporal_patch_size == v.temporal_patch_size &&
-            m->image_cfg_.merge_size == v.spatial_merge_size,
-        pre.string(), "patch_size/temporal_patch_size/merge_size disagree with config.json's vision_config");
-
+  const std::string pre = image_processor_config_path(dir);
   const WeightStore& ws = *m->store_;
-  // Hub layout (model.*, visual.*) or the newer one (model.language_model.*, model.visual.*).
-  std::string lm = find_prefix(ws, {"model.language_model.", "model."}, "embed_tokens.weight", "language model");
-  std::string vis = find_prefix(ws, {"visual.", "model.visual."}, "patch_embed.proj.weight", "vision tower");
-  m->vision_ = std::make_unique<Qwen2VisionTower>(m->cfg_.vision, ws, vis);
-  m->decoder_ = std::make_unique<DecoderLM>(m->cfg_.text, ws, lm, "lm_head.weight");
-  m->pad_id_ = m->cfg_.pad_token_id >= 0 ? m->cfg_.pad_token_id : 0;
+  const ModelConfig& c = m->cfg_;
+  std::string lm, head;
+  if (c.family == Family::Qwen2VL) {
+    m->qwen_image_cfg_ = load_qwen2vl_image_config(pre);
+    const auto& v = c.vision;
+    check(m->qwen_image_cfg_.patch_size == v.patch_size && m->qwen_image_cfg_.temporal_patch_size == v.temporal_patch_size &&
+              m->qwen_image_cfg_.merge_size == v.spatial_merge_size,
+          pre, "patch_size/temporal_patch_size/merge_size disagree with config.json's vision_config");
+    // Hub layout (model.*, visual.*) or the newer one (model.language_model.*, model.visual.*).
+    lm = find_prefix(ws, {"model.language_model.", "model."}, "embed_tokens.weight", "language model");
+    std::string vis = find_prefix(ws, {"visual.", "model.visual."}, "patch_embed.proj.weight", "vision tower");
+    m->qwen_vision_ = std::make_unique<Qwen2VisionTower>(v, ws, vis);
+    head = "lm_head.weight";
+  } else {
+    m->clip_image_cfg_ = load_clip_image_config(pre);
+    const ClipImageConfig& ic = m->clip_image_cfg_;
+    check(ic.do_center_crop && ic.crop_h == c.clip.image_size && ic.crop_w == c.clip.image_size, pre,
+          "images must be centre-cropped to the vision tower's image_size ", c.clip.image_size, " (crop_size is ",
+          ic.crop_h, "x", ic.crop_w, ")");
+    // Hub layout, transformers' in-memory names, and transformers 5's saved names (no "vision_model.").
+    lm = find_prefix(ws, {"language_model.model.", "model.language_model.", "model."}, "embed_tokens.weight",
+                     "language model");
+    head = ws.has("language_model.lm_head.weight") ? "language_model.lm_head.weight" : "lm_head.weight";
+    std::string tower = find_prefix(ws,
+                                    {"vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.",
+                                     "model.vision_tower."},
+                                    "embeddings.patch_embedding.weight", "CLIP vision tower");
+    std::string proj = find_prefix(ws, {"multi_modal_projector.", "model.multi_modal_projector."}, "linear_1.weight",
+                                   "multimodal projector");
+    m->clip_vision_ = std::make_unique<ClipVisionEncoder>(c.clip, c.llava, c.text.hidden_size, ws, tower, proj);
+  }
+  m->decoder_ = std::make_unique<DecoderLM>(c.text, ws, lm, head);
+  m->pad_id_ = c.pad_token_id >= 0 ? c.pad_token_id : 0;
   return m;
 }
 
 int64_t Vlm::parameter_count(const std::string& part) const {
   int64_t n = 0;
   for (const auto& name : store_->names()) {
-    bool vision = name.find("visual.") != std::string::npos;
+    bool vision = name.find("visual.") != std::string::npos || name.find("vision_tower.") != std::string::npos ||
+                  name.find("multi_modal_projector.") != std::string::npos;
     if (part == "all" || (part == "vision") == vision) {
       int64_t c = 1;
       for (int64_t d : store_->entry(name).shape) c *= d;
@@ -51,26 +73,39 @@ int64_t Vlm::parameter_count(const std::string& part) const {
   return n;
 }
 
+int64_t Vlm::image_tokens(const std::array<int64_t, 3>& g) const {
+  if (cfg_.family == Family::Llava) return cfg_.llava.tokens_per_image(cfg_.clip);
+  const int64_t m = cfg_.vision.spatial_merge_size;
+  return g[0] * (g[1] / m) * (g[2] / m);
+}
+
 Batch Vlm::prepare(const std::vector<Prompt>& prompts) const {
   std::vector<std::vector<int64_t>> all_ids;
   std::vector<at::Tensor> pixels;
   std::vector<std::array<int64_t, 3>> grids;
-  const int64_t merge2 = cfg_.vision.spatial_merge_size * cfg_.vision.spatial_merge_size;
   for (const Prompt& p : prompts) {
     size_t n_items = 0;
     for (auto& t : p.turns)
       for (auto& it : t.items) n_items += it.is_image;
-    if (n_items > p.image_paths.size())
-      throw Error(str("prompt has ", n_items, " image markers but only ", p.image_paths.size(), " images"));
-    if (n_items < p.image_paths.size())
-      throw Error(str("prompt has ", p.image_paths.size(), " images but only ", n_items, " image markers"));
-    std::vector<int64_t> counts;  // image tokens per image
+    if (n_items != p.image_paths.size())
+      throw Error(str("prompt has ", n_items, " image markers for ", p.image_paths.size(), " images"));
+    std::vector<int64_t> counts;  // prompt tokens per image
     for (const auto& path : p.image_paths) {
-      PatchedImage pi = qwen2vl_preprocess(load_image(path), image_cfg_);
-      pixels.push_back(at::from_blob(pi.values.data(), {pi.rows, pi.cols}, at::kFloat).clone());
-      grids.push_back({pi.grid_t, pi.grid_h, pi.grid_w});
-      counts.push_back(int64_t(pi.grid_t) * pi.grid_h * pi.grid_w / merge2);
+      Image img = load_image(path);
+      if (cfg_.family == Family::Qwen2VL) {
+        PatchedImage pi = qwen2vl_preprocess(img, qwen_image_cfg_);
+        pixels.push_back(at::from_blob(pi.values.data(), {pi.rows, pi.cols}, at::kFloat).clone());
+        grids.push_back({pi.grid_t, pi.grid_h, pi.grid_w});
+      } else {
+        std::vector<float> v = clip_preprocess(img, clip_image_cfg_);
+        const int64_t S = cfg_.clip.image_size;
+        pixels.push_back(at::from_blob(v.data(), {1, 3, S, S}, at::kFloat).clone());
+        grids.push_back({1, S / cfg_.clip.patch_size, S / cfg_.clip.patch_size});
+      }
+      counts.push_back(image_tokens(grids.back()));
     }
+    // Rendered and encoded as a processor does (the tokenizer's post-processor adds any BOS); each
+    // image token then stands for its image's features.
     std::string text = chat_->render(p.turns, /*add_generation_prompt=*/true);
     std::vector<int32_t> raw = tokenizer_->encode(text, /*add_special_tokens=*/true);
     std::vector<int64_t> ids;
@@ -106,21 +141,27 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
   for (int64_t r = 0; r < B; ++r) {
     const auto& s = ids[size_t(r)];
     const int64_t L = int64_t(s.size()), off = T - L;
-    // Which images this row uses: one per run of image tokens of the right length.
-    std::vector<std::array<int64_t, 3>> llm_grids;
-    int64_t n_image_tokens = 0;
+    // The images this row uses: as many as its image tokens account for.
+    int64_t n_image_tokens = 0, taken = 0;
     for (int64_t id : s) n_image_tokens += (id == cfg_.image_token_id);
-    int64_t taken = 0;
+    std::vector<std::array<int64_t, 3>> llm_grids;  // (t, h/merge, w/merge) for M-RoPE
     while (taken < n_image_tokens) {
-      if (image >= grids.size()) throw Error("more image tokens in the prompts than image features");
+      if (image >= grids.size())
+        throw Error(str("image token count (", n_image_tokens, " in row ", r, ") does not match the image features (",
+                        grids.size(), " images)"));
       const auto& g = grids[image++];
       llm_grids.push_back({g[0], g[1] / m, g[2] / m});
-      taken += g[0] * (g[1] / m) * (g[2] / m);
+      taken += image_tokens(g);
     }
     if (taken != n_image_tokens)
-      throw Error(str("row ", r, " has ", n_image_tokens, " image tokens but its images give ", taken, " features"));
-    int64_t next = 0;
-    at::Tensor pos = mrope_positions(s, cfg_.image_token_id, llm_grids, &next);
+      throw Error(str("image token count (", n_image_tokens, " in row ", r, ") does not match the image features (",
+                      taken, " tokens for its images)"));
+    int64_t next = L;
+    at::Tensor pos;
+    if (cfg_.text.mrope_section.empty())
+      pos = at::arange(L, at::kLong).unsqueeze(0).expand({3, L});
+    else
+      pos = mrope_positions(s, cfg_.image_token_id, llm_grids, &next);
     b.next_position.push_back(next);
     if (L > 0) {
       b.ids[r].narrow(0, off, L).copy_(at::tensor(s, at::kLong));
@@ -128,12 +169,16 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
       b.pos.select(1, r).narrow(1, off, L).copy_(pos);
     }
   }
-  if (image != grids.size()) throw Error(str(grids.size(), " images given but the prompts use ", image));
+  if (image != grids.size())
+    throw Error(str("image token count does not match the image features: ", grids.size(), " images given, the prompts use ",
+                    image));
   return b;
 }
 
 at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const {
-  return vision_->forward(pixel_values, grids);
+  if (cfg_.family == Family::Qwen2VL) return qwen_vision_->forward(pixel_values, grids);
+  at::Tensor f = clip_vision_->forward(pixel_values);  // [n, tokens, d]
+  return f.reshape({-1, f.size(-1)});
 }
 
 at::Tensor Vlm::input_embeddings(const Batch& batch) const {
@@ -141,7 +186,7 @@ at::Tensor Vlm::input_embeddings(const Batch& batch) const {
   at::Tensor is_image = batch.ids == cfg_.image_token_id;
   int64_t n = is_image.sum().item<int64_t>();
   if (batch.grids.empty()) {
-    check(n == 0, "prompt", n, " image tokens but no images");
+    check(n == 0, "prompt", "image token count (", n, ") does not match the image features (no images)");
     return x;
   }
   at::Tensor feats = image_features(batch.pixel_values, batch.grids);  // [n, d]

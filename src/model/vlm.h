@@ -15,6 +15,7 @@
 #include "text/prompt.h"
 #include "text/tokenizer.h"
 #include "vision/preprocess.h"
+#include "vision/clip_vit.h"
 #include "vision/qwen2vl_vit.h"
 
 namespace mlaforge {
@@ -23,9 +24,11 @@ namespace mlaforge {
 struct Batch {
   at::Tensor ids;    // [B, T] int64, padding = pad id
   at::Tensor valid;  // [B, T] bool, false on left padding
-  at::Tensor pos;    // [3, B, T] int64 M-RoPE positions (equal axes for text)
-  at::Tensor pixel_values;                    // [N, C*tps*ps*ps] float32, or undefined without images
-  std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image, in order
+  at::Tensor pos;    // [3, B, T] int64 positions: M-RoPE axes (t, h, w), all equal for text and 1-D RoPE
+  // Images of all rows in order, or undefined without images:
+  // Qwen2-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
+  at::Tensor pixel_values;
+  std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image (LLaVA: (1, S/P, S/P))
   std::vector<int64_t> next_position;         // [B]: position of each row's first generated token
   int64_t batch() const { return ids.size(0); }
   int64_t length() const { return ids.size(1); }
@@ -64,8 +67,12 @@ class Vlm {
   std::unique_ptr<WeightStore> store_;
   std::unique_ptr<Tokenizer> tokenizer_;
   std::unique_ptr<ChatFormat> chat_;
-  Qwen2VLImageConfig image_cfg_;
-  std::unique_ptr<Qwen2VisionTower> vision_;
+  // Tokens an image of this patch grid becomes in the prompt.
+  int64_t image_tokens(const std::array<int64_t, 3>& grid) const;
+  Qwen2VLImageConfig qwen_image_cfg_;      // Family::Qwen2VL
+  std::unique_ptr<Qwen2VisionTower> qwen_vision_;
+  ClipImageConfig clip_image_cfg_;         // Family::Llava
+  std::unique_ptr<ClipVisionEncoder> clip_vision_;
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
 };

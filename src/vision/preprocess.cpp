@@ -28,6 +28,8 @@ json read_config(const std::string& path) {
     fail(path, "invalid JSON: ", e.what());
   }
   check(j.is_object(), path, "preprocessor config must be a JSON object");
+  // transformers 5 saves the processor's settings in processor_config.json under "image_processor".
+  if (j.contains("image_processor") && j["image_processor"].is_object()) return j["image_processor"];
   return j;
 }
 
@@ -146,6 +148,15 @@ void check_image(const Image& img, const char* where) {
 // ---------------------------------------------------------------------------------------------
 // Qwen2-VL
 // ---------------------------------------------------------------------------------------------
+std::string image_processor_config_path(const std::string& dir) {
+  for (const char* name : {"preprocessor_config.json", "processor_config.json"}) {
+    std::string p = dir + "/" + name;
+    std::ifstream f(p);
+    if (f) return p;
+  }
+  fail(dir, "no preprocessor_config.json or processor_config.json (the image processor's settings)");
+}
+
 Qwen2VLImageConfig load_qwen2vl_image_config(const std::string& path) {
   const json j = read_config(path);
   Qwen2VLImageConfig cfg;

@@ -40,6 +40,11 @@ struct Qwen2VLImageConfig {
 // (transformers 5; for Qwen these are PIXEL COUNTS) or the older "size": {"min_pixels",
 // "max_pixels"}; top-level "min_pixels"/"max_pixels" override "size". Missing keys keep the
 // class defaults above. Errors name the file.
+// The file holding a checkpoint's image processor settings: preprocessor_config.json, or the
+// "image_processor" section of processor_config.json that transformers 5 writes. Both loaders below
+// accept either file.
+std::string image_processor_config_path(const std::string& dir);
+
 Qwen2VLImageConfig load_qwen2vl_image_config(const std::string& preprocessor_config_json_path);
 
 // transformers' smart_resize -> (height, width), both multiples of `factor`. Python semantics:
