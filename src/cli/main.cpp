@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iostream>
 
+#include "convert/convert.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "eval/eval.h"
@@ -51,10 +52,23 @@ int cmd_inspect(const std::string& model_dir) {
                                             t.mrope_section[2], "]").c_str());
   std::printf("parameters      %s total: vision %s, language model %s\n", human_count(m->parameter_count("all")).c_str(),
               human_count(m->parameter_count("vision")).c_str(), human_count(m->parameter_count("language")).c_str());
-  std::printf("KV cache        %lld bytes/token in bf16 (2 x %lld layers x %lld KV heads x %lld dims x 2 B); "
-              "%lld in float32\n",
-              (long long)c.kv_bytes_per_token(2), (long long)t.num_layers, (long long)t.num_kv_heads,
-              (long long)t.head_dim, (long long)c.kv_bytes_per_token(4));
+  const int64_t mha = c.mha_kv_bytes_per_token(2);
+  if (!c.mla.enabled) {
+    std::printf("KV cache        %lld bytes/token in bf16 (2 x %lld layers x %lld KV heads x %lld dims x 2 B)\n",
+                (long long)mha, (long long)t.num_layers, (long long)t.num_kv_heads, (long long)t.head_dim);
+    return 0;
+  }
+  const MlaConfig& a = c.mla;
+  std::printf("MLA             %lld rotary pairs per KV head (%s), latent %lld per token and layer (%s, %s, %s)\n",
+              (long long)a.rope_pairs, a.rope_strategy.c_str(), (long long)a.latent_dim, a.lowrank.c_str(),
+              a.kv.c_str(), a.decoupled ? "decoupled" : "shared");
+  const int64_t mla = c.kv_bytes_per_token(2);
+  std::printf("KV cache        before %lld bytes/token in bf16 (2 x %lld layers x %lld KV heads x %lld dims x 2 B)\n",
+              (long long)mha, (long long)t.num_layers, (long long)t.num_kv_heads, (long long)t.head_dim);
+  std::printf("                after  %lld bytes/token in bf16 (%lld layers x (%lld rotary + %lld latent) x 2 B): "
+              "%.1f%% of before, %.2fx fewer\n",
+              (long long)mla, (long long)t.num_layers, (long long)(t.num_kv_heads * 2 * a.rope_pairs),
+              (long long)a.latent_dim, 100.0 * double(mla) / double(mha), double(mha) / double(mla));
   return 0;
 }
 
@@ -71,6 +85,25 @@ int cmd_generate(const std::string& model_dir, const std::vector<std::string>& i
                     "(each <image> takes the next --image)"));
   auto gens = generate(*m, {p}, so);
   std::printf("%s\n", gens[0].text.c_str());
+  return 0;
+}
+
+int cmd_convert(const ConvertOptions& o) {
+  ConvertReport r = convert_model(o);
+  std::printf("converted %s -> %s\n", o.model_dir.c_str(), o.out_dir.c_str());
+  std::printf("calibration: %lld samples (%lld text, %lld image tokens) in %.1f s; factorisation %.1f s; total %.1f s\n",
+              (long long)r.calib_samples, (long long)r.calib_tokens[0], (long long)r.calib_tokens[1], r.calib_seconds,
+              r.factor_seconds, r.total_seconds);
+  std::printf("%-6s %-34s %12s %12s\n", "layer", "kept pairs (KV head 0)", "err image", "err text");
+  for (size_t l = 0; l < r.layers.size(); ++l) {
+    std::string kept;
+    for (int64_t k : r.layers[l].kept[0]) kept += (kept.empty() ? "" : ",") + std::to_string(k);
+    if (kept.size() > 34) kept = kept.substr(0, 31) + "...";
+    std::printf("%-6zu %-34s %12.3e %12.3e\n", l, kept.c_str(), r.layers[l].rel_error_image, r.layers[l].rel_error_text);
+  }
+  std::printf("KV cache: %lld -> %lld bytes/token in bf16 (%.1f%% smaller); report: %s/conversion_report.json\n",
+              (long long)r.kv_bytes_before, (long long)r.kv_bytes_after,
+              100.0 * (1.0 - double(r.kv_bytes_after) / double(r.kv_bytes_before)), o.out_dir.c_str());
   return 0;
 }
 
@@ -135,12 +168,54 @@ int main(int argc, char** argv) {
   ev->add_option("--batch", eo.batch_size, "Questions decoded together")->capture_default_str();
   ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
 
+  auto* conv = app.add_subcommand(
+      "convert", "Convert a model's attention to Multi-head Latent Attention (partial RoPE + low-rank latent KV)");
+  ConvertOptions co;
+  std::string rope_pairs = "all", dkv = "full", strategy = "adaptive", lowrank = "whitened", kv = "joint",
+              modality = "decoupled";
+  conv->add_option("--model", co.model_dir, "Original model directory")->required();
+  conv->add_option("--out", co.out_dir, "Output directory for the converted checkpoint")->required();
+  conv->add_option("--calib", co.calib_path, "Calibration data (LLaVA-style JSONL with images)")->required();
+  conv->add_option("--rope-pairs", rope_pairs, "Rotary pairs kept per KV head, or \"all\"")->capture_default_str();
+  conv->add_option("--dkv", dkv, "Latent width per KV head (latent = KV heads x dkv), or \"full\"")->capture_default_str();
+  conv->add_option("--rope-strategy", strategy, "Which pairs keep rotation: high, low, uniform, 2norm, adaptive")
+      ->capture_default_str();
+  conv->add_option("--lowrank", lowrank, "whitened (minimises output error) or svd (parameter distance)")
+      ->capture_default_str();
+  conv->add_option("--kv", kv, "joint (one K/V latent) or split (separate K and V latents)")->capture_default_str();
+  conv->add_option("--modality", modality, "decoupled (one down/up pair per modality) or shared")->capture_default_str();
+  conv->add_option("--calib-samples", co.calib_samples, "Calibration conversations to use")->capture_default_str();
+  conv->add_option("--batch", co.batch_size, "Calibration batch size")->capture_default_str();
+  conv->add_option("--stats", co.stats_path, "Calibration statistics file: read if it exists, else written");
+
   CLI11_PARSE(app, argc, argv);
   try {
     set_threads(threads);
     if (*inspect) return cmd_inspect(inspect_model);
     if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so);
     if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report);
+    if (*conv) {
+      auto number_or = [](const std::string& v, const char* word, const char* opt) -> int64_t {
+        if (v == word) return -1;
+        try {
+          size_t used = 0;
+          long long n = std::stoll(v, &used);
+          if (used == v.size() && n >= 0) return n;
+        } catch (const std::exception&) {
+        }
+        throw Error(str(opt, ": expected a non-negative number or \"", word, "\", got \"", v, "\""));
+      };
+      co.rope_pairs = number_or(rope_pairs, "all", "--rope-pairs");
+      co.dkv = number_or(dkv, "full", "--dkv");
+      co.strategy = parse_rope_strategy(strategy);
+      if (lowrank != "whitened" && lowrank != "svd") throw Error("--lowrank: choose whitened or svd");
+      co.method = lowrank == "svd" ? LowRankMethod::Svd : LowRankMethod::Whitened;
+      if (kv != "joint" && kv != "split") throw Error("--kv: choose joint or split");
+      co.kv = kv == "split" ? KvLatent::Split : KvLatent::Joint;
+      if (modality != "decoupled" && modality != "shared") throw Error("--modality: choose decoupled or shared");
+      co.decoupled = modality == "decoupled";
+      return cmd_convert(co);
+    }
   } catch (const Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
     return 1;

@@ -221,6 +221,44 @@ void read_llava(const json& top, ModelConfig& c) {
   if (c.eos_token_ids.empty()) c.eos_token_ids = {2};
 }
 
+void read_mla(const json& top, ModelConfig& c) {
+  if (!top.contains("mla")) return;
+  const json& m = top["mla"];
+  const std::string& path = c.path;
+  const TextConfig& t = c.text;
+  if (!m.is_object()) fail(path, "\"mla\" must be an object");
+  MlaConfig& a = c.mla;
+  a.enabled = true;
+  try {
+    a.rope_pairs = m.at("rope_pairs").get<int64_t>();
+    a.latent_dim = m.at("latent_dim").get<int64_t>();
+    a.decoupled = m.value("modality", std::string("decoupled")) == "decoupled";
+    a.kept_pairs = m.at("kept_pairs").get<std::vector<std::vector<std::vector<int64_t>>>>();
+    a.rope_strategy = m.value("rope_strategy", std::string());
+    a.lowrank = m.value("lowrank", std::string());
+    a.kv = m.value("kv", std::string());
+    a.calib_samples = m.value("calib_samples", int64_t(0));
+  } catch (const json::exception& e) {
+    fail(path, "malformed \"mla\" section (", e.what(), ")");
+  }
+  const int64_t P = t.head_dim / 2;
+  check(a.rope_pairs >= 0 && a.rope_pairs <= P, path, "mla.rope_pairs ", a.rope_pairs, " outside 0..", P);
+  check(a.latent_dim > 0, path, "mla.latent_dim must be positive");
+  check(int64_t(a.kept_pairs.size()) == t.num_layers, path, "mla.kept_pairs has ", a.kept_pairs.size(),
+        " layers, the model ", t.num_layers);
+  for (const auto& layer : a.kept_pairs) {
+    check(int64_t(layer.size()) == t.num_kv_heads, path, "mla.kept_pairs needs one list per KV head (",
+          t.num_kv_heads, ")");
+    for (const auto& head : layer) {
+      check(int64_t(head.size()) == a.rope_pairs, path, "mla.kept_pairs lists must hold rope_pairs = ", a.rope_pairs,
+            " pairs");
+      for (size_t i = 0; i < head.size(); ++i)
+        check(head[i] >= 0 && head[i] < P && (i == 0 || head[i] > head[i - 1]), path,
+              "mla.kept_pairs must be ascending pair indices below ", P);
+    }
+  }
+}
+
 }  // namespace
 
 ModelConfig load_model_config(const std::string& dir) {
@@ -241,6 +279,7 @@ ModelConfig load_model_config(const std::string& dir) {
   }
   if (c.family == Family::Llava) {
     read_llava(top, c);
+    read_mla(top, c);
     read_generation_config(dir, c);
     check(c.image_token_id >= 0 && c.image_token_id < c.text.vocab_size, c.path,
           "image_token_index ", c.image_token_id, " is outside the vocabulary (", c.text.vocab_size, ")");
@@ -260,6 +299,7 @@ ModelConfig load_model_config(const std::string& dir) {
   c.pad_token_id = get_or<int64_t>(tc, top, "pad_token_id", -1);
   c.eos_token_ids = id_list(lookup(tc, top, "eos_token_id"));
 
+  read_mla(top, c);
   read_generation_config(dir, c);
   return c;
 }

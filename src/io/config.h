@@ -49,6 +49,19 @@ struct LlavaConfig {
   int64_t tokens_per_image(const ClipVisionConfig& v) const { return v.num_patches() + (keep_cls ? 1 : 0); }
 };
 
+// A converted (MLA) checkpoint's "mla" section of config.json, written by mlaforge convert.
+// Per layer and KV head, `kept_pairs` lists the rotary pairs (ascending) that keep their rotation;
+// the other pairs lose it and go into the latent with the values (DESIGN.md sections 1-3).
+struct MlaConfig {
+  bool enabled = false;
+  int64_t rope_pairs = 0;  // r: kept pairs per KV head (the rotary keys have 2r dims per KV head)
+  int64_t latent_dim = 0;  // R: latent width per token and layer
+  bool decoupled = true;   // one down/up pair per modality (image, text) or one shared
+  std::vector<std::vector<std::vector<int64_t>>> kept_pairs;  // [layer][kv head][r]
+  std::string rope_strategy, lowrank, kv;                     // the options used, for the record
+  int64_t calib_samples = 0;
+};
+
 struct ModelConfig {
   std::string path;        // config.json path, for error messages
   std::string model_type;  // "qwen2_vl", "llava"
@@ -60,9 +73,16 @@ struct ModelConfig {
   int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1, vision_end_token_id = -1;
   int64_t pad_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation stops at any of these
+  MlaConfig mla;                       // enabled for converted checkpoints
 
-  // KV-cache bytes per token over all layers for an element size in bytes (2 for bf16).
+  // KV-cache bytes per token over all layers for an element size in bytes (2 for bf16): keys and
+  // values of the original attention, or the rotary keys and the latent of MLA (the modality bit not
+  // counted).
   int64_t kv_bytes_per_token(int64_t element_bytes) const {
+    if (mla.enabled) return text.num_layers * (text.num_kv_heads * 2 * mla.rope_pairs + mla.latent_dim) * element_bytes;
+    return mha_kv_bytes_per_token(element_bytes);
+  }
+  int64_t mha_kv_bytes_per_token(int64_t element_bytes) const {
     return 2 * text.num_layers * text.num_kv_heads * text.head_dim * element_bytes;
   }
 };

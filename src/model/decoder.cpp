@@ -18,11 +18,27 @@ int64_t KVCache::bytes() const {
   return b;
 }
 
-DecoderLM::DecoderLM(const TextConfig& cfg, const WeightStore& store, const std::string& lm_prefix,
-                     const std::string& head_name)
-    : cfg_(cfg) {
+std::vector<int64_t> rotary_dims(const std::vector<int64_t>& kept, int64_t head_dim) {
+  std::vector<int64_t> dims;
+  for (int64_t k : kept) dims.push_back(k);
+  for (int64_t k : kept) dims.push_back(k + head_dim / 2);
+  return dims;
+}
+
+std::vector<int64_t> nope_dims(const std::vector<int64_t>& kept, int64_t head_dim) {
+  std::vector<bool> is_kept(size_t(head_dim / 2), false);
+  for (int64_t k : kept) is_kept[size_t(k)] = true;
+  std::vector<int64_t> rest;
+  for (int64_t k = 0; k < head_dim / 2; ++k)
+    if (!is_kept[size_t(k)]) rest.push_back(k);
+  return rotary_dims(rest, head_dim);
+}
+
+DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store,
+                     const std::string& lm_prefix, const std::string& head_name)
+    : cfg_(cfg), mla_(mla) {
   const int64_t d = cfg.hidden_size, h = cfg.num_heads, g = cfg.num_kv_heads, dh = cfg.head_dim,
-                f = cfg.intermediate_size, V = cfg.vocab_size;
+                f = cfg.intermediate_size, V = cfg.vocab_size, r = mla.rope_pairs, R = mla.latent_dim;
   WeightLoader w(store, lm_prefix);
   embed_w_ = w.get("embed_tokens.weight", {V, d});
   final_norm_ = w.get("norm.weight", {d});
@@ -34,15 +50,33 @@ DecoderLM::DecoderLM(const TextConfig& cfg, const WeightStore& store, const std:
     fail(store.dir(), "missing tensor ", head_name, " (and tie_word_embeddings is false)");
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
     WeightLoader l = w.sub("layers." + std::to_string(i) + ".");
+    WeightLoader a = l.sub("self_attn.");
     DecoderLayer L;
-    L.q_w = l.get("self_attn.q_proj.weight", {h * dh, d});
-    L.q_b = l.maybe("self_attn.q_proj.bias", {h * dh});
-    L.k_w = l.get("self_attn.k_proj.weight", {g * dh, d});
-    L.k_b = l.maybe("self_attn.k_proj.bias", {g * dh});
-    L.v_w = l.get("self_attn.v_proj.weight", {g * dh, d});
-    L.v_b = l.maybe("self_attn.v_proj.bias", {g * dh});
-    L.o_w = l.get("self_attn.o_proj.weight", {d, h * dh});
-    L.o_b = l.maybe("self_attn.o_proj.bias", {d});
+    L.q_w = a.get("q_proj.weight", {h * dh, d});
+    L.q_b = a.maybe("q_proj.bias", {h * dh});
+    L.o_w = a.get("o_proj.weight", {d, h * dh});
+    L.o_b = a.maybe("o_proj.bias", {d});
+    if (!mla.enabled) {
+      L.k_w = a.get("k_proj.weight", {g * dh, d});
+      L.k_b = a.maybe("k_proj.bias", {g * dh});
+      L.v_w = a.get("v_proj.weight", {g * dh, d});
+      L.v_b = a.maybe("v_proj.bias", {g * dh});
+    } else {
+      const int64_t rows = g * (dh - 2 * r) + g * dh;
+      L.k_rope_w = a.get(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
+      L.k_rope_b = a.maybe(std::string(mla_names::k_rope) + ".bias", {g * 2 * r});
+      for (int m = 0; m < 2; ++m) {
+        L.kv_down[m] = a.get(mla_names::down(mla.decoupled, m == 1) + ".weight", {R, d});
+        L.kv_up[m] = a.get(mla_names::up(mla.decoupled, m == 1) + ".weight", {rows, R});
+      }
+      L.kv_up_b = a.maybe(std::string(mla_names::up_bias), {rows});
+      std::vector<int64_t> dims;
+      for (const auto& kept : mla.kept_pairs[size_t(i)]) {
+        auto rd = rotary_dims(kept, dh);
+        dims.insert(dims.end(), rd.begin(), rd.end());
+      }
+      L.rope_dims = at::tensor(dims, at::kLong).view({g, 2 * r});
+    }
     L.input_norm = l.get("input_layernorm.weight", {d});
     L.post_norm = l.get("post_attention_layernorm.weight", {d});
     L.gate_w = l.get("mlp.gate_proj.weight", {f, d});
@@ -68,16 +102,37 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
 }
 
 at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const at::Tensor& cos,
-                                const at::Tensor& sin, const at::Tensor& mask, KVCache& cache, size_t layer) const {
+                                const at::Tensor& sin, const at::Tensor& mask, const at::Tensor& is_image,
+                                KVCache& cache, size_t layer, const AttentionObserver* observer) const {
   const int64_t B = x.size(0), T = x.size(1), h = cfg_.num_heads, g = cfg_.num_kv_heads, dh = cfg_.head_dim;
   const int64_t group = h / g, start = cache.len, S = start + T;
-  // q [B, h, T, dh]; k, v [B, g, T, dh]
-  at::Tensor q = dense(x, L.q_w, L.q_b).view({B, T, h, dh}).transpose(1, 2);
-  at::Tensor k = dense(x, L.k_w, L.k_b).view({B, T, g, dh}).transpose(1, 2);
-  at::Tensor v = dense(x, L.v_w, L.v_b).view({B, T, g, dh}).transpose(1, 2);
-  at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, dh]
-  q = apply_rotary(q, c, s);
-  k = apply_rotary(k, c, s);
+  at::Tensor q, k, v;  // q [B, h, T, dh]; k, v [B, g, T, dh]; q and k rotated
+  at::Tensor q_pre, k_pre;
+  if (!mla_.enabled) {
+    q_pre = dense(x, L.q_w, L.q_b).view({B, T, h, dh}).transpose(1, 2);
+    k_pre = dense(x, L.k_w, L.k_b).view({B, T, g, dh}).transpose(1, 2);
+    v = dense(x, L.v_w, L.v_b).view({B, T, g, dh}).transpose(1, 2);
+    at::Tensor c = cos.unsqueeze(1), s = sin.unsqueeze(1);  // [B, 1, T, dh]
+    q = apply_rotary(q_pre, c, s);
+    k = apply_rotary(k_pre, c, s);
+  } else {
+    const int64_t r2 = 2 * mla_.rope_pairs, nope = dh - r2;
+    // cos/sin of each KV head's kept pairs (their own frequency and M-RoPE axis): [B, T, g, 2r]
+    at::Tensor idx = L.rope_dims.to(cos.device()).view({-1});
+    at::Tensor c = cos.index_select(-1, idx).view({B, T, g, r2}), s = sin.index_select(-1, idx).view({B, T, g, r2});
+    at::Tensor qh = dense(x, L.q_w, L.q_b).view({B, T, g, group, dh});
+    at::Tensor q_rope = apply_rotary(qh.narrow(-1, 0, r2), c.unsqueeze(3), s.unsqueeze(3));
+    q = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1).view({B, T, h, dh}).transpose(1, 2);
+    at::Tensor k_rope = apply_rotary(dense(x, L.k_rope_w, L.k_rope_b).view({B, T, g, r2}), c, s);
+    // The latent c = W_down^m x and its expansion W_up^m c + b, by each token's modality.
+    at::Tensor img = is_image.view({B, T, 1});
+    at::Tensor latent = at::where(img, dense(x, L.kv_down[1]), dense(x, L.kv_down[0]));  // [B, T, R]
+    at::Tensor kv = at::where(img, dense(latent, L.kv_up[1]), dense(latent, L.kv_up[0]));
+    if (L.kv_up_b.defined()) kv = kv + L.kv_up_b;
+    at::Tensor k_nope = kv.narrow(-1, 0, g * nope).view({B, T, g, nope});
+    v = kv.narrow(-1, g * nope, g * dh).view({B, T, g, dh}).transpose(1, 2);
+    k = at::cat({k_rope, k_nope}, -1).transpose(1, 2);
+  }
   cache.k[layer].narrow(2, start, T).copy_(k);
   cache.v[layer].narrow(2, start, T).copy_(v);
   at::Tensor K = cache.k[layer].narrow(2, 0, S), V = cache.v[layer].narrow(2, 0, S);
@@ -85,15 +140,18 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
   at::Tensor qg = q.reshape({B, g, group * T, dh});
   at::Tensor scores = at::matmul(qg, K.transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
   scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
-  at::Tensor p = at::softmax(scores, -1, at::kFloat).view({B, g, group * T, S});
-  at::Tensor out = at::matmul(p, V).view({B, h, T, dh}).transpose(1, 2).reshape({B, T, h * dh});
+  at::Tensor p = at::softmax(scores, -1, at::kFloat);  // [B, g, group, T, S]
+  if (observer && *observer) (*observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
+  at::Tensor out = at::matmul(p.view({B, g, group * T, S}), V).view({B, h, T, dh}).transpose(1, 2).reshape({B, T, h * dh});
   return dense(out, L.o_w, L.o_b);
 }
 
-at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid, KVCache& cache,
-                              std::vector<at::Tensor>* hidden) const {
+at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
+                              const at::Tensor& is_image, KVCache& cache, std::vector<at::Tensor>* hidden,
+                              const AttentionObserver* observer) const {
   const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
   check(S <= cache.capacity, "kv cache", "capacity ", cache.capacity, " exceeded (", S, " positions)");
+  check(!observer || !mla_.enabled, "calibration", "attention traces come from original (not converted) models");
   auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
   cache.key_valid.narrow(1, start, T).copy_(valid);
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
@@ -109,7 +167,7 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
   if (hidden) hidden->push_back(x);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DecoderLayer& L = layers_[i];
-    x = x + attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, cache, i);
+    x = x + attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, is_image, cache, i, observer);
     at::Tensor h2 = rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
     x = x + dense(at::silu(dense(h2, L.gate_w)) * dense(h2, L.up_w), L.down_w);
     if (hidden && i + 1 < layers_.size()) hidden->push_back(x);

@@ -1,8 +1,11 @@
 // The decoder language model shared by Qwen2 and Llama: pre-norm layers of GQA self-attention
 // (optional q/k/v/o biases, rotate_half RoPE or M-RoPE) and a SwiGLU MLP, RMSNorm, lm_head.
+// A converted checkpoint's layers use Multi-head Latent Attention instead (DESIGN.md section 3),
+// here in its expanded form: the latent is expanded to keys and values before attention.
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -13,7 +16,7 @@ namespace mlaforge {
 class WeightStore;
 
 // Keys and values of every layer for a batch, preallocated to `capacity` positions.
-// k[l], v[l]: [B, g, capacity, dh]. key_valid [B, capacity]: false for left padding.
+// k[l], v[l]: [B, g, capacity, dh] (rotated keys). key_valid [B, capacity]: false for left padding.
 struct KVCache {
   std::vector<at::Tensor> k, v;
   at::Tensor key_valid;
@@ -26,13 +29,30 @@ struct DecoderLayer {
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;  // [h*dh, d], [g*dh, d], ..., [d, h*dh]
   at::Tensor input_norm, post_norm;                    // [d]
   at::Tensor gate_w, up_w, down_w;                     // [f, d], [f, d], [d, f]
+  // MLA (converted checkpoints). q_w rows are permuted per head to [kept pairs' dims | the rest]
+  // (the kept dims as [first halves ascending | their partners], so rotate_half still pairs them).
+  at::Tensor k_rope_w, k_rope_b;         // [g*2r, d]: rotary keys
+  at::Tensor kv_down[2];                 // [R, d] per modality (0 text, 1 image; equal when shared)
+  at::Tensor kv_up[2];                   // [g*(dh-2r) + g*dh, R]: key-nope rows of every KV head, then values
+  at::Tensor kv_up_b;                    // [g*(dh-2r) + g*dh] or undefined
+  at::Tensor rope_dims;                  // [g, 2r] int64: which of the head's dh dims the rotary dims are
 };
+
+// What calibration sees of one layer's attention in a forward pass of an original (MHA/GQA) model.
+struct AttentionTrace {
+  int64_t layer = 0;
+  at::Tensor input;     // [B, T, d] attention input (after input_layernorm)
+  at::Tensor q, k;      // [B, h, T, dh], [B, g, T, dh] before RoPE (biases included)
+  at::Tensor cos, sin;  // [B, T, dh]
+  at::Tensor probs;     // [B, g, group, T, S] attention probabilities (S = cached + new positions)
+};
+using AttentionObserver = std::function<void(const AttentionTrace&)>;
 
 class DecoderLM {
  public:
   // lm_prefix: e.g. "model." or "model.language_model."; head: "lm_head.weight" (falls back to
-  // the embedding when tie_word_embeddings).
-  DecoderLM(const TextConfig& cfg, const WeightStore& store, const std::string& lm_prefix,
+  // the embedding when tie_word_embeddings). `mla` describes a converted checkpoint (or is disabled).
+  DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store, const std::string& lm_prefix,
             const std::string& head_name);
 
   const TextConfig& config() const { return cfg_; }
@@ -41,19 +61,36 @@ class DecoderLM {
 
   // Runs every layer over x [B, T, d] whose tokens sit at positions pos [3, B, T]; keys and values
   // go to cache positions [cache.len, cache.len + T) and cache.len advances by T. `valid` [B, T]
-  // marks real (non-padding) tokens. Returns the final-norm hidden state [B, T, d]. When `hidden`
-  // is given it receives the embeddings and every layer's output (the last one after the norm),
-  // as transformers' output_hidden_states.
-  at::Tensor forward(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& valid, KVCache& cache,
-                     std::vector<at::Tensor>* hidden = nullptr) const;
+  // marks real (non-padding) tokens, `is_image` [B, T] image tokens (MLA picks their up/down
+  // projections by it). Returns the final-norm hidden state [B, T, d]. When `hidden` is given it
+  // receives the embeddings and every layer's output (the last one after the norm), as transformers'
+  // output_hidden_states. `observer` is called once per layer (original attention only).
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& valid, const at::Tensor& is_image,
+                     KVCache& cache, std::vector<at::Tensor>* hidden = nullptr,
+                     const AttentionObserver* observer = nullptr) const;
   at::Tensor logits(const at::Tensor& h) const;  // [..., d] -> [..., vocab]
 
  private:
   at::Tensor attention(const DecoderLayer& L, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& mask, KVCache& cache, size_t layer) const;
+                       const at::Tensor& mask, const at::Tensor& is_image, KVCache& cache, size_t layer,
+                       const AttentionObserver* observer) const;
   TextConfig cfg_;
+  MlaConfig mla_;
   at::Tensor embed_w_, final_norm_, head_w_, inv_freq_;
   std::vector<DecoderLayer> layers_;
 };
+
+// MLA tensor names under a layer's "self_attn." (mlaforge's converted checkpoint format).
+namespace mla_names {
+inline const char* k_rope = "k_rope_proj";
+inline std::string down(bool decoupled, bool image) { return decoupled ? (image ? "kv_down_proj.image" : "kv_down_proj.text") : "kv_down_proj"; }
+inline std::string up(bool decoupled, bool image) { return decoupled ? (image ? "kv_up_proj.image" : "kv_up_proj.text") : "kv_up_proj"; }
+inline const char* up_bias = "kv_up_proj.bias";
+}  // namespace mla_names
+
+// Index of each rotary dim within a head for kept pairs `kept` (ascending): [k..., k + dh/2...].
+std::vector<int64_t> rotary_dims(const std::vector<int64_t>& kept, int64_t head_dim);
+// The head's other dims (the pairs that lose rotation), in the same [firsts | partners] order.
+std::vector<int64_t> nope_dims(const std::vector<int64_t>& kept, int64_t head_dim);
 
 }  // namespace mlaforge

@@ -54,7 +54,8 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
                                    "multimodal projector");
     m->clip_vision_ = std::make_unique<ClipVisionEncoder>(c.clip, c.llava, c.text.hidden_size, ws, tower, proj);
   }
-  m->decoder_ = std::make_unique<DecoderLM>(c.text, ws, lm, head);
+  m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, ws, lm, head);
+  m->lm_prefix_ = lm;
   m->pad_id_ = c.pad_token_id >= 0 ? c.pad_token_id : 0;
   return m;
 }
@@ -79,7 +80,7 @@ int64_t Vlm::image_tokens(const std::array<int64_t, 3>& g) const {
   return g[0] * (g[1] / m) * (g[2] / m);
 }
 
-Batch Vlm::prepare(const std::vector<Prompt>& prompts) const {
+Batch Vlm::prepare(const std::vector<Prompt>& prompts, bool add_generation_prompt) const {
   std::vector<std::vector<int64_t>> all_ids;
   std::vector<at::Tensor> pixels;
   std::vector<std::array<int64_t, 3>> grids;
@@ -106,7 +107,7 @@ Batch Vlm::prepare(const std::vector<Prompt>& prompts) const {
     }
     // Rendered and encoded as a processor does (the tokenizer's post-processor adds any BOS); each
     // image token then stands for its image's features.
-    std::string text = chat_->render(p.turns, /*add_generation_prompt=*/true);
+    std::string text = chat_->render(p.turns, add_generation_prompt);
     std::vector<int32_t> raw = tokenizer_->encode(text, /*add_special_tokens=*/true);
     std::vector<int64_t> ids;
     size_t image = 0;
@@ -133,6 +134,7 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
   for (auto& s : ids) T = std::max<int64_t>(T, int64_t(s.size()));
   b.ids = at::full({B, T}, pad_id_, at::kLong);
   b.valid = at::zeros({B, T}, at::kBool);
+  b.is_image = at::zeros({B, T}, at::kBool);
   b.pos = at::zeros({3, B, T}, at::kLong);
   b.pixel_values = pixel_values;
   b.grids = grids;
@@ -166,6 +168,13 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
     if (L > 0) {
       b.ids[r].narrow(0, off, L).copy_(at::tensor(s, at::kLong));
       b.valid[r].narrow(0, off, L).fill_(true);
+      // Image modality: image tokens and, for Qwen2-VL, the vision start/end markers around them.
+      std::vector<uint8_t> img(static_cast<size_t>(L));
+      for (int64_t i = 0; i < L; ++i) {
+        int64_t id = s[size_t(i)];
+        img[size_t(i)] = id == cfg_.image_token_id || id == cfg_.vision_start_token_id || id == cfg_.vision_end_token_id;
+      }
+      b.is_image[r].narrow(0, off, L).copy_(at::tensor(img, at::kByte).to(at::kBool));
       b.pos.select(1, r).narrow(1, off, L).copy_(pos);
     }
   }
@@ -199,17 +208,19 @@ at::Tensor Vlm::input_embeddings(const Batch& batch) const {
   return x;
 }
 
-at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden) const {
+at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden,
+                        const AttentionObserver* observer) const {
   at::Tensor x = input_embeddings(batch);
-  return decoder_->forward(x, batch.pos, batch.valid, cache, hidden);
+  return decoder_->forward(x, batch.pos, batch.valid, batch.is_image, cache, hidden, observer);
 }
 
 at::Tensor Vlm::decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const {
   const int64_t B = tokens.size(0);
   at::Tensor x = decoder_->embed(tokens.view({B, 1}));
   at::Tensor pos = positions.view({1, B, 1}).expand({3, B, 1});
-  at::Tensor valid = at::ones({B, 1}, at::TensorOptions().dtype(at::kBool).device(tokens.device()));
-  at::Tensor h = decoder_->forward(x, pos, valid, cache);
+  auto flags = at::TensorOptions().dtype(at::kBool).device(tokens.device());
+  // Generated tokens are text.
+  at::Tensor h = decoder_->forward(x, pos, at::ones({B, 1}, flags), at::zeros({B, 1}, flags), cache);
   return decoder_->logits(h.select(1, 0));
 }
 

@@ -24,6 +24,7 @@ namespace mlaforge {
 struct Batch {
   at::Tensor ids;    // [B, T] int64, padding = pad id
   at::Tensor valid;  // [B, T] bool, false on left padding
+  at::Tensor is_image;  // [B, T] bool: image tokens and the vision start/end markers (MLA's modality)
   at::Tensor pos;    // [3, B, T] int64 positions: M-RoPE axes (t, h, w), all equal for text and 1-D RoPE
   // Images of all rows in order, or undefined without images:
   // Qwen2-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
@@ -43,10 +44,14 @@ class Vlm {
   const ModelConfig& config() const { return cfg_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const DecoderLM& decoder() const { return *decoder_; }
+  const WeightStore& weights() const { return *store_; }
+  const std::string& lm_prefix() const { return lm_prefix_; }  // e.g. "model." (the decoder's weights)
   int64_t parameter_count(const std::string& part) const;  // "vision", "language", "all"
 
-  // Renders, tokenizes and preprocesses prompts into one left-padded batch.
-  Batch prepare(const std::vector<Prompt>& prompts) const;
+  // Renders, tokenizes and preprocesses prompts into one left-padded batch; with
+  // add_generation_prompt false the turns are rendered as they are (whole conversations, for
+  // calibration and training).
+  Batch prepare(const std::vector<Prompt>& prompts, bool add_generation_prompt = true) const;
   // Builds a batch from token ids whose image tokens are already expanded, with given pixel values.
   Batch make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Tensor& pixel_values,
                    const std::vector<std::array<int64_t, 3>>& grids) const;
@@ -56,7 +61,9 @@ class Vlm {
   // Token embeddings with image features scattered into the image-token positions: [B, T, d].
   at::Tensor input_embeddings(const Batch& batch) const;
   // Runs the prompt through the decoder into `cache`; returns the final hidden state [B, T, d].
-  at::Tensor prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden = nullptr) const;
+  // `observer` sees every layer's attention (calibration).
+  at::Tensor prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden = nullptr,
+                     const AttentionObserver* observer = nullptr) const;
   // One decoding step: tokens [B] at positions [B] (all three axes). Returns logits [B, vocab].
   at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const;
 
@@ -75,6 +82,7 @@ class Vlm {
   std::unique_ptr<ClipVisionEncoder> clip_vision_;
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
+  std::string lm_prefix_;
 };
 
 }  // namespace mlaforge

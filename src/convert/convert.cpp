@@ -1,0 +1,255 @@
+#include "convert/convert.h"
+
+#include <ATen/ATen.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "core/progress.h"
+#include "io/safetensors.h"
+#include "model/vlm.h"
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace mlaforge {
+namespace {
+
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// Rows `idx` of w [rows, ...] (or undefined when w is).
+at::Tensor rows_of(const at::Tensor& w, const std::vector<int64_t>& idx) {
+  return w.defined() ? w.index_select(0, at::tensor(idx, at::kLong)) : at::Tensor();
+}
+
+// Writes tensors into shards of about `limit` bytes as they come, so conversion never holds the whole
+// output; finish() names them model-0000i-of-0000n.safetensors and writes the index (or a single
+// model.safetensors).
+class ShardWriter {
+ public:
+  ShardWriter(std::string dir, int64_t limit) : dir_(std::move(dir)), limit_(limit) {}
+  void add(const std::string& name, const at::Tensor& t) {
+    pending_[name] = t.contiguous();
+    bytes_ += t.numel() * t.element_size();
+    if (bytes_ >= limit_) flush();
+  }
+  void finish() {
+    flush();
+    const size_t n = files_.size();
+    json index = {{"metadata", {{"total_size", total_}}}, {"weight_map", json::object()}};
+    if (n == 1) {
+      fs::rename(files_[0].first, dir_ + "/model.safetensors");
+      return;
+    }
+    for (size_t i = 0; i < n; ++i) {
+      char name[64];
+      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
+      fs::rename(files_[i].first, dir_ + "/" + name);
+      for (const auto& t : files_[i].second) index["weight_map"][t] = name;
+    }
+    std::ofstream(dir_ + "/model.safetensors.index.json") << index.dump(1) << "\n";
+  }
+
+ private:
+  void flush() {
+    if (pending_.empty()) return;
+    std::string tmp = dir_ + "/.shard-" + std::to_string(files_.size()) + ".safetensors";
+    save_safetensors(tmp, pending_, {{"format", "pt"}});
+    std::vector<std::string> names;
+    for (auto& kv : pending_) names.push_back(kv.first);
+    files_.push_back({tmp, names});
+    total_ += bytes_;
+    pending_.clear();
+    bytes_ = 0;
+  }
+  std::string dir_;
+  int64_t limit_, bytes_ = 0, total_ = 0;
+  std::map<std::string, at::Tensor> pending_;
+  std::vector<std::pair<std::string, std::vector<std::string>>> files_;
+};
+
+json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) fail(path, "file not found");
+  try {
+    return json::parse(in);
+  } catch (const json::exception& e) {
+    fail(path, "not valid JSON (", e.what(), ")");
+  }
+}
+
+}  // namespace
+
+ConvertReport convert_model(const ConvertOptions& o) {
+  const auto t_start = std::chrono::steady_clock::now();
+  ConvertReport rep;
+  check(!o.out_dir.empty(), "--out", "an output directory is needed");
+  check(fs::absolute(o.out_dir).lexically_normal() != fs::absolute(o.model_dir).lexically_normal(), o.out_dir,
+        "the output directory must differ from the input model");
+  auto model = Vlm::load(o.model_dir);
+  const ModelConfig& cfg = model->config();
+  check(!cfg.mla.enabled, cfg.path, "this checkpoint is already converted (config.json has an \"mla\" section)");
+  const TextConfig& t = cfg.text;
+  const int64_t d = t.hidden_size, h = t.num_heads, g = t.num_kv_heads, dh = t.head_dim, P = dh / 2, group = h / g;
+
+  // Options against the model's shape.
+  const int64_t r = o.rope_pairs < 0 ? P : o.rope_pairs;
+  check(r <= P, "--rope-pairs", r, " is above the ", P, " rotary pairs of a head (head_dim ", dh, ")");
+  const int64_t k_rows = g * (dh - 2 * r), rows = k_rows + g * dh;
+  const int64_t full = full_rank(rows, k_rows, d, o.kv);
+  const int64_t R = o.dkv < 0 ? full : g * o.dkv;
+  check(o.dkv != 0, "--dkv", "must be positive (or \"full\")");
+  check(R <= full, "--dkv", o.dkv, " gives a latent of ", R, " (", g, " KV heads x ", o.dkv,
+        ") above the full rank ", full, " of this layer's [k_nope; v] (at most ", full / g, " per KV head)");
+  rep.latent_dim = R;
+  rep.rope_pairs = r;
+
+  // Calibration rows: a VLM needs images to see image tokens.
+  auto rows_data = load_conversations(o.calib_path, o.calib_samples);
+  check(!rows_data.empty(), o.calib_path, "no calibration records");
+  size_t with_images = 0;
+  for (const auto& c : rows_data) with_images += !c.image_paths.empty();
+  check(with_images > 0, o.calib_path, "calibration data has no images: a vision-language model needs image ",
+        "tokens for its image statistics (use rows like ../shared/data/shapes/calib.jsonl)");
+
+  CalibrationStats stats;
+  auto t0 = std::chrono::steady_clock::now();
+  if (!o.stats_path.empty() && fs::exists(o.stats_path)) {
+    stats = load_stats(o.stats_path, t);
+    std::fprintf(stderr, "calibration statistics from %s (%lld samples)\n", o.stats_path.c_str(),
+                 (long long)stats.samples);
+  } else {
+    stats = calibrate(*model, rows_data, o.batch_size);
+    if (!o.stats_path.empty()) save_stats(o.stats_path, stats);
+  }
+  rep.calib_seconds = since(t0);
+  rep.calib_samples = stats.samples;
+  rep.calib_tokens[0] = stats.layers[0].tokens[kText];
+  rep.calib_tokens[1] = stats.layers[0].tokens[kImage];
+
+  auto kept = select_rope_pairs(o.strategy, r, t, &stats);
+
+  // Output: everything but the decoder's k/v projections as it was, then the new attention tensors.
+  fs::create_directories(o.out_dir);
+  const WeightStore& ws = model->weights();
+  const std::string lm = model->lm_prefix();
+  ShardWriter out(o.out_dir, int64_t(2) << 30);
+  auto attn = [&](int64_t l) { return lm + "layers." + std::to_string(l) + ".self_attn."; };
+  std::set<std::string> replaced;
+  for (int64_t l = 0; l < t.num_layers; ++l)
+    for (const char* n : {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"})
+      replaced.insert(attn(l) + n);
+  for (const auto& name : ws.names())
+    if (!replaced.count(name)) {
+      static const std::map<std::string, at::ScalarType> types = {
+          {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble}};
+      auto it = types.find(ws.entry(name).dtype);
+      out.add(name, ws.load(name, {}, it == types.end() ? at::kFloat : it->second));
+    }
+
+  LowRankOptions lo;
+  lo.method = o.method;
+  lo.kv = o.kv;
+  lo.decoupled = o.decoupled;
+  lo.rank = R;
+  t0 = std::chrono::steady_clock::now();
+  Progress bar("factorise", t.num_layers);
+  for (int64_t l = 0; l < t.num_layers; ++l) {
+    const std::string a = attn(l);
+    const auto& kl = kept[size_t(l)];  // [g][r]
+    // q rows per head: [its group's rotary dims | the rest]; k rows split into rotary / nope.
+    std::vector<int64_t> q_idx, kr_idx, kn_idx;
+    for (int64_t i = 0; i < h; ++i) {
+      auto rd = rotary_dims(kl[size_t(i / group)], dh), nd = nope_dims(kl[size_t(i / group)], dh);
+      for (int64_t x : rd) q_idx.push_back(i * dh + x);
+      for (int64_t x : nd) q_idx.push_back(i * dh + x);
+    }
+    for (int64_t j = 0; j < g; ++j) {
+      for (int64_t x : rotary_dims(kl[size_t(j)], dh)) kr_idx.push_back(j * dh + x);
+      for (int64_t x : nope_dims(kl[size_t(j)], dh)) kn_idx.push_back(j * dh + x);
+    }
+    auto load = [&](const std::string& n, std::vector<int64_t> shape) {
+      return ws.has(a + n) ? ws.load(a + n, shape, at::kDouble) : at::Tensor();
+    };
+    at::Tensor qw = load("q_proj.weight", {h * dh, d}), qb = load("q_proj.bias", {h * dh});
+    at::Tensor kw = load("k_proj.weight", {g * dh, d}), kb = load("k_proj.bias", {g * dh});
+    at::Tensor vw = load("v_proj.weight", {g * dh, d}), vb = load("v_proj.bias", {g * dh});
+    check(qw.defined() && kw.defined() && vw.defined(), ws.dir(), "layer ", l, " lacks q/k/v projections");
+    auto f32 = [](const at::Tensor& x) { return x.to(at::kFloat); };
+    out.add(a + "q_proj.weight", f32(rows_of(qw, q_idx)));
+    if (qb.defined()) out.add(a + "q_proj.bias", f32(rows_of(qb, q_idx)));
+    out.add(a + mla_names::k_rope + ".weight", f32(rows_of(kw, kr_idx)));
+    if (kb.defined()) out.add(a + mla_names::k_rope + ".bias", f32(rows_of(kb, kr_idx)));
+    // W = [W_k_nope; W_v] [rows, d] and its bias, which stays outside the latent.
+    at::Tensor W = k_rows > 0 ? at::cat({rows_of(kw, kn_idx), vw}, 0) : vw;
+    if (kb.defined() || vb.defined()) {
+      at::Tensor kbn = kb.defined() ? rows_of(kb, kn_idx) : at::zeros({k_rows}, at::kDouble);
+      at::Tensor vbb = vb.defined() ? vb : at::zeros({g * dh}, at::kDouble);
+      out.add(a + mla_names::up_bias, f32(at::cat({kbn, vbb}, 0)));
+    }
+    const LayerStats& s = stats.layers[size_t(l)];
+    LowRankResult f = factorize_kv(W, k_rows, {s.gram[kImage], s.tokens[kImage]}, {s.gram[kText], s.tokens[kText]},
+                                   lo, str(cfg.path, ": layer ", l));
+    if (o.decoupled) {
+      out.add(a + mla_names::down(true, true) + ".weight", f32(f.image.down));
+      out.add(a + mla_names::up(true, true) + ".weight", f32(f.image.up));
+      out.add(a + mla_names::down(true, false) + ".weight", f32(f.text.down));
+      out.add(a + mla_names::up(true, false) + ".weight", f32(f.text.up));
+    } else {
+      out.add(a + mla_names::down(false, false) + ".weight", f32(f.text.down));
+      out.add(a + mla_names::up(false, false) + ".weight", f32(f.text.up));
+    }
+    rep.layers.push_back({kl, f.rel_error_image, f.rel_error_text, f.damping});
+    bar.advance(1, str("layer ", l, " err img ", f.rel_error_image, " txt ", f.rel_error_text));
+  }
+  bar.finish();
+  rep.factor_seconds = since(t0);
+  out.finish();
+
+  // config.json with the "mla" section; the other small files as they are.
+  json config = read_json_file(cfg.path);
+  config["mla"] = {{"version", 1},
+                   {"rope_pairs", r},
+                   {"latent_dim", R},
+                   {"dkv", o.dkv < 0 ? json("full") : json(o.dkv)},
+                   {"rope_strategy", rope_strategy_name(o.strategy)},
+                   {"lowrank", o.method == LowRankMethod::Whitened ? "whitened" : "svd"},
+                   {"kv", o.kv == KvLatent::Joint ? "joint" : "split"},
+                   {"modality", o.decoupled ? "decoupled" : "shared"},
+                   {"calib_samples", stats.samples},
+                   {"kept_pairs", kept}};
+  std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
+  for (const auto& e : fs::directory_iterator(o.model_dir)) {
+    const std::string name = e.path().filename().string();
+    if (name == "config.json" || name.find(".safetensors") != std::string::npos || !e.is_regular_file()) continue;
+    fs::copy_file(e.path(), fs::path(o.out_dir) / name, fs::copy_options::overwrite_existing);
+  }
+  rep.kv_bytes_before = cfg.mha_kv_bytes_per_token(2);
+  rep.kv_bytes_after = t.num_layers * (g * 2 * r + R) * 2;
+  rep.total_seconds = since(t_start);
+
+  // The per-layer report beside the model.
+  json layers = json::array();
+  for (size_t l = 0; l < rep.layers.size(); ++l)
+    layers.push_back({{"layer", l}, {"kept_pairs", rep.layers[l].kept},
+                      {"rel_error_image", rep.layers[l].rel_error_image},
+                      {"rel_error_text", rep.layers[l].rel_error_text}, {"damping", rep.layers[l].damping}});
+  json report = {{"source", o.model_dir}, {"calib", o.calib_path}, {"mla", config["mla"]},
+                 {"kv_bytes_per_token_bf16", {{"before", rep.kv_bytes_before}, {"after", rep.kv_bytes_after}}},
+                 {"calib_tokens", {{"text", rep.calib_tokens[0]}, {"image", rep.calib_tokens[1]}}},
+                 {"seconds", {{"calibration", rep.calib_seconds}, {"factorisation", rep.factor_seconds},
+                              {"total", rep.total_seconds}}},
+                 {"layers", layers}};
+  report["mla"].erase("kept_pairs");
+  std::ofstream(o.out_dir + "/conversion_report.json") << report.dump(1) << "\n";
+  return rep;
+}
+
+}  // namespace mlaforge
