@@ -108,12 +108,19 @@ int cmd_convert(const ConvertOptions& o) {
 }
 
 int cmd_eval(const std::string& model_dir, const std::string& data, int64_t limit, const EvalOptions& eo,
-             const std::string& report_path) {
+             const std::string& report_path, const std::string& reference_dir) {
   auto m = Vlm::load(model_dir);
   auto rows = load_conversations(data, limit);
   if (rows.empty()) throw Error(data + ": no records");
   EvalReport rep = evaluate(*m, rows, eo);
   std::printf("accuracy %.4f on %lld questions in %.1f s\n", rep.accuracy, (long long)rep.n, rep.seconds);
+  if (!reference_dir.empty()) {
+    auto ref = Vlm::load(reference_dir);
+    KlReport kl = answer_kl(*m, *ref, rows, eo.batch_size);
+    attach_kl(rep, kl);
+    std::printf("KL(reference || model) %.5f per answer token over %lld positions (%.1f s)\n", kl.mean_kl,
+                (long long)kl.positions, kl.seconds);
+  }
   for (auto& [kind, s] : rep.by_kind)
     std::printf("  %-14s %.3f  (%lld/%lld)\n", kind.empty() ? "(none)" : kind.c_str(),
                 double(s.correct) / double(s.total), (long long)s.correct, (long long)s.total);
@@ -167,6 +174,9 @@ int main(int argc, char** argv) {
   ev->add_option("--max-new-tokens", eo.max_new_tokens, "Most tokens per answer")->capture_default_str();
   ev->add_option("--batch", eo.batch_size, "Questions decoded together")->capture_default_str();
   ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
+  std::string ev_reference;
+  ev->add_option("--reference", ev_reference,
+                 "Also measure the mean KL(reference || model) of the next-token distribution over answer tokens");
 
   auto* conv = app.add_subcommand(
       "convert", "Convert a model's attention to Multi-head Latent Attention (partial RoPE + low-rank latent KV)");
@@ -193,7 +203,7 @@ int main(int argc, char** argv) {
     set_threads(threads);
     if (*inspect) return cmd_inspect(inspect_model);
     if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so);
-    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report);
+    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference);
     if (*conv) {
       auto number_or = [](const std::string& v, const char* word, const char* opt) -> int64_t {
         if (v == word) return -1;

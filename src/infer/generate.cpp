@@ -3,20 +3,41 @@
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <numeric>
 #include <random>
 
 #include "core/error.h"
 
 namespace mlaforge {
 
-std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptions& opts, uint64_t* rng_state) {
+namespace {
+
+uint64_t splitmix64(uint64_t& x) {
+  uint64_t z = (x += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+}  // namespace
+
+std::vector<uint64_t> rng_streams(uint64_t seed, int64_t rows) {
+  std::vector<uint64_t> s(static_cast<size_t>(std::max<int64_t>(rows, 0)));
+  uint64_t x = seed;
+  for (auto& v : s) v = splitmix64(x);
+  return s;
+}
+
+std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptions& opts,
+                                   std::vector<uint64_t>& rng_states) {
   const int64_t B = logits.size(0);
   std::vector<int64_t> out(static_cast<size_t>(B));
   if (opts.temperature <= 0.0) {
-    at::Tensor a = logits.argmax(-1).to(at::kCPU);
-    for (int64_t b = 0; b < B; ++b) out[size_t(b)] = a[b].item<int64_t>();
+    at::Tensor a = logits.argmax(-1).to(at::kCPU).contiguous();
+    std::copy(a.data_ptr<int64_t>(), a.data_ptr<int64_t>() + B, out.begin());
     return out;
   }
+  check(int64_t(rng_states.size()) == B, "sampling", "got ", rng_states.size(), " random states for ", B, " rows");
   at::Tensor probs = at::softmax(logits.to(at::kFloat) / opts.temperature, -1).to(at::kCPU);
   for (int64_t b = 0; b < B; ++b) {
     auto sorted = probs[b].sort(/*dim=*/-1, /*descending=*/true);
@@ -35,8 +56,8 @@ std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptio
     }
     double mass = 0;
     for (int64_t i = 0; i < keep; ++i) mass += pp[i];
-    std::mt19937_64 rng(*rng_state);
-    *rng_state = rng();
+    std::mt19937_64 rng(rng_states[size_t(b)]);
+    rng_states[size_t(b)] = rng();
     double u = std::uniform_real_distribution<double>(0.0, mass)(rng);
     int64_t pick = keep - 1;
     double acc = 0;
@@ -52,37 +73,77 @@ std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptio
   return out;
 }
 
+// Every per-row tensor of KVCache is selected here. A new per-row cache tensor (e.g. a latent
+// cache) MUST be added to this function, or compacted batches will pair rows with the wrong cache.
+void select_cache_rows(KVCache& cache, const at::Tensor& rows) {
+  for (auto& t : cache.k) t = t.index_select(0, rows);  // [B, g, capacity, dh] -> [n, ...]
+  for (auto& t : cache.v) t = t.index_select(0, rows);
+  cache.key_valid = cache.key_valid.index_select(0, rows);  // [B, capacity] -> [n, capacity]
+}
+
+bool worth_compacting(int64_t finished, int64_t batch) { return finished > 0 && (finished >= 4 || 4 * finished >= batch); }
+
 std::vector<Generation> generate(const Vlm& model, const std::vector<Prompt>& prompts, const SamplingOptions& opts) {
   return generate(model, model.prepare(prompts), opts);
 }
 
 std::vector<Generation> generate(const Vlm& model, const Batch& batch, const SamplingOptions& opts) {
   const int64_t B = batch.batch(), T = batch.length();
+  std::vector<Generation> gens(static_cast<size_t>(B));
+  if (B == 0) return gens;
   const auto& eos = model.config().eos_token_ids;
   KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), at::kCPU);
   at::Tensor h = model.prefill(batch, cache);
-  at::Tensor logits = model.decoder().logits(h.select(1, T - 1));  // [B, V]
-  std::vector<Generation> gens(static_cast<size_t>(B));
-  std::vector<bool> done(static_cast<size_t>(B), false);
-  uint64_t rng_state = opts.seed * 0x9E3779B97F4A7C15ull + 1;
-  at::Tensor positions = at::tensor(batch.next_position, at::kLong);
+  // The decoding batch holds rows[i] (an index into `batch`) at row i; logits, positions, the
+  // random states and every cache tensor follow that order.
+  std::vector<int64_t> rows(static_cast<size_t>(B));
+  std::iota(rows.begin(), rows.end(), 0);
+  at::Tensor logits = model.decoder().logits(h.select(1, T - 1));  // [n, V]
+  at::Tensor positions = at::tensor(batch.next_position, at::kLong);  // [n]: position of the first generated token
+  std::vector<uint64_t> rng = rng_streams(opts.seed, B);
+  std::vector<bool> done(static_cast<size_t>(B), false);  // by row of `batch`
+  int64_t finished = 0;  // rows of the decoding batch that stopped since it was last compacted
   for (int64_t step = 0; step < opts.max_new_tokens; ++step) {
-    std::vector<int64_t> next = sample_tokens(logits, opts, &rng_state);
+    std::vector<int64_t> next = sample_tokens(logits, opts, rng);
     bool all_done = true;
-    for (int64_t b = 0; b < B; ++b) {
-      if (done[size_t(b)]) continue;
-      int64_t t = next[size_t(b)];
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const size_t b = size_t(rows[i]);
+      if (done[b]) continue;
+      int64_t t = next[i];
       if (std::find(eos.begin(), eos.end(), t) != eos.end()) {
-        done[size_t(b)] = true;
-        gens[size_t(b)].stopped = true;
+        done[b] = true;
+        gens[b].stopped = true;
+        ++finished;
         continue;
       }
-      gens[size_t(b)].tokens.push_back(t);
+      gens[b].tokens.push_back(t);
       all_done = false;
     }
     if (all_done || step + 1 == opts.max_new_tokens) break;
-    // Finished rows keep decoding a harmless token; their outputs are ignored.
-    logits = model.decode_step(at::tensor(next, at::kLong), positions + step, cache);
+    at::Tensor tokens = at::tensor(next, at::kLong);  // [n]
+    if (opts.compact && worth_compacting(finished, int64_t(rows.size()))) {
+      // Keep the running rows. Each row's computation depends only on its own cache rows, so
+      // this changes nothing in the results; it saves the decoding of stopped rows.
+      std::vector<int64_t> keep;
+      std::vector<int64_t> kept_rows;
+      std::vector<uint64_t> kept_rng;
+      for (size_t i = 0; i < rows.size(); ++i) {
+        if (done[size_t(rows[i])]) continue;
+        keep.push_back(int64_t(i));
+        kept_rows.push_back(rows[i]);
+        kept_rng.push_back(rng[i]);
+      }
+      at::Tensor idx = at::tensor(keep, at::kLong);
+      select_cache_rows(cache, idx);
+      positions = positions.index_select(0, idx);
+      tokens = tokens.index_select(0, idx);
+      // logits need no selection: the next decoding step replaces them.
+      rows = std::move(kept_rows);
+      rng = std::move(kept_rng);
+      finished = 0;
+    }
+    // Without compaction, stopped rows keep decoding a harmless token; their outputs are ignored.
+    logits = model.decode_step(tokens, positions + step, cache);
   }
   for (auto& g : gens) {
     std::vector<int32_t> ids(g.tokens.begin(), g.tokens.end());

@@ -1,6 +1,9 @@
-// Batched generation: one prefill over the left-padded prompts, then one decoding step per token
-// for the whole batch until every row has stopped.
+// Batched generation: one prefill over the left-padded prompts, then one decoding step per token for
+// the rows still running. Rows that stop are dropped from the batch (the KV cache, positions and
+// tokens are compacted) once enough of them have stopped to pay for copying the cache.
 #pragma once
+#include <ATen/core/Tensor.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -14,6 +17,9 @@ struct SamplingOptions {
   double temperature = 0.0;  // 0: greedy
   double top_p = 1.0;        // nucleus sampling threshold (with temperature > 0)
   uint64_t seed = 0;
+  // Drop stopped rows from the decoding batch (see worth_compacting). Results are the same either
+  // way; false keeps every row to the end (for comparison).
+  bool compact = true;
 };
 
 struct Generation {
@@ -22,12 +28,29 @@ struct Generation {
   bool stopped = false;         // ended by a stop token (not by max_new_tokens)
 };
 
+// Sampling (temperature > 0) is deterministic given the seed, and each row has its own random
+// stream: row r of the batch (its index in `prompts` / `batch`) starts from rng_streams(seed, B)[r]
+// and advances once per token sampled for that row. A row's tokens therefore depend only on the
+// seed, its index r and its own logits: not on the other rows, the batch size or compaction.
 std::vector<Generation> generate(const Vlm& model, const std::vector<Prompt>& prompts, const SamplingOptions& opts);
 // The same from a prepared batch.
 std::vector<Generation> generate(const Vlm& model, const Batch& batch, const SamplingOptions& opts);
 
+// The initial random states of rows 0..rows-1: the outputs 1..rows of SplitMix64 seeded with `seed`.
+std::vector<uint64_t> rng_streams(uint64_t seed, int64_t rows);
+
 // Picks the next token of each row from logits [B, V]: argmax when temperature is 0, else
-// softmax(logits / temperature) restricted to the smallest top-p set, sampled with `rng_state`.
-std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptions& opts, uint64_t* rng_state);
+// softmax(logits / temperature) restricted to the smallest top-p set, sampled with row b's state
+// rng_states[b] (B states; each sampled row's state advances; unused when greedy).
+std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptions& opts,
+                                   std::vector<uint64_t>& rng_states);
+
+// Keeps the batch rows `rows` ([n] int64 indices into the cache's batch, in that order) of every
+// per-row tensor of `cache` (k, v, key_valid), copying them. len and capacity are unchanged.
+void select_cache_rows(KVCache& cache, const at::Tensor& rows);
+
+// Whether dropping `finished` stopped rows from a decoding batch of `batch` rows pays for copying
+// the cache: at least a quarter of the rows, or at least 4 of them.
+bool worth_compacting(int64_t finished, int64_t batch);
 
 }  // namespace mlaforge

@@ -123,7 +123,9 @@ Batch Vlm::prepare(const std::vector<Prompt>& prompts, bool add_generation_promp
     all_ids.push_back(std::move(ids));
   }
   at::Tensor pv = pixels.empty() ? at::Tensor() : at::cat(pixels, 0);
-  return make_batch(all_ids, pv, grids);
+  Batch b = make_batch(all_ids, pv, grids);
+  for (const Prompt& p : prompts) b.image_keys.insert(b.image_keys.end(), p.image_paths.begin(), p.image_paths.end());
+  return b;
 }
 
 Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Tensor& pixel_values,
@@ -190,6 +192,40 @@ at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector
   return f.reshape({-1, f.size(-1)});
 }
 
+at::Tensor Vlm::image_features_cached(const Batch& batch) const {
+  if (batch.image_keys.size() != batch.grids.size()) return image_features(batch.pixel_values, batch.grids);
+  // Rows of pixel_values per image: Qwen2-VL patches t*h*w rows, LLaVA one [C, S, S] image.
+  std::vector<int64_t> offset = {0};
+  for (const auto& g : batch.grids) offset.push_back(offset.back() + (cfg_.family == Family::Qwen2VL ? g[0] * g[1] * g[2] : 1));
+  std::vector<size_t> missing;
+  for (size_t i = 0; i < batch.grids.size(); ++i)
+    if (!feature_cache_.count(batch.image_keys[i])) missing.push_back(i);
+  if (!missing.empty()) {
+    std::vector<at::Tensor> px;
+    std::vector<std::array<int64_t, 3>> grids;
+    for (size_t i : missing) {
+      px.push_back(batch.pixel_values.narrow(0, offset[i], offset[i + 1] - offset[i]));
+      grids.push_back(batch.grids[i]);
+    }
+    at::Tensor f = image_features(at::cat(px, 0), grids);
+    int64_t row = 0;
+    for (size_t k = 0; k < missing.size(); ++k) {
+      const int64_t n = image_tokens(grids[k]);
+      at::Tensor one = f.narrow(0, row, n).detach();
+      row += n;
+      if (feature_cache_bytes_ + one.numel() * one.element_size() <= feature_cache_limit) {
+        feature_cache_[batch.image_keys[missing[k]]] = one;
+        feature_cache_bytes_ += one.numel() * one.element_size();
+      } else {
+        return image_features(batch.pixel_values, batch.grids);  // cache full: compute this batch whole
+      }
+    }
+  }
+  std::vector<at::Tensor> feats;
+  for (const auto& key : batch.image_keys) feats.push_back(feature_cache_.at(key));
+  return at::cat(feats, 0);
+}
+
 at::Tensor Vlm::input_embeddings(const Batch& batch) const {
   at::Tensor x = decoder_->embed(batch.ids);  // [B, T, d]
   at::Tensor is_image = batch.ids == cfg_.image_token_id;
@@ -198,7 +234,7 @@ at::Tensor Vlm::input_embeddings(const Batch& batch) const {
     check(n == 0, "prompt", "image token count (", n, ") does not match the image features (no images)");
     return x;
   }
-  at::Tensor feats = image_features(batch.pixel_values, batch.grids);  // [n, d]
+  at::Tensor feats = image_features_cached(batch);  // [n, d]
   check(feats.size(0) == n, "prompt", "image token count (", n, ") does not match the image features (",
         feats.size(0), ")");
   // Scatter in order: row-major over (batch, position), as transformers' masked_scatter.

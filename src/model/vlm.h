@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <array>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -30,6 +31,7 @@ struct Batch {
   // Qwen2-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
   at::Tensor pixel_values;
   std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image (LLaVA: (1, S/P, S/P))
+  std::vector<std::string> image_keys;        // per image: its file, when known (keys the feature cache)
   std::vector<int64_t> next_position;         // [B]: position of each row's first generated token
   int64_t batch() const { return ids.size(0); }
   int64_t length() const { return ids.size(1); }
@@ -58,6 +60,10 @@ class Vlm {
 
   // Image features [n_image_tokens, d] for a batch's images.
   at::Tensor image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const;
+  // The same, reusing features of images seen before (keyed by file; the vision tower is frozen in
+  // every use, so features of a file never change). Keeps at most `feature_cache_limit` bytes.
+  at::Tensor image_features_cached(const Batch& batch) const;
+  int64_t feature_cache_limit = int64_t(1) << 30;
   // Token embeddings with image features scattered into the image-token positions: [B, T, d].
   at::Tensor input_embeddings(const Batch& batch) const;
   // Runs the prompt through the decoder into `cache`; returns the final hidden state [B, T, d].
@@ -83,6 +89,8 @@ class Vlm {
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
   std::string lm_prefix_;
+  mutable std::map<std::string, at::Tensor> feature_cache_;  // image file -> [tokens, d]
+  mutable int64_t feature_cache_bytes_ = 0;
 };
 
 }  // namespace mlaforge
