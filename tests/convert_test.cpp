@@ -60,12 +60,23 @@ at::Tensor logits_of(const Vlm& m) {
 
 class Identity : public ::testing::TestWithParam<std::string> {};
 
-// --rope-pairs all --dkv full reproduces the original logits, for every option combination.
+// Every pair kept and a latent of full rank reproduce the original logits, for every option combination
+// (the factorisation is exact at full rank); so does --dkv full (no latent).
 TEST_P(Identity, FullRankAllPairsReproducesOriginal) {
   const std::string model = GetParam() == "shapes" ? source_path("models/qwen2vl-shapes") : fixture(GetParam());
   if (!fs::exists(model)) GTEST_SKIP();
-  at::Tensor want = logits_of(*Vlm::load(model));
+  auto original = Vlm::load(model);
+  at::Tensor want = logits_of(*original);
+  const TextConfig& t = original->config().text;
+  const int64_t full_dkv = full_rank(t.num_kv_heads * t.head_dim, 0, t.hidden_size, KvLatent::Joint) / t.num_kv_heads;
   TempDir d("identity");
+  {
+    ConvertOptions o = options(model, d / "direct");
+    convert_model(o);
+    const double err = rel_err(logits_of(*Vlm::load(o.out_dir)), want);
+    std::printf("%s identity (--dkv full, no latent): logits relative error %.2e\n", GetParam().c_str(), err);
+    EXPECT_LE(err, 1e-4);
+  }
   struct Variant {
     LowRankMethod method;
     KvLatent kv;
@@ -74,6 +85,7 @@ TEST_P(Identity, FullRankAllPairsReproducesOriginal) {
   for (Variant v : {Variant{LowRankMethod::Whitened, KvLatent::Joint, true}, Variant{LowRankMethod::Svd, KvLatent::Split, false},
                     Variant{LowRankMethod::Whitened, KvLatent::Split, false}}) {
     ConvertOptions o = options(model, d / "out");
+    o.dkv = full_dkv;
     o.method = v.method;
     o.kv = v.kv;
     o.decoupled = v.decoupled;
@@ -83,7 +95,8 @@ TEST_P(Identity, FullRankAllPairsReproducesOriginal) {
     auto m = Vlm::load(o.out_dir);
     ASSERT_TRUE(m->config().mla.enabled);
     const double err = rel_err(logits_of(*m), want);
-    std::printf("%s identity (%s, %s, %s): logits relative error %.2e\n", GetParam().c_str(),
+    std::printf("%s identity (latent %lld = full rank, %s, %s, %s): logits relative error %.2e\n", GetParam().c_str(),
+                (long long)(full_dkv * t.num_kv_heads),
                 v.method == LowRankMethod::Whitened ? "whitened" : "svd", v.kv == KvLatent::Joint ? "joint" : "split",
                 v.decoupled ? "decoupled" : "shared", err);
     EXPECT_LE(err, 1e-4);
@@ -249,6 +262,41 @@ TEST(Calibration, StatsRoundTrip) {
   // Statistics of another model shape are refused.
   auto shapes = load_model_config(source_path("models/qwen2vl-shapes"));
   EXPECT_THROW(load_stats(d / "s.safetensors", shapes.text), mlaforge::Error);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Convert, Stage1ThenStage2) {
+  TempDir d("stages");
+  ConvertOptions s1 = options(source_path("models/qwen2vl-shapes"), d / "stage1");
+  s1.rope_pairs = 8;  // --dkv full: partial RoPE only, no latent
+  ConvertReport r1 = convert_model(s1);
+  EXPECT_EQ(r1.latent_dim, 0);
+  EXPECT_EQ(r1.kv_bytes_after, 3072);  // no latent: rotary keys + nope keys + values = the original size
+  auto m1 = Vlm::load(s1.out_dir);
+  EXPECT_EQ(m1->config().mla.latent_dim, 0);
+  EXPECT_EQ(m1->config().kv_bytes_per_token(2), 3072);
+
+  ConvertOptions s2 = options(s1.out_dir, d / "stage2");
+  s2.dkv = 16;
+  ConvertReport r2 = convert_model(s2);
+  EXPECT_EQ(r2.latent_dim, 32);
+  EXPECT_EQ(r2.kv_bytes_after, 768);
+  auto m2 = Vlm::load(s2.out_dir);
+  EXPECT_EQ(m2->config().mla.kept_pairs, m1->config().mla.kept_pairs);
+  EXPECT_EQ(m2->config().mla.rope_strategy, m1->config().mla.rope_strategy);
+  EXPECT_TRUE(logits_of(*m2).isfinite().all().item<bool>());
+
+  ConvertOptions bad = options(s1.out_dir, d / "bad");
+  EXPECT_NE(convert_error(bad).find("needs a latent width"), std::string::npos) << convert_error(bad);
+  bad.dkv = 16;
+  bad.rope_pairs = 4;
+  EXPECT_NE(convert_error(bad).find("keeps its 8 rotary pairs"), std::string::npos) << convert_error(bad);
+  ConvertOptions again = options(s2.out_dir, d / "again");
+  again.dkv = 8;
+  EXPECT_NE(convert_error(again).find("already converted"), std::string::npos) << convert_error(again);
 }
 
 }  // namespace

@@ -116,7 +116,9 @@ TEST_P(TinyModels, MatchTransformers) {
     }
     KVCache cache = m->decoder().new_cache(batch.batch(), batch.length(), at::kCPU);
     std::vector<at::Tensor> hidden;
-    at::Tensor h = m->prefill(batch, cache, &hidden);
+    ForwardTaps taps;
+    taps.hidden = &hidden;
+    at::Tensor h = m->prefill(batch, cache, taps);
     at::Tensor logits = m->decoder().logits(h);
     at::Tensor ref_logits = f->load(name + ".logits"), ref_hidden = f->load(name + ".hidden_states");
     const double logit_err = rel_err(valid_rows(logits, c.valid), valid_rows(ref_logits, c.valid));

@@ -40,20 +40,24 @@ at::Tensor pair_norms(const at::Tensor& x) {
 }  // namespace
 
 void accumulate_trace(LayerStats& s, const AttentionTrace& tr, const at::Tensor& valid, const at::Tensor& is_image) {
-  const int64_t B = tr.q.size(0), h = tr.q.size(1), T = tr.q.size(2), dh = tr.q.size(3), g = tr.k.size(1);
-  const int64_t group = h / g, P = dh / 2, S = tr.probs.size(-1);
+  const int64_t B = tr.input.size(0), T = tr.input.size(1), S = tr.probs.size(-1);
   check(S == T, "calibration", "expects prefill without a cache");
   at::Tensor sel[2] = {valid & is_image.logical_not(), valid & is_image};  // [B, T]
-  at::Tensor qn = pair_norms(tr.q.to(at::kDouble)), kn = pair_norms(tr.k.to(at::kDouble));  // [B, h|g, T, P]
   for (int m = 0; m < 2; ++m) {
     at::Tensor idx = sel[m].reshape({-1}).nonzero().squeeze(1);
     s.tokens[m] += idx.numel();
     if (idx.numel() == 0) continue;
-    at::Tensor X = tr.input.reshape({B * T, -1}).index_select(0, idx).to(at::kDouble);  // [n, d]
+    at::Tensor X = tr.input.reshape({B * T, -1}).index_select(0, idx).to(at::kDouble).cpu();  // [n, d]
     s.gram[m] += at::matmul(X.t(), X);
+  }
+  // A converted model (stage 1 -> 2) has no per-pair q/k: only its Gram matrices are gathered.
+  if (!tr.q.defined()) return;
+  const int64_t h = tr.q.size(1), dh = tr.q.size(3), g = tr.k.size(1), group = h / g, P = dh / 2;
+  at::Tensor qn = pair_norms(tr.q.to(at::kDouble)), kn = pair_norms(tr.k.to(at::kDouble));  // [B, h|g, T, P]
+  for (int m = 0; m < 2; ++m) {
     at::Tensor w = sel[m].to(at::kDouble).view({B, 1, T, 1});
-    s.q_norm[m] += (qn * w).sum(at::IntArrayRef{0, 2});
-    s.k_norm[m] += (kn * w).sum(at::IntArrayRef{0, 2});
+    s.q_norm[m] += (qn * w).sum(at::IntArrayRef{0, 2}).cpu();
+    s.k_norm[m] += (kn * w).sum(at::IntArrayRef{0, 2}).cpu();
   }
 
   // Logit change when pair k alone loses rotation:
@@ -86,7 +90,6 @@ void accumulate_trace(LayerStats& s, const AttentionTrace& tr, const at::Tensor&
 
 CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& rows, int64_t batch_size) {
   const TextConfig& t = model.config().text;
-  check(!model.config().mla.enabled, model.dir(), "calibration needs the original model, not a converted one");
   CalibrationStats stats;
   stats.model = model.dir();
   for (int64_t l = 0; l < t.num_layers; ++l) stats.layers.push_back(empty_layer_stats(t));
@@ -105,7 +108,9 @@ CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& ro
     AttentionObserver obs = [&](const AttentionTrace& tr) {
       accumulate_trace(stats.layers[size_t(tr.layer)], tr, batch.valid, batch.is_image);
     };
-    model.prefill(batch, cache, nullptr, &obs);
+    ForwardTaps taps;
+    taps.observer = &obs;
+    model.prefill(batch, cache, taps);
     stats.samples += int64_t(end - start);
     bar.advance(int64_t(end - start));
   }

@@ -95,17 +95,28 @@ ConvertReport convert_model(const ConvertOptions& o) {
         "the output directory must differ from the input model");
   auto model = Vlm::load(o.model_dir);
   const ModelConfig& cfg = model->config();
-  check(!cfg.mla.enabled, cfg.path, "this checkpoint is already converted (config.json has an \"mla\" section)");
+  // A stage-1 checkpoint (partial RoPE, no latent) goes on to stage 2 with its own rotary pairs.
+  const bool from_stage1 = cfg.mla.enabled && cfg.mla.latent_dim == 0;
+  check(!cfg.mla.enabled || from_stage1, cfg.path,
+        "this checkpoint is already converted (config.json has an \"mla\" section with a latent of ",
+        cfg.mla.latent_dim, ")");
   const TextConfig& t = cfg.text;
   const int64_t d = t.hidden_size, h = t.num_heads, g = t.num_kv_heads, dh = t.head_dim, P = dh / 2, group = h / g;
 
   // Options against the model's shape.
-  const int64_t r = o.rope_pairs < 0 ? P : o.rope_pairs;
+  int64_t r = o.rope_pairs < 0 ? P : o.rope_pairs;
   check(r <= P, "--rope-pairs", r, " is above the ", P, " rotary pairs of a head (head_dim ", dh, ")");
+  if (from_stage1) {
+    check(o.rope_pairs < 0 || o.rope_pairs == cfg.mla.rope_pairs, "--rope-pairs",
+          "a stage-1 model keeps its ", cfg.mla.rope_pairs, " rotary pairs per KV head in stage 2");
+    check(o.dkv > 0, "--dkv", "converting a stage-1 model on to stage 2 needs a latent width (--dkv N)");
+    r = cfg.mla.rope_pairs;
+  }
+  check(o.dkv != 0, "--dkv", "must be positive (or \"full\")");
   const int64_t k_rows = g * (dh - 2 * r), rows = k_rows + g * dh;
   const int64_t full = full_rank(rows, k_rows, d, o.kv);
-  const int64_t R = o.dkv < 0 ? full : g * o.dkv;
-  check(o.dkv != 0, "--dkv", "must be positive (or \"full\")");
+  // --dkv full: no latent at all (stage 1), [k_nope; v] straight from x, exactly the original.
+  const int64_t R = o.dkv < 0 ? 0 : g * o.dkv;
   check(R <= full, "--dkv", o.dkv, " gives a latent of ", R, " (", g, " KV heads x ", o.dkv,
         ") above the full rank ", full, " of this layer's [k_nope; v] (at most ", full / g, " per KV head)");
   rep.latent_dim = R;
@@ -121,7 +132,11 @@ ConvertReport convert_model(const ConvertOptions& o) {
 
   CalibrationStats stats;
   auto t0 = std::chrono::steady_clock::now();
-  if (!o.stats_path.empty() && fs::exists(o.stats_path)) {
+  const bool data_free_pairs = o.strategy == RopeStrategy::High || o.strategy == RopeStrategy::Low ||
+                               o.strategy == RopeStrategy::Uniform;
+  if (R == 0 && (data_free_pairs || from_stage1)) {
+    // Nothing to measure: no factorisation, pairs fixed by rule.
+  } else if (!o.stats_path.empty() && fs::exists(o.stats_path)) {
     stats = load_stats(o.stats_path, t);
     std::fprintf(stderr, "calibration statistics from %s (%lld samples)\n", o.stats_path.c_str(),
                  (long long)stats.samples);
@@ -131,21 +146,27 @@ ConvertReport convert_model(const ConvertOptions& o) {
   }
   rep.calib_seconds = since(t0);
   rep.calib_samples = stats.samples;
-  rep.calib_tokens[0] = stats.layers[0].tokens[kText];
-  rep.calib_tokens[1] = stats.layers[0].tokens[kImage];
+  if (!stats.layers.empty()) {
+    rep.calib_tokens[0] = stats.layers[0].tokens[kText];
+    rep.calib_tokens[1] = stats.layers[0].tokens[kImage];
+  }
 
-  auto kept = select_rope_pairs(o.strategy, r, t, &stats);
+  const auto kept = from_stage1 ? cfg.mla.kept_pairs : select_rope_pairs(o.strategy, r, t, &stats);
 
-  // Output: everything but the decoder's k/v projections as it was, then the new attention tensors.
+  // Output: every tensor that stays as it was, then the new attention tensors layer by layer.
   fs::create_directories(o.out_dir);
   const WeightStore& ws = model->weights();
   const std::string lm = model->lm_prefix();
   ShardWriter out(o.out_dir, int64_t(2) << 30);
   auto attn = [&](int64_t l) { return lm + "layers." + std::to_string(l) + ".self_attn."; };
   std::set<std::string> replaced;
-  for (int64_t l = 0; l < t.num_layers; ++l)
-    for (const char* n : {"q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias", "v_proj.weight", "v_proj.bias"})
-      replaced.insert(attn(l) + n);
+  for (int64_t l = 0; l < t.num_layers; ++l) {
+    const std::vector<std::string> names =
+        from_stage1 ? std::vector<std::string>{std::string(mla_names::direct) + ".weight"}
+                    : std::vector<std::string>{"q_proj.weight", "q_proj.bias", "k_proj.weight",
+                                               "k_proj.bias",   "v_proj.weight", "v_proj.bias"};
+    for (const auto& n : names) replaced.insert(attn(l) + n);
+  }
   for (const auto& name : ws.names())
     if (!replaced.count(name)) {
       static const std::map<std::string, at::ScalarType> types = {
@@ -161,38 +182,49 @@ ConvertReport convert_model(const ConvertOptions& o) {
   lo.rank = R;
   t0 = std::chrono::steady_clock::now();
   Progress bar("factorise", t.num_layers);
+  auto f32 = [](const at::Tensor& x) { return x.to(at::kFloat); };
   for (int64_t l = 0; l < t.num_layers; ++l) {
     const std::string a = attn(l);
     const auto& kl = kept[size_t(l)];  // [g][r]
-    // q rows per head: [its group's rotary dims | the rest]; k rows split into rotary / nope.
-    std::vector<int64_t> q_idx, kr_idx, kn_idx;
-    for (int64_t i = 0; i < h; ++i) {
-      auto rd = rotary_dims(kl[size_t(i / group)], dh), nd = nope_dims(kl[size_t(i / group)], dh);
-      for (int64_t x : rd) q_idx.push_back(i * dh + x);
-      for (int64_t x : nd) q_idx.push_back(i * dh + x);
-    }
-    for (int64_t j = 0; j < g; ++j) {
-      for (int64_t x : rotary_dims(kl[size_t(j)], dh)) kr_idx.push_back(j * dh + x);
-      for (int64_t x : nope_dims(kl[size_t(j)], dh)) kn_idx.push_back(j * dh + x);
-    }
     auto load = [&](const std::string& n, std::vector<int64_t> shape) {
       return ws.has(a + n) ? ws.load(a + n, shape, at::kDouble) : at::Tensor();
     };
-    at::Tensor qw = load("q_proj.weight", {h * dh, d}), qb = load("q_proj.bias", {h * dh});
-    at::Tensor kw = load("k_proj.weight", {g * dh, d}), kb = load("k_proj.bias", {g * dh});
-    at::Tensor vw = load("v_proj.weight", {g * dh, d}), vb = load("v_proj.bias", {g * dh});
-    check(qw.defined() && kw.defined() && vw.defined(), ws.dir(), "layer ", l, " lacks q/k/v projections");
-    auto f32 = [](const at::Tensor& x) { return x.to(at::kFloat); };
-    out.add(a + "q_proj.weight", f32(rows_of(qw, q_idx)));
-    if (qb.defined()) out.add(a + "q_proj.bias", f32(rows_of(qb, q_idx)));
-    out.add(a + mla_names::k_rope + ".weight", f32(rows_of(kw, kr_idx)));
-    if (kb.defined()) out.add(a + mla_names::k_rope + ".bias", f32(rows_of(kb, kr_idx)));
-    // W = [W_k_nope; W_v] [rows, d] and its bias, which stays outside the latent.
-    at::Tensor W = k_rows > 0 ? at::cat({rows_of(kw, kn_idx), vw}, 0) : vw;
-    if (kb.defined() || vb.defined()) {
-      at::Tensor kbn = kb.defined() ? rows_of(kb, kn_idx) : at::zeros({k_rows}, at::kDouble);
-      at::Tensor vbb = vb.defined() ? vb : at::zeros({g * dh}, at::kDouble);
-      out.add(a + mla_names::up_bias, f32(at::cat({kbn, vbb}, 0)));
+    at::Tensor W;  // [k_nope; v] of every KV head: [rows, d]; its bias stays outside the latent
+    if (from_stage1) {
+      W = load(std::string(mla_names::direct) + ".weight", {rows, d});
+    } else {
+      // q rows per head: [its group's rotary dims | the rest]; k rows split into rotary / nope.
+      std::vector<int64_t> q_idx, kr_idx, kn_idx;
+      for (int64_t i = 0; i < h; ++i) {
+        auto rd = rotary_dims(kl[size_t(i / group)], dh), nd = nope_dims(kl[size_t(i / group)], dh);
+        for (int64_t x : rd) q_idx.push_back(i * dh + x);
+        for (int64_t x : nd) q_idx.push_back(i * dh + x);
+      }
+      for (int64_t j = 0; j < g; ++j) {
+        for (int64_t x : rotary_dims(kl[size_t(j)], dh)) kr_idx.push_back(j * dh + x);
+        for (int64_t x : nope_dims(kl[size_t(j)], dh)) kn_idx.push_back(j * dh + x);
+      }
+      at::Tensor qw = load("q_proj.weight", {h * dh, d}), qb = load("q_proj.bias", {h * dh});
+      at::Tensor kw = load("k_proj.weight", {g * dh, d}), kb = load("k_proj.bias", {g * dh});
+      at::Tensor vw = load("v_proj.weight", {g * dh, d}), vb = load("v_proj.bias", {g * dh});
+      check(qw.defined() && kw.defined() && vw.defined(), ws.dir(), "layer ", l, " lacks q/k/v projections");
+      out.add(a + "q_proj.weight", f32(rows_of(qw, q_idx)));
+      if (qb.defined()) out.add(a + "q_proj.bias", f32(rows_of(qb, q_idx)));
+      out.add(a + mla_names::k_rope + ".weight", f32(rows_of(kw, kr_idx)));
+      if (kb.defined()) out.add(a + mla_names::k_rope + ".bias", f32(rows_of(kb, kr_idx)));
+      W = k_rows > 0 ? at::cat({rows_of(kw, kn_idx), vw}, 0) : vw;
+      if (kb.defined() || vb.defined()) {
+        at::Tensor kbn = kb.defined() ? rows_of(kb, kn_idx) : at::zeros({k_rows}, at::kDouble);
+        at::Tensor vbb = vb.defined() ? vb : at::zeros({g * dh}, at::kDouble);
+        out.add(a + mla_names::up_bias, f32(at::cat({kbn, vbb}, 0)));
+      }
+    }
+    check(W.defined(), ws.dir(), "layer ", l, " lacks ", a, mla_names::direct, ".weight");
+    if (R == 0) {
+      out.add(a + mla_names::direct + ".weight", f32(W));
+      rep.layers.push_back({kl, 0.0, 0.0, "none (no latent)"});
+      bar.advance(1);
+      continue;
     }
     const LayerStats& s = stats.layers[size_t(l)];
     LowRankResult f = factorize_kv(W, k_rows, {s.gram[kImage], s.tokens[kImage]}, {s.gram[kText], s.tokens[kText]},
@@ -215,11 +247,12 @@ ConvertReport convert_model(const ConvertOptions& o) {
 
   // config.json with the "mla" section; the other small files as they are.
   json config = read_json_file(cfg.path);
+  const std::string strategy = from_stage1 ? cfg.mla.rope_strategy : rope_strategy_name(o.strategy);
   config["mla"] = {{"version", 1},
                    {"rope_pairs", r},
                    {"latent_dim", R},
                    {"dkv", o.dkv < 0 ? json("full") : json(o.dkv)},
-                   {"rope_strategy", rope_strategy_name(o.strategy)},
+                   {"rope_strategy", strategy},
                    {"lowrank", o.method == LowRankMethod::Whitened ? "whitened" : "svd"},
                    {"kv", o.kv == KvLatent::Joint ? "joint" : "split"},
                    {"modality", o.decoupled ? "decoupled" : "shared"},
@@ -228,11 +261,14 @@ ConvertReport convert_model(const ConvertOptions& o) {
   std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
   for (const auto& e : fs::directory_iterator(o.model_dir)) {
     const std::string name = e.path().filename().string();
-    if (name == "config.json" || name.find(".safetensors") != std::string::npos || !e.is_regular_file()) continue;
+    // Weights are rewritten and config.json extended; training logs of a fine-tuned input stay behind.
+    if (name == "config.json" || name.find(".safetensors") != std::string::npos || !e.is_regular_file() ||
+        e.path().extension() == ".csv" || e.path().extension() == ".png")
+      continue;
     fs::copy_file(e.path(), fs::path(o.out_dir) / name, fs::copy_options::overwrite_existing);
   }
   rep.kv_bytes_before = cfg.mha_kv_bytes_per_token(2);
-  rep.kv_bytes_after = t.num_layers * (g * 2 * r + R) * 2;
+  rep.kv_bytes_after = t.num_layers * (g * 2 * r + (R > 0 ? R : rows)) * 2;
   rep.total_seconds = since(t_start);
 
   // The per-layer report beside the model.

@@ -243,7 +243,7 @@ void read_mla(const json& top, ModelConfig& c) {
   }
   const int64_t P = t.head_dim / 2;
   check(a.rope_pairs >= 0 && a.rope_pairs <= P, path, "mla.rope_pairs ", a.rope_pairs, " outside 0..", P);
-  check(a.latent_dim > 0, path, "mla.latent_dim must be positive");
+  check(a.latent_dim >= 0, path, "mla.latent_dim must not be negative");
   check(int64_t(a.kept_pairs.size()) == t.num_layers, path, "mla.kept_pairs has ", a.kept_pairs.size(),
         " layers, the model ", t.num_layers);
   for (const auto& layer : a.kept_pairs) {

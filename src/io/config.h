@@ -55,7 +55,7 @@ struct LlavaConfig {
 struct MlaConfig {
   bool enabled = false;
   int64_t rope_pairs = 0;  // r: kept pairs per KV head (the rotary keys have 2r dims per KV head)
-  int64_t latent_dim = 0;  // R: latent width per token and layer
+  int64_t latent_dim = 0;  // R: latent width per token and layer; 0: no latent (stage 1: partial RoPE only)
   bool decoupled = true;   // one down/up pair per modality (image, text) or one shared
   std::vector<std::vector<std::vector<int64_t>>> kept_pairs;  // [layer][kv head][r]
   std::string rope_strategy, lowrank, kv;                     // the options used, for the record
@@ -79,7 +79,12 @@ struct ModelConfig {
   // values of the original attention, or the rotary keys and the latent of MLA (the modality bit not
   // counted).
   int64_t kv_bytes_per_token(int64_t element_bytes) const {
-    if (mla.enabled) return text.num_layers * (text.num_kv_heads * 2 * mla.rope_pairs + mla.latent_dim) * element_bytes;
+    if (mla.enabled) {
+      const int64_t g = text.num_kv_heads, r2 = 2 * mla.rope_pairs;
+      // Without a latent the cache holds the rotary keys, the other key dims and the values.
+      const int64_t latent = mla.latent_dim > 0 ? mla.latent_dim : g * (text.head_dim - r2) + g * text.head_dim;
+      return text.num_layers * (g * r2 + latent) * element_bytes;
+    }
     return mha_kv_bytes_per_token(element_bytes);
   }
   int64_t mha_kv_bytes_per_token(int64_t element_bytes) const {

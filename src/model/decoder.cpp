@@ -65,9 +65,16 @@ DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightSt
       const int64_t rows = g * (dh - 2 * r) + g * dh;
       L.k_rope_w = a.get(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
       L.k_rope_b = a.maybe(std::string(mla_names::k_rope) + ".bias", {g * 2 * r});
-      for (int m = 0; m < 2; ++m) {
-        L.kv_down[m] = a.get(mla_names::down(mla.decoupled, m == 1) + ".weight", {R, d});
-        L.kv_up[m] = a.get(mla_names::up(mla.decoupled, m == 1) + ".weight", {rows, R});
+      if (R == 0) {
+        L.kv_w = a.get(std::string(mla_names::direct) + ".weight", {rows, d});
+      } else if (mla.decoupled) {
+        for (int m = 0; m < 2; ++m) {
+          L.kv_down[m] = a.get(mla_names::down(true, m == 1) + ".weight", {R, d});
+          L.kv_up[m] = a.get(mla_names::up(true, m == 1) + ".weight", {rows, R});
+        }
+      } else {  // one pair for both modalities: the same tensors, so training keeps them tied
+        L.kv_down[0] = L.kv_down[1] = a.get(mla_names::down(false, false) + ".weight", {R, d});
+        L.kv_up[0] = L.kv_up[1] = a.get(mla_names::up(false, false) + ".weight", {rows, R});
       }
       L.kv_up_b = a.maybe(std::string(mla_names::up_bias), {rows});
       std::vector<int64_t> dims;
@@ -103,7 +110,7 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
 
 at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const at::Tensor& cos,
                                 const at::Tensor& sin, const at::Tensor& mask, const at::Tensor& is_image,
-                                KVCache& cache, size_t layer, const AttentionObserver* observer) const {
+                                KVCache& cache, size_t layer, const ForwardTaps& taps) const {
   const int64_t B = x.size(0), T = x.size(1), h = cfg_.num_heads, g = cfg_.num_kv_heads, dh = cfg_.head_dim;
   const int64_t group = h / g, start = cache.len, S = start + T;
   at::Tensor q, k, v;  // q [B, h, T, dh]; k, v [B, g, T, dh]; q and k rotated
@@ -125,9 +132,16 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
     q = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1).view({B, T, h, dh}).transpose(1, 2);
     at::Tensor k_rope = apply_rotary(dense(x, L.k_rope_w, L.k_rope_b).view({B, T, g, r2}), c, s);
     // The latent c = W_down^m x and its expansion W_up^m c + b, by each token's modality.
-    at::Tensor img = is_image.view({B, T, 1});
-    at::Tensor latent = at::where(img, dense(x, L.kv_down[1]), dense(x, L.kv_down[0]));  // [B, T, R]
-    at::Tensor kv = at::where(img, dense(latent, L.kv_up[1]), dense(latent, L.kv_up[0]));
+    at::Tensor kv;  // [B, T, g*(dh-2r) + g*dh]
+    if (L.kv_w.defined()) {
+      kv = dense(x, L.kv_w);
+    } else if (L.kv_down[0].is_same(L.kv_down[1])) {
+      kv = dense(dense(x, L.kv_down[0]), L.kv_up[0]);
+    } else {
+      at::Tensor img = is_image.view({B, T, 1});
+      at::Tensor latent = at::where(img, dense(x, L.kv_down[1]), dense(x, L.kv_down[0]));  // [B, T, R]
+      kv = at::where(img, dense(latent, L.kv_up[1]), dense(latent, L.kv_up[0]));
+    }
     if (L.kv_up_b.defined()) kv = kv + L.kv_up_b;
     at::Tensor k_nope = kv.narrow(-1, 0, g * nope).view({B, T, g, nope});
     v = kv.narrow(-1, g * nope, g * dh).view({B, T, g, dh}).transpose(1, 2);
@@ -141,17 +155,16 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
   at::Tensor scores = at::matmul(qg, K.transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
   scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
   at::Tensor p = at::softmax(scores, -1, at::kFloat);  // [B, g, group, T, S]
-  if (observer && *observer) (*observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
+  if (taps.observer && *taps.observer) (*taps.observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
   at::Tensor out = at::matmul(p.view({B, g, group * T, S}), V).view({B, h, T, dh}).transpose(1, 2).reshape({B, T, h * dh});
   return dense(out, L.o_w, L.o_b);
 }
 
 at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
-                              const at::Tensor& is_image, KVCache& cache, std::vector<at::Tensor>* hidden,
-                              const AttentionObserver* observer) const {
+                              const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
   const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
   check(S <= cache.capacity, "kv cache", "capacity ", cache.capacity, " exceeded (", S, " positions)");
-  check(!observer || !mla_.enabled, "calibration", "attention traces come from original (not converted) models");
+  std::vector<at::Tensor>* hidden = taps.hidden;
   auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
   cache.key_valid.narrow(1, start, T).copy_(valid);
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
@@ -167,7 +180,9 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
   if (hidden) hidden->push_back(x);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const DecoderLayer& L = layers_[i];
-    x = x + attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, is_image, cache, i, observer);
+    at::Tensor a = attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, is_image, cache, i, taps);
+    if (taps.attention) taps.attention->push_back(a);
+    x = x + a;
     at::Tensor h2 = rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
     x = x + dense(at::silu(dense(h2, L.gate_w)) * dense(h2, L.up_w), L.down_w);
     if (hidden && i + 1 < layers_.size()) hidden->push_back(x);
@@ -179,5 +194,65 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
 }
 
 at::Tensor DecoderLM::logits(const at::Tensor& h) const { return at::linear(h, head_w_); }
+
+std::vector<std::pair<std::string, at::Tensor*>> DecoderLM::named_weights() {
+  std::vector<std::pair<std::string, at::Tensor*>> out;
+  auto add = [&](const std::string& name, at::Tensor& t) {
+    if (t.defined()) out.emplace_back(name, &t);
+  };
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    DecoderLayer& L = layers_[i];
+    const std::string p = "layers." + std::to_string(i) + ".", a = p + "self_attn.";
+    add(a + "q_proj.weight", L.q_w);
+    add(a + "q_proj.bias", L.q_b);
+    add(a + "k_proj.weight", L.k_w);
+    add(a + "k_proj.bias", L.k_b);
+    add(a + "v_proj.weight", L.v_w);
+    add(a + "v_proj.bias", L.v_b);
+    add(a + mla_names::k_rope + ".weight", L.k_rope_w);
+    add(a + mla_names::k_rope + ".bias", L.k_rope_b);
+    add(a + mla_names::direct + ".weight", L.kv_w);
+    const bool tied = L.kv_down[0].defined() && L.kv_down[0].is_same(L.kv_down[1]);
+    for (int m = tied ? 0 : 1; m >= 0; --m) {
+      add(a + mla_names::down(!tied, m == 1) + ".weight", L.kv_down[m]);
+      add(a + mla_names::up(!tied, m == 1) + ".weight", L.kv_up[m]);
+    }
+    add(a + mla_names::up_bias, L.kv_up_b);
+    add(a + "o_proj.weight", L.o_w);
+    add(a + "o_proj.bias", L.o_b);
+    add(p + "input_layernorm.weight", L.input_norm);
+    add(p + "post_attention_layernorm.weight", L.post_norm);
+    add(p + "mlp.gate_proj.weight", L.gate_w);
+    add(p + "mlp.up_proj.weight", L.up_w);
+    add(p + "mlp.down_proj.weight", L.down_w);
+  }
+  add("norm.weight", final_norm_);
+  return out;
+}
+
+void DecoderLM::to(const at::Device& device, at::ScalarType dtype) {
+  auto move = [&](at::Tensor& t) {
+    if (t.defined()) t = t.to(device, t.is_floating_point() ? dtype : t.scalar_type());
+  };
+  for (DecoderLayer& L : layers_) {
+    const bool tied = L.kv_down[0].defined() && L.kv_down[0].is_same(L.kv_down[1]);
+    for (at::Tensor* t : {&L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b, &L.input_norm, &L.post_norm,
+                          &L.gate_w, &L.up_w, &L.down_w, &L.k_rope_w, &L.k_rope_b, &L.kv_down[0], &L.kv_up[0], &L.kv_up_b,
+                          &L.kv_w})
+      move(*t);
+    if (tied) {
+      L.kv_down[1] = L.kv_down[0];
+      L.kv_up[1] = L.kv_up[0];
+    } else {
+      move(L.kv_down[1]);
+      move(L.kv_up[1]);
+    }
+    if (L.rope_dims.defined()) L.rope_dims = L.rope_dims.to(device);
+  }
+  const bool tied_head = head_w_.is_same(embed_w_);
+  for (at::Tensor* t : {&embed_w_, &final_norm_}) move(*t);
+  head_w_ = tied_head ? embed_w_ : head_w_.to(device, dtype);
+  inv_freq_ = inv_freq_.to(device);  // stays float32: RoPE angles are computed in float32 as transformers does
+}
 
 }  // namespace mlaforge

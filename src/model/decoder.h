@@ -32,9 +32,10 @@ struct DecoderLayer {
   // MLA (converted checkpoints). q_w rows are permuted per head to [kept pairs' dims | the rest]
   // (the kept dims as [first halves ascending | their partners], so rotate_half still pairs them).
   at::Tensor k_rope_w, k_rope_b;         // [g*2r, d]: rotary keys
-  at::Tensor kv_down[2];                 // [R, d] per modality (0 text, 1 image; equal when shared)
+  at::Tensor kv_down[2];                 // [R, d] per modality (0 text, 1 image; one tensor when shared)
   at::Tensor kv_up[2];                   // [g*(dh-2r) + g*dh, R]: key-nope rows of every KV head, then values
   at::Tensor kv_up_b;                    // [g*(dh-2r) + g*dh] or undefined
+  at::Tensor kv_w;                       // [g*(dh-2r) + g*dh, d]: no latent (stage 1, latent_dim 0)
   at::Tensor rope_dims;                  // [g, 2r] int64: which of the head's dh dims the rotary dims are
 };
 
@@ -42,11 +43,22 @@ struct DecoderLayer {
 struct AttentionTrace {
   int64_t layer = 0;
   at::Tensor input;     // [B, T, d] attention input (after input_layernorm)
-  at::Tensor q, k;      // [B, h, T, dh], [B, g, T, dh] before RoPE (biases included)
+  at::Tensor q, k;      // [B, h, T, dh], [B, g, T, dh] before RoPE (biases included); undefined for MLA
   at::Tensor cos, sin;  // [B, T, dh]
   at::Tensor probs;     // [B, g, group, T, S] attention probabilities (S = cached + new positions)
 };
 using AttentionObserver = std::function<void(const AttentionTrace&)>;
+
+// Optional outputs of a forward pass.
+struct ForwardTaps {
+  // The embeddings and every layer's output (the last one after the final norm), as transformers'
+  // output_hidden_states.
+  std::vector<at::Tensor>* hidden = nullptr;
+  // Each layer's attention output (after o_proj, before the residual add): [B, T, d].
+  std::vector<at::Tensor>* attention = nullptr;
+  // Called once per layer with the attention's internals.
+  const AttentionObserver* observer = nullptr;
+};
 
 class DecoderLM {
  public:
@@ -62,18 +74,22 @@ class DecoderLM {
   // Runs every layer over x [B, T, d] whose tokens sit at positions pos [3, B, T]; keys and values
   // go to cache positions [cache.len, cache.len + T) and cache.len advances by T. `valid` [B, T]
   // marks real (non-padding) tokens, `is_image` [B, T] image tokens (MLA picks their up/down
-  // projections by it). Returns the final-norm hidden state [B, T, d]. When `hidden` is given it
-  // receives the embeddings and every layer's output (the last one after the norm), as transformers'
-  // output_hidden_states. `observer` is called once per layer (original attention only).
+  // projections by it). Returns the final-norm hidden state [B, T, d].
   at::Tensor forward(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& valid, const at::Tensor& is_image,
-                     KVCache& cache, std::vector<at::Tensor>* hidden = nullptr,
-                     const AttentionObserver* observer = nullptr) const;
+                     KVCache& cache, const ForwardTaps& taps = {}) const;
   at::Tensor logits(const at::Tensor& h) const;  // [..., d] -> [..., vocab]
+
+  // Every weight of the decoder layers and the final norm, by checkpoint name relative to the
+  // language model's prefix ("layers.3.self_attn.q_proj.weight", "norm.weight"), for training and
+  // saving. Tied tensors (shared MLA factors) appear once. Embeddings and lm_head are not listed.
+  std::vector<std::pair<std::string, at::Tensor*>> named_weights();
+  // Moves every weight to `device` and floating weights to `dtype`.
+  void to(const at::Device& device, at::ScalarType dtype);
 
  private:
   at::Tensor attention(const DecoderLayer& L, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& mask, const at::Tensor& is_image, KVCache& cache, size_t layer,
-                       const AttentionObserver* observer) const;
+                       const ForwardTaps& taps) const;
   TextConfig cfg_;
   MlaConfig mla_;
   at::Tensor embed_w_, final_norm_, head_w_, inv_freq_;
@@ -86,6 +102,7 @@ inline const char* k_rope = "k_rope_proj";
 inline std::string down(bool decoupled, bool image) { return decoupled ? (image ? "kv_down_proj.image" : "kv_down_proj.text") : "kv_down_proj"; }
 inline std::string up(bool decoupled, bool image) { return decoupled ? (image ? "kv_up_proj.image" : "kv_up_proj.text") : "kv_up_proj"; }
 inline const char* up_bias = "kv_up_proj.bias";
+inline const char* direct = "kv_proj";  // stage 1 (no latent): [k_nope; v] = kv_proj x + kv_up_proj.bias
 }  // namespace mla_names
 
 // Index of each rotary dim within a head for kept pairs `kept` (ascending): [k..., k + dh/2...].

@@ -244,10 +244,9 @@ at::Tensor Vlm::input_embeddings(const Batch& batch) const {
   return x;
 }
 
-at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden,
-                        const AttentionObserver* observer) const {
+at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, const ForwardTaps& taps) const {
   at::Tensor x = input_embeddings(batch);
-  return decoder_->forward(x, batch.pos, batch.valid, batch.is_image, cache, hidden, observer);
+  return decoder_->forward(x, batch.pos, batch.valid, batch.is_image, cache, taps);
 }
 
 at::Tensor Vlm::decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const {

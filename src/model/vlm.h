@@ -46,6 +46,7 @@ class Vlm {
   const ModelConfig& config() const { return cfg_; }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const DecoderLM& decoder() const { return *decoder_; }
+  DecoderLM& mutable_decoder() { return *decoder_; }
   const WeightStore& weights() const { return *store_; }
   const std::string& lm_prefix() const { return lm_prefix_; }  // e.g. "model." (the decoder's weights)
   int64_t parameter_count(const std::string& part) const;  // "vision", "language", "all"
@@ -68,8 +69,7 @@ class Vlm {
   at::Tensor input_embeddings(const Batch& batch) const;
   // Runs the prompt through the decoder into `cache`; returns the final hidden state [B, T, d].
   // `observer` sees every layer's attention (calibration).
-  at::Tensor prefill(const Batch& batch, KVCache& cache, std::vector<at::Tensor>* hidden = nullptr,
-                     const AttentionObserver* observer = nullptr) const;
+  at::Tensor prefill(const Batch& batch, KVCache& cache, const ForwardTaps& taps = {}) const;
   // One decoding step: tokens [B] at positions [B] (all three axes). Returns logits [B, vocab].
   at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const;
 
