@@ -8,4 +8,5 @@ apt-get install -y -q --no-install-recommends \
   libtorch-dev libopenblas0-pthread \
   nlohmann-json3-dev libcli11-dev libpcre2-dev libutf8proc-dev \
   libpng-dev libjpeg62-turbo-dev \
-  libgtest-dev libgmock-dev libbenchmark-dev
+  libgtest-dev libgmock-dev libbenchmark-dev \
+  gnuplot-nox

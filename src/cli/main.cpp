@@ -16,6 +16,7 @@
 #include "eval/eval.h"
 #include "infer/generate.h"
 #include "io/dataset.h"
+#include "train/finetune.h"
 #include "model/vlm.h"
 
 using namespace mlaforge;
@@ -198,12 +199,54 @@ int main(int argc, char** argv) {
   conv->add_option("--batch", co.batch_size, "Calibration batch size")->capture_default_str();
   conv->add_option("--stats", co.stats_path, "Calibration statistics file: read if it exists, else written");
 
+  auto* ft = app.add_subcommand("finetune",
+                                "Recover a converted model's accuracy: attention-only fine-tuning, optionally distilled");
+  FinetuneOptions fo;
+  ft->add_option("--model", fo.model_dir, "Converted model directory")->required();
+  ft->add_option("--data", fo.data_path, "Training data (LLaVA-style JSONL)")->required();
+  ft->add_option("--out", fo.out_dir, "Output directory: the fine-tuned model, logs, checkpoint")->required();
+  ft->add_option("--teacher", fo.teacher_dir, "Original model, for --loss ce+kl or ce+attn-mse");
+  ft->add_option("--stage", fo.stage, "1: partial RoPE only (a --dkv full conversion); 2: after the low-rank init")
+      ->check(CLI::Range(1, 2));
+  ft->add_option("--trainable", fo.trainable, "attn, attn+norms or all-lm")->capture_default_str();
+  ft->add_option("--loss", fo.loss, "ce, ce+kl (distil logits) or ce+attn-mse (distil attention outputs)")
+      ->capture_default_str();
+  ft->add_option("--kl-weight", fo.kl_weight, "Weight of the KL term")->capture_default_str();
+  ft->add_option("--mse-weight", fo.mse_weight, "Weight of the attention-output term")->capture_default_str();
+  auto* ep = ft->add_option("--epochs", fo.epochs, "Passes over the data")->capture_default_str();
+  ft->add_option("--steps", fo.steps, "Optimizer steps (instead of --epochs)")->excludes(ep);
+  ft->add_option("--limit", fo.limit, "Use only the first N training rows");
+  ft->add_option("--lr", fo.lr, "Peak learning rate (AdamW, linear warmup then cosine)")->capture_default_str();
+  ft->add_option("--warmup", fo.warmup, "Warmup, as a fraction of the steps")->capture_default_str();
+  ft->add_option("--weight-decay", fo.weight_decay, "AdamW weight decay")->capture_default_str();
+  ft->add_option("--clip", fo.clip, "Gradient norm clipping (0: off)")->capture_default_str();
+  ft->add_option("--batch", fo.batch, "Rows per micro-batch")->capture_default_str();
+  ft->add_option("--grad-accum", fo.grad_accum, "Micro-batches per optimizer step")->capture_default_str();
+  ft->add_option("--eval", fo.eval_path, "Evaluate on this JSONL before, periodically and after");
+  ft->add_option("--eval-every", fo.eval_every, "Steps between evaluations (0: only before and after)");
+  ft->add_option("--eval-limit", fo.eval_limit, "Evaluate on the first N rows only");
+  ft->add_option("--save-every", fo.save_every, "Steps between checkpoints")->capture_default_str();
+  ft->add_option("--resume", fo.resume_dir, "Resume from an earlier run's output directory");
+  ft->add_option("--seed", fo.seed, "Data order seed")->capture_default_str();
+  ft->add_option("--device", fo.device, "cpu or cuda")->capture_default_str();
+
   CLI11_PARSE(app, argc, argv);
   try {
     set_threads(threads);
     if (*inspect) return cmd_inspect(inspect_model);
     if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so);
     if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference);
+    if (*ft) {
+      FinetuneResult r = finetune(fo);
+      std::printf("fine-tuned %s -> %s: %lld steps, %lld trainable / %lld frozen decoder weights, final loss %.4f, "
+                  "%.0f tokens/s, %.0f s\n",
+                  fo.model_dir.c_str(), fo.out_dir.c_str(), (long long)r.steps, (long long)r.trainable_parameters,
+                  (long long)r.frozen_parameters, r.final_loss, r.tokens_per_s, r.seconds);
+      if (r.accuracy_before >= 0)
+        std::printf("accuracy on %s: %.4f before, %.4f after\n", fo.eval_path.c_str(), r.accuracy_before,
+                    r.accuracy_after);
+      return 0;
+    }
     if (*conv) {
       auto number_or = [](const std::string& v, const char* word, const char* opt) -> int64_t {
         if (v == word) return -1;

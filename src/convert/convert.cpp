@@ -11,6 +11,7 @@
 
 #include "core/error.h"
 #include "core/progress.h"
+#include "io/checkpoint.h"
 #include "io/safetensors.h"
 #include "model/vlm.h"
 
@@ -28,52 +29,6 @@ double since(std::chrono::steady_clock::time_point t0) {
 at::Tensor rows_of(const at::Tensor& w, const std::vector<int64_t>& idx) {
   return w.defined() ? w.index_select(0, at::tensor(idx, at::kLong)) : at::Tensor();
 }
-
-// Writes tensors into shards of about `limit` bytes as they come, so conversion never holds the whole
-// output; finish() names them model-0000i-of-0000n.safetensors and writes the index (or a single
-// model.safetensors).
-class ShardWriter {
- public:
-  ShardWriter(std::string dir, int64_t limit) : dir_(std::move(dir)), limit_(limit) {}
-  void add(const std::string& name, const at::Tensor& t) {
-    pending_[name] = t.contiguous();
-    bytes_ += t.numel() * t.element_size();
-    if (bytes_ >= limit_) flush();
-  }
-  void finish() {
-    flush();
-    const size_t n = files_.size();
-    json index = {{"metadata", {{"total_size", total_}}}, {"weight_map", json::object()}};
-    if (n == 1) {
-      fs::rename(files_[0].first, dir_ + "/model.safetensors");
-      return;
-    }
-    for (size_t i = 0; i < n; ++i) {
-      char name[64];
-      std::snprintf(name, sizeof name, "model-%05zu-of-%05zu.safetensors", i + 1, n);
-      fs::rename(files_[i].first, dir_ + "/" + name);
-      for (const auto& t : files_[i].second) index["weight_map"][t] = name;
-    }
-    std::ofstream(dir_ + "/model.safetensors.index.json") << index.dump(1) << "\n";
-  }
-
- private:
-  void flush() {
-    if (pending_.empty()) return;
-    std::string tmp = dir_ + "/.shard-" + std::to_string(files_.size()) + ".safetensors";
-    save_safetensors(tmp, pending_, {{"format", "pt"}});
-    std::vector<std::string> names;
-    for (auto& kv : pending_) names.push_back(kv.first);
-    files_.push_back({tmp, names});
-    total_ += bytes_;
-    pending_.clear();
-    bytes_ = 0;
-  }
-  std::string dir_;
-  int64_t limit_, bytes_ = 0, total_ = 0;
-  std::map<std::string, at::Tensor> pending_;
-  std::vector<std::pair<std::string, std::vector<std::string>>> files_;
-};
 
 json read_json_file(const std::string& path) {
   std::ifstream in(path);
@@ -259,14 +214,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
                    {"calib_samples", stats.samples},
                    {"kept_pairs", kept}};
   std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
-  for (const auto& e : fs::directory_iterator(o.model_dir)) {
-    const std::string name = e.path().filename().string();
-    // Weights are rewritten and config.json extended; training logs of a fine-tuned input stay behind.
-    if (name == "config.json" || name.find(".safetensors") != std::string::npos || !e.is_regular_file() ||
-        e.path().extension() == ".csv" || e.path().extension() == ".png")
-      continue;
-    fs::copy_file(e.path(), fs::path(o.out_dir) / name, fs::copy_options::overwrite_existing);
-  }
+  copy_model_files(o.model_dir, o.out_dir);
   rep.kv_bytes_before = cfg.mha_kv_bytes_per_token(2);
   rep.kv_bytes_after = t.num_layers * (g * 2 * r + (R > 0 ? R : rows)) * 2;
   rep.total_seconds = since(t_start);

@@ -154,9 +154,13 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
   at::Tensor qg = q.reshape({B, g, group * T, dh});
   at::Tensor scores = at::matmul(qg, K.transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
   scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
-  at::Tensor p = at::softmax(scores, -1, at::kFloat);  // [B, g, group, T, S]
+  // Softmax in float32 (float64 when the model runs in float64, e.g. for gradient checks).
+  at::Tensor p = at::softmax(scores, -1, scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   if (taps.observer && *taps.observer) (*taps.observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
-  at::Tensor out = at::matmul(p.view({B, g, group * T, S}), V).view({B, h, T, dh}).transpose(1, 2).reshape({B, T, h * dh});
+  at::Tensor out = at::matmul(p.view({B, g, group * T, S}).to(V.scalar_type()), V)
+                       .view({B, h, T, dh})
+                       .transpose(1, 2)
+                       .reshape({B, T, h * dh});
   return dense(out, L.o_w, L.o_b);
 }
 

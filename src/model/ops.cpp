@@ -12,7 +12,8 @@ at::Tensor dense(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) 
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
-  at::Tensor xf = x.to(at::kFloat);
+  // float32 for float32/bf16/f16 inputs (as transformers); float64 stays float64 (gradient checks).
+  at::Tensor xf = x.scalar_type() == at::kDouble ? x : x.to(at::kFloat);
   at::Tensor var = xf.pow(2).mean(-1, /*keepdim=*/true);
   return w * (xf * at::rsqrt(var + eps)).to(x.scalar_type());
 }

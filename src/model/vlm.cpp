@@ -2,7 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#include <ATen/core/grad_mode.h>
+
 #include <filesystem>
+#include <mutex>
 
 #include "core/error.h"
 #include "model/ops.h"
@@ -12,6 +15,39 @@
 namespace fs = std::filesystem;
 
 namespace mlaforge {
+
+namespace {
+
+// Image features by (vision weights hash, file), shared by every Vlm of the process.
+struct FeatureCache {
+  std::mutex mu;
+  std::map<std::string, at::Tensor> features;
+  int64_t bytes = 0, limit = int64_t(1) << 30;
+};
+FeatureCache& feature_cache() {
+  static FeatureCache c;
+  return c;
+}
+
+// FNV-1a over the names and bytes of the vision weights.
+std::string hash_vision_weights(const WeightStore& ws) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&](const void* p, size_t n) {
+    const auto* b = static_cast<const uint8_t*>(p);
+    for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
+  };
+  for (const auto& name : ws.names()) {
+    if (name.find("visual.") == std::string::npos && name.find("vision_tower.") == std::string::npos &&
+        name.find("multi_modal_projector.") == std::string::npos)
+      continue;
+    at::Tensor t = ws.load(name).contiguous();
+    mix(name.data(), name.size());
+    mix(t.data_ptr(), size_t(t.numel()) * t.element_size());
+  }
+  return std::to_string(h);
+}
+
+}  // namespace
 
 std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
   std::unique_ptr<Vlm> m(new Vlm());
@@ -56,6 +92,7 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
   }
   m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, ws, lm, head);
   m->lm_prefix_ = lm;
+  m->vision_hash_ = hash_vision_weights(ws);
   m->pad_id_ = c.pad_token_id >= 0 ? c.pad_token_id : 0;
   return m;
 }
@@ -187,6 +224,7 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
 }
 
 at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const {
+  at::NoGradGuard no_grad;  // the vision tower is frozen in every use
   if (cfg_.family == Family::Qwen2VL) return qwen_vision_->forward(pixel_values, grids);
   at::Tensor f = clip_vision_->forward(pixel_values);  // [n, tokens, d]
   return f.reshape({-1, f.size(-1)});
@@ -197,9 +235,12 @@ at::Tensor Vlm::image_features_cached(const Batch& batch) const {
   // Rows of pixel_values per image: Qwen2-VL patches t*h*w rows, LLaVA one [C, S, S] image.
   std::vector<int64_t> offset = {0};
   for (const auto& g : batch.grids) offset.push_back(offset.back() + (cfg_.family == Family::Qwen2VL ? g[0] * g[1] * g[2] : 1));
+  FeatureCache& cache = feature_cache();
+  std::lock_guard<std::mutex> lock(cache.mu);
+  auto key = [&](size_t i) { return vision_hash_ + "|" + batch.image_keys[i]; };
   std::vector<size_t> missing;
   for (size_t i = 0; i < batch.grids.size(); ++i)
-    if (!feature_cache_.count(batch.image_keys[i])) missing.push_back(i);
+    if (!cache.features.count(key(i))) missing.push_back(i);
   if (!missing.empty()) {
     std::vector<at::Tensor> px;
     std::vector<std::array<int64_t, 3>> grids;
@@ -213,16 +254,16 @@ at::Tensor Vlm::image_features_cached(const Batch& batch) const {
       const int64_t n = image_tokens(grids[k]);
       at::Tensor one = f.narrow(0, row, n).detach();
       row += n;
-      if (feature_cache_bytes_ + one.numel() * one.element_size() <= feature_cache_limit) {
-        feature_cache_[batch.image_keys[missing[k]]] = one;
-        feature_cache_bytes_ += one.numel() * one.element_size();
+      if (cache.bytes + one.numel() * one.element_size() <= cache.limit) {
+        cache.features[key(missing[k])] = one;
+        cache.bytes += one.numel() * one.element_size();
       } else {
         return image_features(batch.pixel_values, batch.grids);  // cache full: compute this batch whole
       }
     }
   }
   std::vector<at::Tensor> feats;
-  for (const auto& key : batch.image_keys) feats.push_back(feature_cache_.at(key));
+  for (size_t i = 0; i < batch.image_keys.size(); ++i) feats.push_back(cache.features.at(key(i)));
   return at::cat(feats, 0);
 }
 

@@ -61,10 +61,10 @@ class Vlm {
 
   // Image features [n_image_tokens, d] for a batch's images.
   at::Tensor image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const;
-  // The same, reusing features of images seen before (keyed by file; the vision tower is frozen in
-  // every use, so features of a file never change). Keeps at most `feature_cache_limit` bytes.
+  // The same, reusing features of images seen before in this process (keyed by file and by a hash
+  // of the vision weights, so models sharing a vision tower - an original and its conversions - share
+  // them; the tower is frozen in every use). The process keeps at most 1 GiB of features.
   at::Tensor image_features_cached(const Batch& batch) const;
-  int64_t feature_cache_limit = int64_t(1) << 30;
   // Token embeddings with image features scattered into the image-token positions: [B, T, d].
   at::Tensor input_embeddings(const Batch& batch) const;
   // Runs the prompt through the decoder into `cache`; returns the final hidden state [B, T, d].
@@ -89,8 +89,7 @@ class Vlm {
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
   std::string lm_prefix_;
-  mutable std::map<std::string, at::Tensor> feature_cache_;  // image file -> [tokens, d]
-  mutable int64_t feature_cache_bytes_ = 0;
+  std::string vision_hash_;  // of the vision tower's and projector's weights
 };
 
 }  // namespace mlaforge
