@@ -392,7 +392,7 @@ TEST(ImageDecode, ErrorsNameTheFile) {
   expect_error([&] { load_image(soi); }, soi, "JPEG");
   const std::string jtrunc = tmp.file("truncated.jpg");
   write_bytes(jtrunc, std::vector<uint8_t>(jpg.begin(), jpg.begin() + jpg.size() / 2));
-  expect_error([&] { load_image(jtrunc); }, jtrunc, "Premature end of JPEG file");
+  expect_error([&] { load_image(jtrunc); }, jtrunc, "corrupt or truncated JPEG");
   std::vector<uint8_t> jgarbage = {0xff, 0xd8, 0xff};
   const std::vector<uint8_t> noise = lcg_bytes(500, 11);
   jgarbage.insert(jgarbage.end(), noise.begin(), noise.end());

@@ -34,6 +34,15 @@ std::string human_count(int64_t n) {
   return buf;
 }
 
+// --device: where the decoder runs (the vision tower stays on the CPU).
+std::unique_ptr<Vlm> load_on(const std::string& dir, const std::string& device) {
+  if (device != "cpu" && device != "cuda") throw Error("--device: choose cpu or cuda (got \"" + device + "\")");
+  if (device == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build has no CUDA (see DEVELOPERS.md)");
+  auto m = Vlm::load(dir);
+  if (device == "cuda") m->to(at::kCUDA);
+  return m;
+}
+
 int cmd_inspect(const std::string& model_dir) {
   auto m = Vlm::load(model_dir);
   const ModelConfig& c = m->config();
@@ -74,8 +83,8 @@ int cmd_inspect(const std::string& model_dir) {
 }
 
 int cmd_generate(const std::string& model_dir, const std::vector<std::string>& images, const std::string& prompt,
-                 const SamplingOptions& so) {
-  auto m = Vlm::load(model_dir);
+                 const SamplingOptions& so, const std::string& device) {
+  auto m = load_on(model_dir, device);
   Prompt p;
   p.turns.push_back(user_turn_from_text(prompt));
   p.image_paths = images;
@@ -109,14 +118,14 @@ int cmd_convert(const ConvertOptions& o) {
 }
 
 int cmd_eval(const std::string& model_dir, const std::string& data, int64_t limit, const EvalOptions& eo,
-             const std::string& report_path, const std::string& reference_dir) {
-  auto m = Vlm::load(model_dir);
+             const std::string& report_path, const std::string& reference_dir, const std::string& device) {
+  auto m = load_on(model_dir, device);
   auto rows = load_conversations(data, limit);
   if (rows.empty()) throw Error(data + ": no records");
   EvalReport rep = evaluate(*m, rows, eo);
   std::printf("accuracy %.4f on %lld questions in %.1f s\n", rep.accuracy, (long long)rep.n, rep.seconds);
   if (!reference_dir.empty()) {
-    auto ref = Vlm::load(reference_dir);
+    auto ref = load_on(reference_dir, device);
     KlReport kl = answer_kl(*m, *ref, rows, eo.batch_size);
     attach_kl(rep, kl);
     std::printf("KL(reference || model) %.5f per answer token over %lld positions (%.1f s)\n", kl.mean_kl,
@@ -164,6 +173,9 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature", so.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
   gen->add_option("--top-p", so.top_p, "Nucleus sampling mass (with temperature > 0)")->capture_default_str();
   gen->add_option("--seed", so.seed, "Random seed for sampling")->capture_default_str();
+  std::string gen_device = "cpu";
+  gen->add_option("--device", gen_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
+      ->capture_default_str();
 
   auto* ev = app.add_subcommand("eval", "Exact-match accuracy of greedy answers on LLaVA-style JSONL questions");
   std::string ev_model, ev_data, ev_report;
@@ -175,7 +187,9 @@ int main(int argc, char** argv) {
   ev->add_option("--max-new-tokens", eo.max_new_tokens, "Most tokens per answer")->capture_default_str();
   ev->add_option("--batch", eo.batch_size, "Questions decoded together")->capture_default_str();
   ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
-  std::string ev_reference;
+  std::string ev_reference, ev_device = "cpu";
+  ev->add_option("--device", ev_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
+      ->capture_default_str();
   ev->add_option("--reference", ev_reference,
                  "Also measure the mean KL(reference || model) of the next-token distribution over answer tokens");
 
@@ -195,6 +209,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   conv->add_option("--kv", kv, "joint (one K/V latent) or split (separate K and V latents)")->capture_default_str();
   conv->add_option("--modality", modality, "decoupled (one down/up pair per modality) or shared")->capture_default_str();
+  conv->add_option("--ridge", co.ridge,
+                   "Whitened: factorise with S + ridge * mean(diag S) I (0: pure activation-aware; larger: towards svd)")
+      ->capture_default_str();
   conv->add_option("--calib-samples", co.calib_samples, "Calibration conversations to use")->capture_default_str();
   conv->add_option("--batch", co.batch_size, "Calibration batch size")->capture_default_str();
   conv->add_option("--stats", co.stats_path, "Calibration statistics file: read if it exists, else written");
@@ -225,6 +242,7 @@ int main(int argc, char** argv) {
   ft->add_option("--eval", fo.eval_path, "Evaluate on this JSONL before, periodically and after");
   ft->add_option("--eval-every", fo.eval_every, "Steps between evaluations (0: only before and after)");
   ft->add_option("--eval-limit", fo.eval_limit, "Evaluate on the first N rows only");
+  ft->add_flag("!--no-eval-before", fo.eval_before, "Skip the evaluation before training");
   ft->add_option("--save-every", fo.save_every, "Steps between checkpoints")->capture_default_str();
   ft->add_option("--resume", fo.resume_dir, "Resume from an earlier run's output directory");
   ft->add_option("--seed", fo.seed, "Data order seed")->capture_default_str();
@@ -234,8 +252,8 @@ int main(int argc, char** argv) {
   try {
     set_threads(threads);
     if (*inspect) return cmd_inspect(inspect_model);
-    if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so);
-    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference);
+    if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so, gen_device);
+    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference, ev_device);
     if (*ft) {
       FinetuneResult r = finetune(fo);
       std::printf("fine-tuned %s -> %s: %lld steps, %lld trainable / %lld frozen decoder weights, final loss %.4f, "

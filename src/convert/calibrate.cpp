@@ -104,7 +104,7 @@ CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& ro
     } catch (const Error& e) {
       throw Error(rows[start].where + " (batch from here): " + e.what());
     }
-    KVCache cache = model.decoder().new_cache(batch.batch(), batch.length(), at::kCPU);
+    KVCache cache = model.decoder().new_cache(batch.batch(), batch.length(), model.device());
     AttentionObserver obs = [&](const AttentionTrace& tr) {
       accumulate_trace(stats.layers[size_t(tr.layer)], tr, batch.valid, batch.is_image);
     };

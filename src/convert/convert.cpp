@@ -134,6 +134,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
   lo.method = o.method;
   lo.kv = o.kv;
   lo.decoupled = o.decoupled;
+  lo.ridge = o.ridge;
   lo.rank = R;
   t0 = std::chrono::steady_clock::now();
   Progress bar("factorise", t.num_layers);
@@ -177,7 +178,10 @@ ConvertReport convert_model(const ConvertOptions& o) {
     check(W.defined(), ws.dir(), "layer ", l, " lacks ", a, mla_names::direct, ".weight");
     if (R == 0) {
       out.add(a + mla_names::direct + ".weight", f32(W));
-      rep.layers.push_back({kl, 0.0, 0.0, "none (no latent)"});
+      LayerReport lr;
+      lr.kept = kl;
+      lr.damping = "none (no latent)";
+      rep.layers.push_back(lr);
       bar.advance(1);
       continue;
     }
@@ -193,7 +197,16 @@ ConvertReport convert_model(const ConvertOptions& o) {
       out.add(a + mla_names::down(false, false) + ".weight", f32(f.text.down));
       out.add(a + mla_names::up(false, false) + ".weight", f32(f.text.up));
     }
-    rep.layers.push_back({kl, f.rel_error_image, f.rel_error_text, f.damping});
+    LayerReport lr;
+    lr.kept = kl;
+    lr.rel_error_image = f.rel_error_image;
+    lr.rel_error_text = f.rel_error_text;
+    lr.key_error_image = f.key_error_image;
+    lr.key_error_text = f.key_error_text;
+    lr.value_error_image = f.value_error_image;
+    lr.value_error_text = f.value_error_text;
+    lr.damping = f.damping;
+    rep.layers.push_back(lr);
     bar.advance(1, str("layer ", l, " err img ", f.rel_error_image, " txt ", f.rel_error_text));
   }
   bar.finish();
@@ -211,6 +224,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
                    {"lowrank", o.method == LowRankMethod::Whitened ? "whitened" : "svd"},
                    {"kv", o.kv == KvLatent::Joint ? "joint" : "split"},
                    {"modality", o.decoupled ? "decoupled" : "shared"},
+                   {"ridge", o.ridge},
                    {"calib_samples", stats.samples},
                    {"kept_pairs", kept}};
   std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
@@ -224,7 +238,11 @@ ConvertReport convert_model(const ConvertOptions& o) {
   for (size_t l = 0; l < rep.layers.size(); ++l)
     layers.push_back({{"layer", l}, {"kept_pairs", rep.layers[l].kept},
                       {"rel_error_image", rep.layers[l].rel_error_image},
-                      {"rel_error_text", rep.layers[l].rel_error_text}, {"damping", rep.layers[l].damping}});
+                      {"rel_error_text", rep.layers[l].rel_error_text},
+                      {"key_error_image", rep.layers[l].key_error_image},
+                      {"key_error_text", rep.layers[l].key_error_text},
+                      {"value_error_image", rep.layers[l].value_error_image},
+                      {"value_error_text", rep.layers[l].value_error_text}, {"damping", rep.layers[l].damping}});
   json report = {{"source", o.model_dir}, {"calib", o.calib_path}, {"mla", config["mla"]},
                  {"kv_bytes_per_token_bf16", {{"before", rep.kv_bytes_before}, {"after", rep.kv_bytes_after}}},
                  {"calib_tokens", {{"text", rep.calib_tokens[0]}, {"image", rep.calib_tokens[1]}}},

@@ -23,6 +23,7 @@ struct ConvertOptions {
   LowRankMethod method = LowRankMethod::Whitened;
   KvLatent kv = KvLatent::Joint;
   bool decoupled = true;
+  double ridge = 0.0;  // see LowRankOptions::ridge
   int64_t calib_samples = 512;
   int64_t batch_size = 8;
   std::string stats_path;  // when set: load calibration statistics from here if present, else save them here
@@ -31,6 +32,7 @@ struct ConvertOptions {
 struct LayerReport {
   std::vector<std::vector<int64_t>> kept;  // [kv head][r]
   double rel_error_image = 0, rel_error_text = 0;
+  double key_error_image = 0, key_error_text = 0, value_error_image = 0, value_error_text = 0;
   std::string damping;
 };
 

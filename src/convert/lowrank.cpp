@@ -34,12 +34,13 @@ struct Whitener {
   }
 };
 
-Whitener whiten(const Tensor& S, const std::string& where, const std::string& modality) {
-  const int64_t d = S.size(0);
-  const double mean_diag = S.diagonal().mean().item<double>();
+Whitener whiten(const Tensor& S_in, const std::string& where, const std::string& modality, double ridge) {
+  const int64_t d = S_in.size(0);
+  const double mean_diag = S_in.diagonal().mean().item<double>();
   check(mean_diag > 0 && std::isfinite(mean_diag), where, "the ", modality,
         " second moment has non-positive trace (all-zero activations?)");
-  const Tensor eye = at::eye(d, S.options());
+  const Tensor eye = at::eye(d, S_in.options());
+  const Tensor S = ridge > 0 ? S_in + eye * (ridge * mean_diag) : S_in;
   // Damping relative to mean(diag S) bounds cond(S + lambda I) by about d / eps, which is what keeps the
   // full-rank product exact for singular S (fewer tokens than d, dead channels).
   for (int e = kFirstEpsExp; e >= kLastEpsExp; --e) {
@@ -168,7 +169,7 @@ LowRankResult factorize_kv(const at::Tensor& W_in, int64_t k_rows, const Modalit
     res.image = res.text = factor(nullptr);
     res.damping = "none (svd)";
   } else if (opt.decoupled) {
-    const Whitener wi = whiten(S_img, where, "image"), wt = whiten(S_txt, where, "text");
+    const Whitener wi = whiten(S_img, where, "image", opt.ridge), wt = whiten(S_txt, where, "text", opt.ridge);
     res.image = factor(&wi);
     res.text = factor(&wt);
     res.damping = "image: " + wi.how + "; text: " + wt.how;
@@ -177,7 +178,7 @@ LowRankResult factorize_kv(const at::Tensor& W_in, int64_t k_rows, const Modalit
     Tensor G;
     if (G_img.defined()) G = G_img;
     if (G_txt.defined()) G = G.defined() ? G + G_txt : G_txt;
-    const Whitener w = whiten(G / static_cast<double>(image.count + text.count), where, "pooled");
+    const Whitener w = whiten(G / static_cast<double>(image.count + text.count), where, "pooled", opt.ridge);
     res.image = res.text = factor(&w);
     res.damping = w.how;
   }

@@ -26,6 +26,10 @@ struct LowRankOptions {
   KvLatent kv = KvLatent::Joint;
   bool decoupled = true;  // one (up, down) pair per modality, each whitened with its own S_m
   int64_t rank = 0;       // latent width R, 1..full_rank(); even for Split when there are key rows
+  // Whitened only: factorise with S + ridge * mean(diag S) * I. 0 is the pure activation-aware
+  // objective; larger values move towards plain SVD, keeping directions the calibration data rarely
+  // visits (inputs unlike the calibration set, e.g. text-only prompts when most rows have images).
+  double ridge = 0.0;
 };
 
 // One factor pair: down [R, d], up [rows, R], float64. c = down x; W x ~= up c.

@@ -72,7 +72,7 @@ Batch prepare_rows(const Vlm& model, const std::vector<Conversation>& rows, size
 
 // Row r's prompt ids without padding.
 std::vector<int64_t> row_ids(const Batch& b, int64_t r) {
-  at::Tensor ids = b.ids[r].masked_select(b.valid[r]).contiguous();
+  at::Tensor ids = b.ids[r].masked_select(b.valid[r]).cpu().contiguous();
   return std::vector<int64_t>(ids.data_ptr<int64_t>(), ids.data_ptr<int64_t>() + ids.numel());
 }
 
@@ -80,7 +80,7 @@ std::vector<int64_t> row_ids(const Batch& b, int64_t r) {
 at::Tensor kl_rows(const at::Tensor& model_logits, const at::Tensor& ref_logits) {
   at::Tensor lm = at::log_softmax(model_logits.to(at::kDouble), -1);
   at::Tensor lr = at::log_softmax(ref_logits.to(at::kDouble), -1);
-  return (lr.exp() * (lr - lm)).sum(-1).contiguous();
+  return (lr.exp() * (lr - lm)).sum(-1).cpu().contiguous();
 }
 
 }  // namespace
@@ -138,14 +138,14 @@ KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Con
     Batch fb = model.make_batch(forced, mb.pixel_values, mb.grids);
     fb.image_keys = mb.image_keys;
     const int64_t T = fb.length();
-    KVCache mc = model.decoder().new_cache(n, T, at::kCPU), rc = reference.decoder().new_cache(n, T, at::kCPU);
+    KVCache mc = model.decoder().new_cache(n, T, model.device()), rc = reference.decoder().new_cache(n, T, reference.device());
     at::Tensor mh = model.prefill(fb, mc), rh = reference.prefill(fb, rc);  // [n, T, d]
     std::vector<int64_t> where;  // flat (row, position) of every predicting position, rows in order
     for (int64_t r = 0; r < n; ++r) {
       const int64_t first = T - int64_t(forced[size_t(r)].size()) + prompt_len[size_t(r)] - 1;
       for (size_t j = 0; j < answers[size_t(r)].size(); ++j) where.push_back(r * T + first + int64_t(j));
     }
-    at::Tensor idx = at::tensor(where, at::kLong);
+    at::Tensor idx = at::tensor(where, at::kLong).to(model.device());
     at::Tensor kl = kl_rows(model.decoder().logits(mh.reshape({n * T, -1}).index_select(0, idx)),
                             reference.decoder().logits(rh.reshape({n * T, -1}).index_select(0, idx)));
     const double* kp = kl.data_ptr<double>();

@@ -92,14 +92,15 @@ std::vector<Generation> generate(const Vlm& model, const Batch& batch, const Sam
   std::vector<Generation> gens(static_cast<size_t>(B));
   if (B == 0) return gens;
   const auto& eos = model.config().eos_token_ids;
-  KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), at::kCPU);
+  KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), model.device());
   at::Tensor h = model.prefill(batch, cache);
   // The decoding batch holds rows[i] (an index into `batch`) at row i; logits, positions, the
   // random states and every cache tensor follow that order.
   std::vector<int64_t> rows(static_cast<size_t>(B));
   std::iota(rows.begin(), rows.end(), 0);
   at::Tensor logits = model.decoder().logits(h.select(1, T - 1));  // [n, V]
-  at::Tensor positions = at::tensor(batch.next_position, at::kLong);  // [n]: position of the first generated token
+  const at::Device dev = model.device();
+  at::Tensor positions = at::tensor(batch.next_position, at::kLong).to(dev);  // [n]: first generated token's
   std::vector<uint64_t> rng = rng_streams(opts.seed, B);
   std::vector<bool> done(static_cast<size_t>(B), false);  // by row of `batch`
   int64_t finished = 0;  // rows of the decoding batch that stopped since it was last compacted
@@ -120,7 +121,7 @@ std::vector<Generation> generate(const Vlm& model, const Batch& batch, const Sam
       all_done = false;
     }
     if (all_done || step + 1 == opts.max_new_tokens) break;
-    at::Tensor tokens = at::tensor(next, at::kLong);  // [n]
+    at::Tensor tokens = at::tensor(next, at::kLong).to(dev);  // [n]
     if (opts.compact && worth_compacting(finished, int64_t(rows.size()))) {
       // Keep the running rows. Each row's computation depends only on its own cache rows, so
       // this changes nothing in the results; it saves the decoding of stopped rows.
@@ -133,7 +134,7 @@ std::vector<Generation> generate(const Vlm& model, const Batch& batch, const Sam
         kept_rows.push_back(rows[i]);
         kept_rng.push_back(rng[i]);
       }
-      at::Tensor idx = at::tensor(keep, at::kLong);
+      at::Tensor idx = at::tensor(keep, at::kLong).to(dev);
       select_cache_rows(cache, idx);
       positions = positions.index_select(0, idx);
       tokens = tokens.index_select(0, idx);

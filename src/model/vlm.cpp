@@ -97,6 +97,11 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
   return m;
 }
 
+void Vlm::to(const at::Device& device, at::ScalarType dtype) {
+  decoder_->to(device, dtype);
+  device_ = device;
+}
+
 int64_t Vlm::parameter_count(const std::string& part) const {
   int64_t n = 0;
   for (const auto& name : store_->names()) {
@@ -220,6 +225,12 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
   if (image != grids.size())
     throw Error(str("image token count does not match the image features: ", grids.size(), " images given, the prompts use ",
                     image));
+  if (device_ != at::Device(at::kCPU)) {
+    b.ids = b.ids.to(device_);
+    b.valid = b.valid.to(device_);
+    b.is_image = b.is_image.to(device_);
+    b.pos = b.pos.to(device_);
+  }
   return b;
 }
 
@@ -281,7 +292,7 @@ at::Tensor Vlm::input_embeddings(const Batch& batch) const {
   // Scatter in order: row-major over (batch, position), as transformers' masked_scatter.
   at::Tensor flat = x.view({-1, x.size(2)});
   at::Tensor idx = is_image.view({-1}).nonzero().squeeze(1);
-  flat.index_copy_(0, idx, feats.to(flat.scalar_type()));
+  flat.index_copy_(0, idx, feats.to(flat.device(), flat.scalar_type()));
   return x;
 }
 

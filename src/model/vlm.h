@@ -48,6 +48,11 @@ class Vlm {
   const DecoderLM& decoder() const { return *decoder_; }
   DecoderLM& mutable_decoder() { return *decoder_; }
   const WeightStore& weights() const { return *store_; }
+  // Where the decoder runs; batches from prepare()/make_batch() live there (pixel values stay on the
+  // CPU with the vision tower).
+  const at::Device& device() const { return device_; }
+  // Moves the decoder to `device` with floating weights in `dtype`.
+  void to(const at::Device& device, at::ScalarType dtype = at::kFloat);
   const std::string& lm_prefix() const { return lm_prefix_; }  // e.g. "model." (the decoder's weights)
   int64_t parameter_count(const std::string& part) const;  // "vision", "language", "all"
 
@@ -90,6 +95,7 @@ class Vlm {
   int64_t pad_id_ = 0;
   std::string lm_prefix_;
   std::string vision_hash_;  // of the vision tower's and projector's weights
+  at::Device device_ = at::kCPU;
 };
 
 }  // namespace mlaforge

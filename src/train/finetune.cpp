@@ -63,7 +63,7 @@ ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, co
   std::vector<std::vector<int64_t>> forced;
   std::vector<int64_t> prompt_len;
   for (int64_t r = 0; r < q.batch(); ++r) {
-    at::Tensor row = q.ids[r].masked_select(q.valid[r]);
+    at::Tensor row = q.ids[r].masked_select(q.valid[r]).cpu().contiguous();
     std::vector<int64_t> ids(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
     prompt_len.push_back(int64_t(ids.size()));
     const auto& a = answers[size_t(r)];
@@ -88,21 +88,13 @@ ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, co
   return f;
 }
 
-Batch on_device(Batch b, const at::Device& dev) {
-  b.ids = b.ids.to(dev);
-  b.valid = b.valid.to(dev);
-  b.is_image = b.is_image.to(dev);
-  b.pos = b.pos.to(dev);
-  return b;  // pixel values stay on the CPU with the vision tower
-}
-
 struct Outputs {
   at::Tensor logits;                 // [N, V] at the answer positions
   std::vector<at::Tensor> attention; // per layer [B, T, d] (when asked)
 };
 
 Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention) {
-  Batch b = on_device(f.batch, dev);
+  const Batch& b = f.batch;  // on the model's device (make_batch put it there)
   KVCache cache = m.decoder().new_cache(b.batch(), b.length(), dev);
   Outputs o;
   ForwardTaps taps;
@@ -151,9 +143,9 @@ FinetuneResult finetune(const FinetuneOptions& o) {
           "the teacher's vocabulary differs from the student's");
     check(teacher->config().text.num_layers == student->config().text.num_layers || o.loss != "ce+attn-mse",
           o.teacher_dir, "attention-output distillation needs the same number of layers");
-    teacher->mutable_decoder().to(dev, at::kFloat);
+    teacher->to(dev);
   }
-  student->mutable_decoder().to(dev, at::kFloat);
+  student->to(dev);
 
   // Trainable weights: the decoder's, by name; everything else stays without gradients.
   std::vector<std::pair<std::string, at::Tensor>> params;
@@ -209,7 +201,7 @@ FinetuneResult finetune(const FinetuneOptions& o) {
                  teacher ? str(", KL ", kl).c_str() : "");
     return r.accuracy;
   };
-  if (!eval_rows.empty() && step == 0) res.accuracy_before = run_eval(0);
+  if (!eval_rows.empty() && step == 0 && o.eval_before) res.accuracy_before = run_eval(0);
 
   // The micro-batches in order: epoch e visits the rows in a permutation drawn from seed + e, so a
   // resumed run sees exactly the batches the uninterrupted one would.

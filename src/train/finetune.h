@@ -26,6 +26,7 @@ struct FinetuneOptions {
   double lr = 2e-4, min_lr = 0.0, weight_decay = 0.0, warmup = 0.05, clip = 1.0;
   int64_t batch = 16, grad_accum = 1;
   int64_t eval_every = 0, eval_limit = 0, save_every = 50;
+  bool eval_before = true;  // also evaluate before training
   uint64_t seed = 0;
   std::string device = "cpu";
   int64_t stop_after = 0;  // stop (as if killed) after this many optimizer steps, for tests of resuming
