@@ -180,9 +180,24 @@ TEST(Finetune, BadOptions) {
     }
     return std::string();
   };
+  // Without --teacher the distillation loss uses the model the checkpoint was converted from ...
   FinetuneOptions o = tiny_options(mla, d / "o");
   o.teacher_dir.clear();
-  EXPECT_NE(err(o).find("--teacher"), std::string::npos);
+  o.steps = 1;
+  EXPECT_EQ(err(o), "");
+  // ... and says so when the checkpoint does not record one.
+  {
+    std::ifstream in(mla + "/config.json");
+    std::string cfg((std::istreambuf_iterator<char>(in)), {});
+    const std::string key = "\"source\": \"";
+    size_t at = cfg.find(key);
+    ASSERT_NE(at, std::string::npos);
+    cfg.insert(at + key.size(), "/nonexistent");
+    std::ofstream(mla + "/config.json") << cfg;
+  }
+  o = tiny_options(mla, d / "o2");
+  o.teacher_dir.clear();
+  EXPECT_NE(err(o).find("--teacher"), std::string::npos) << err(o);
   o = tiny_options(mla, d / "o");
   o.stage = 1;
   EXPECT_NE(err(o).find("--stage 1 trains a partial-RoPE model without a latent"), std::string::npos) << err(o);

@@ -479,21 +479,27 @@ def qwen_messages(images, question, mid_text=True):
     return [{"role": "user", "content": content}]
 
 
+def case_inputs(processor, samples, images_dir):
+    """Chat-template prompts and the processor's batch (left-padded) for one case's samples."""
+    from PIL import Image
+    texts, imgs = [], []
+    for image_names, q in samples:
+        texts.append(processor.apply_chat_template(qwen_messages(image_names, q), tokenize=False,
+                                                   add_generation_prompt=True))
+        imgs += [Image.open(os.path.join(images_dir, n + (".jpg" if "photo" in n or "big" in n else ".png")))
+                 for n in image_names]
+    kwargs = dict(text=texts, return_tensors="pt", padding=True)
+    if imgs:
+        kwargs["images"] = imgs
+    return texts, imgs, processor(**kwargs)
+
+
 def run_qwen_cases(model, processor, model_dir, out_prefix, images_dir):
     from PIL import Image
     processor.tokenizer.padding_side = "left"
     tensors, meta = {}, {"model": os.path.basename(model_dir), "cases": []}
     for cname, samples in qwen_cases():
-        texts, imgs = [], []
-        for image_names, q in samples:
-            msgs = qwen_messages(image_names, q)
-            texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-            imgs += [Image.open(os.path.join(images_dir, n + (".jpg" if "photo" in n or "big" in n else ".png")))
-                     for n in image_names]
-        kwargs = dict(text=texts, return_tensors="pt", padding=True)
-        if imgs:
-            kwargs["images"] = imgs
-        inputs = processor(**kwargs)
+        texts, imgs, inputs = case_inputs(processor, samples, images_dir)
         with torch.no_grad():
             out = model(**inputs, output_hidden_states=True, return_dict=True)
             gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -668,16 +674,7 @@ def make_llava(out_dir):
                              "image_processor": type(processor.image_processor).__name__,
                              "tokenizer": type(processor.tokenizer).__name__}
         for cname, samples in qwen_cases():
-            texts, imgs = [], []
-            for image_names, q in samples:
-                msgs = qwen_messages(image_names, q)
-                texts.append(processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True))
-                imgs += [Image.open(os.path.join(images_dir, n + (".jpg" if "photo" in n or "big" in n else ".png")))
-                         for n in image_names]
-            kw = dict(text=texts, return_tensors="pt", padding=True)
-            if imgs:
-                kw["images"] = imgs
-            inputs = processor(**kw)
+            texts, imgs, inputs = case_inputs(processor, samples, images_dir)
             mask = inputs["attention_mask"]
             pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
             with torch.no_grad():

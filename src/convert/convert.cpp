@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "core/progress.h"
 #include "io/checkpoint.h"
+#include "io/json_file.h"
 #include "io/safetensors.h"
 #include "model/vlm.h"
 
@@ -28,16 +29,6 @@ double since(std::chrono::steady_clock::time_point t0) {
 // Rows `idx` of w [rows, ...] (or undefined when w is).
 at::Tensor rows_of(const at::Tensor& w, const std::vector<int64_t>& idx) {
   return w.defined() ? w.index_select(0, at::tensor(idx, at::kLong)) : at::Tensor();
-}
-
-json read_json_file(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, "file not found");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    fail(path, "not valid JSON (", e.what(), ")");
-  }
 }
 
 }  // namespace
@@ -122,13 +113,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
                                                "k_proj.bias",   "v_proj.weight", "v_proj.bias"};
     for (const auto& n : names) replaced.insert(attn(l) + n);
   }
-  for (const auto& name : ws.names())
-    if (!replaced.count(name)) {
-      static const std::map<std::string, at::ScalarType> types = {
-          {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble}};
-      auto it = types.find(ws.entry(name).dtype);
-      out.add(name, ws.load(name, {}, it == types.end() ? at::kFloat : it->second));
-    }
+  out.copy_from(ws, [&](const std::string& name) { return replaced.count(name) == 0; });
 
   LowRankOptions lo;
   lo.method = o.method;
@@ -226,6 +211,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
                    {"modality", o.decoupled ? "decoupled" : "shared"},
                    {"ridge", o.ridge},
                    {"calib_samples", stats.samples},
+                   {"source", from_stage1 ? cfg.mla.source : fs::absolute(o.model_dir).lexically_normal().string()},
                    {"kept_pairs", kept}};
   std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
   copy_model_files(o.model_dir, o.out_dir);

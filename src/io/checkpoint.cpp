@@ -22,6 +22,11 @@ void ShardWriter::add(const std::string& name, const at::Tensor& t) {
   if (bytes_ >= limit_) flush();
 }
 
+void ShardWriter::copy_from(const WeightStore& store, const std::function<bool(const std::string&)>& keep) {
+  for (const auto& name : store.names())
+    if (keep(name)) add(name, store.load_stored(name));
+}
+
 void ShardWriter::flush() {
   if (pending_.empty()) return;
   std::string tmp = dir_ + "/.shard-" + std::to_string(files_.size()) + ".safetensors";

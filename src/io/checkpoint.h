@@ -4,12 +4,15 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <string>
 #include <utility>
 #include <vector>
 
 namespace mlaforge {
+
+class WeightStore;
 
 // Collects tensors into shards of about `limit` bytes and writes each as it fills; finish() names
 // them model-0000i-of-0000n.safetensors with model.safetensors.index.json, or model.safetensors
@@ -18,6 +21,8 @@ class ShardWriter {
  public:
   ShardWriter(std::string dir, int64_t limit = int64_t(2) << 30);
   void add(const std::string& name, const at::Tensor& t);
+  // Adds every tensor of `store` that `keep` accepts, in its stored dtype and bit for bit.
+  void copy_from(const WeightStore& store, const std::function<bool(const std::string&)>& keep);
   void finish();
 
  private:

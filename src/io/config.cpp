@@ -5,22 +5,13 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_file.h"
 
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 namespace mlaforge {
 namespace {
-
-json read_json(const std::string& path) {
-  std::ifstream in(path);
-  if (!in) fail(path, "file not found");
-  try {
-    return json::parse(in);
-  } catch (const json::exception& e) {
-    fail(path, "not valid JSON (", e.what(), ")");
-  }
-}
 
 // Looks a key up in `primary` (e.g. text_config) and then in `fallback` (the top level).
 const json* lookup(const json& primary, const json& fallback, const std::string& key) {
@@ -146,7 +137,7 @@ void read_qwen2_vision(const json& vc, const std::string& path, Qwen2VisionConfi
 void read_generation_config(const std::string& dir, ModelConfig& c) {
   fs::path gen = fs::path(dir) / "generation_config.json";
   if (!fs::exists(gen)) return;
-  json g = read_json(gen.string());
+  json g = read_json_file(gen.string());
   auto ids = id_list(g.contains("eos_token_id") ? &g["eos_token_id"] : nullptr);
   if (!ids.empty()) c.eos_token_ids = ids;
   if (g.contains("pad_token_id") && g["pad_token_id"].is_number_integer()) c.pad_token_id = g["pad_token_id"];
@@ -238,6 +229,7 @@ void read_mla(const json& top, ModelConfig& c) {
     a.lowrank = m.value("lowrank", std::string());
     a.kv = m.value("kv", std::string());
     a.calib_samples = m.value("calib_samples", int64_t(0));
+    a.source = m.value("source", std::string());
   } catch (const json::exception& e) {
     fail(path, "malformed \"mla\" section (", e.what(), ")");
   }
@@ -265,7 +257,7 @@ ModelConfig load_model_config(const std::string& dir) {
   ModelConfig c;
   c.path = (fs::path(dir) / "config.json").string();
   if (!fs::is_directory(dir)) fail(dir, "model directory not found");
-  json top = read_json(c.path);
+  json top = read_json_file(c.path);
   if (!top.is_object()) fail(c.path, "not a JSON object");
   c.model_type = top.value("model_type", std::string());
   if (c.model_type == "qwen2_vl") {

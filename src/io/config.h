@@ -60,6 +60,7 @@ struct MlaConfig {
   std::vector<std::vector<std::vector<int64_t>>> kept_pairs;  // [layer][kv head][r]
   std::string rope_strategy, lowrank, kv;                     // the options used, for the record
   int64_t calib_samples = 0;
+  std::string source;  // the original model's directory (fine-tuning's default teacher)
 };
 
 struct ModelConfig {

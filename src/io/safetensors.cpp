@@ -148,6 +148,14 @@ at::Tensor SafetensorsFile::load(const std::string& name, at::ScalarType dtype) 
   return view.to(dtype, /*non_blocking=*/false, /*copy=*/true);
 }
 
+at::Tensor SafetensorsFile::load_stored(const std::string& name) const {
+  auto it = entries_.find(name);
+  if (it == entries_.end()) fail(path_, "no tensor named ", name);
+  DtypeInfo di{};
+  dtype_info(it->second.dtype, &di);
+  return load(name, di.type);
+}
+
 WeightStore WeightStore::open_dir(const std::string& dir) {
   WeightStore ws;
   ws.dir_ = dir;
@@ -214,6 +222,12 @@ at::Tensor WeightStore::load(const std::string& name, const std::vector<int64_t>
   if (!expected_shape.empty() && e.shape != expected_shape)
     fail(f->path(), "tensor ", name, " has shape ", shape_str(e.shape), ", expected ", shape_str(expected_shape));
   return f->load(name, dtype);
+}
+
+at::Tensor WeightStore::load_stored(const std::string& name) const {
+  auto it = where_.find(name);
+  if (it == where_.end()) fail(dir_, "missing tensor ", name);
+  return files_[it->second]->load_stored(name);
 }
 
 void save_safetensors(const std::string& path, const std::map<std::string, at::Tensor>& tensors,

@@ -33,6 +33,7 @@ class SafetensorsFile {
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
   // Copies the tensor out of the mapping, converted to `dtype` (default: float32).
   at::Tensor load(const std::string& name, at::ScalarType dtype = at::kFloat) const;
+  at::Tensor load_stored(const std::string& name) const;  // in its own dtype
 
  private:
   SafetensorsFile() = default;
@@ -57,6 +58,8 @@ class WeightStore {
   // naming the file, the tensor and both shapes.
   at::Tensor load(const std::string& name, const std::vector<int64_t>& expected_shape = {},
                   at::ScalarType dtype = at::kFloat) const;
+  // Loads `name` in the dtype it is stored in (a bit-exact copy).
+  at::Tensor load_stored(const std::string& name) const;
   // The file a tensor lives in (for error messages).
   std::string file_of(const std::string& name) const;
 

@@ -119,8 +119,7 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         "choose ce, ce+kl or ce+attn-mse (got \"", o.loss, "\")");
   check(o.trainable == "attn" || o.trainable == "attn+norms" || o.trainable == "all-lm", "--trainable",
         "choose attn, attn+norms or all-lm (got \"", o.trainable, "\")");
-  check(!wants_teacher(o.loss) || !o.teacher_dir.empty(), "--teacher",
-        "loss ", o.loss, " distils from the original model: give --teacher ORIGINAL");
+
   check(o.batch > 0 && o.grad_accum > 0, "--batch", "batch and grad-accum must be positive");
   check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda");
   check(o.device == "cpu" || at::hasCUDA(), "--device", "this build has no CUDA (configure the CUDA build)");
@@ -130,6 +129,13 @@ FinetuneResult finetune(const FinetuneOptions& o) {
 
   auto student = Vlm::load(o.model_dir);
   const MlaConfig& mla = student->config().mla;
+  std::string teacher_dir = o.teacher_dir;
+  if (teacher_dir.empty() && wants_teacher(o.loss) && !mla.source.empty() && fs::exists(mla.source)) {
+    teacher_dir = mla.source;
+    std::fprintf(stderr, "teacher: %s (the model this one was converted from)\n", teacher_dir.c_str());
+  }
+  check(!wants_teacher(o.loss) || !teacher_dir.empty(), "--teacher", "loss ", o.loss,
+        " distils from the original model: give --teacher ORIGINAL (", o.model_dir, " does not record it)");
   if (o.stage == 1)
     check(mla.enabled && mla.latent_dim == 0, student->config().path,
           "--stage 1 trains a partial-RoPE model without a latent (convert with --dkv full)");
@@ -138,11 +144,11 @@ FinetuneResult finetune(const FinetuneOptions& o) {
           "--stage 2 trains a model with a low-rank latent (convert with --dkv N)");
   std::unique_ptr<Vlm> teacher;
   if (wants_teacher(o.loss)) {
-    teacher = Vlm::load(o.teacher_dir);
-    check(teacher->config().text.vocab_size == student->config().text.vocab_size, o.teacher_dir,
+    teacher = Vlm::load(teacher_dir);
+    check(teacher->config().text.vocab_size == student->config().text.vocab_size, teacher_dir,
           "the teacher's vocabulary differs from the student's");
     check(teacher->config().text.num_layers == student->config().text.num_layers || o.loss != "ce+attn-mse",
-          o.teacher_dir, "attention-output distillation needs the same number of layers");
+          teacher_dir, "attention-output distillation needs the same number of layers");
     teacher->to(dev);
   }
   student->to(dev);
@@ -302,17 +308,8 @@ FinetuneResult finetune(const FinetuneOptions& o) {
   const WeightStore& ws = student->weights();
   std::map<std::string, at::Tensor> trained;
   for (auto& [name, t] : params) trained[student->lm_prefix() + name] = t.detach().to(at::kCPU, at::kFloat);
-  for (const auto& name : ws.names()) {
-    auto it = trained.find(name);
-    if (it != trained.end()) {
-      out.add(name, it->second);
-      continue;
-    }
-    static const std::map<std::string, at::ScalarType> types = {
-        {"F32", at::kFloat}, {"F16", at::kHalf}, {"BF16", at::kBFloat16}, {"F64", at::kDouble}};
-    auto ty = types.find(ws.entry(name).dtype);
-    out.add(name, ws.load(name, {}, ty == types.end() ? at::kFloat : ty->second));
-  }
+  out.copy_from(ws, [&](const std::string& name) { return trained.count(name) == 0; });
+  for (auto& [name, t] : trained) out.add(name, t);
   out.finish();
   copy_model_files(o.model_dir, o.out_dir);
   fs::copy_file(student->config().path, o.out_dir + "/config.json", fs::copy_options::overwrite_existing);

@@ -9,7 +9,8 @@ namespace mlaforge {
 
 struct FinetuneOptions {
   std::string model_dir, data_path, out_dir;
-  std::string teacher_dir;   // the original model, for the distillation losses
+  std::string teacher_dir;   // the original model, for the distillation losses (default: the converted
+                             // model's mla.source, where conversion recorded it)
   std::string eval_path;     // periodic and final evaluation (accuracy; KL against the teacher if given)
   std::string resume_dir;    // an earlier run's output directory (its checkpoint/ is restored)
   int stage = 0;             // 1: partial RoPE only (no latent); 2: after low-rank init; 0: from the model
@@ -20,7 +21,7 @@ struct FinetuneOptions {
   // on the same positions; ce+attn-mse: plus each layer's attention-output error against the teacher
   // (relative MSE over real tokens, averaged over layers).
   std::string loss = "ce+kl";
-  double kl_weight = 1.0, mse_weight = 1.0;
+  double kl_weight = 10.0, mse_weight = 1.0;
   int64_t epochs = 1, steps = 0;  // steps > 0 overrides epochs (optimizer steps)
   int64_t limit = 0;              // use only the first N training rows
   double lr = 2e-4, min_lr = 0.0, weight_decay = 0.0, warmup = 0.05, clip = 1.0;
