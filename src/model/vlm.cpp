@@ -40,7 +40,7 @@ std::string hash_vision_weights(const WeightStore& ws) {
     if (name.find("visual.") == std::string::npos && name.find("vision_tower.") == std::string::npos &&
         name.find("multi_modal_projector.") == std::string::npos)
       continue;
-    at::Tensor t = ws.load(name).contiguous();
+    at::Tensor t = ws.load_stored(name).contiguous();  // the stored bytes, no conversion
     mix(name.data(), name.size());
     mix(t.data_ptr(), size_t(t.numel()) * t.element_size());
   }
