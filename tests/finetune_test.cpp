@@ -55,8 +55,10 @@ TEST(Finetune, MlaAttentionGradientsMatchFiniteDifferences) {
   at::Tensor img = at::zeros({B, T}, at::kBool);
   img[1][1] = img[1][2] = true;  // both modalities' factors in play
   at::Tensor w = at::randn({B, T, D}, at::kDouble);
+  CacheOptions expanded;  // the training path
+  expanded.expanded = true;
   auto loss = [&]() {
-    KVCache c = dec.new_cache(B, T, at::kCPU);
+    KVCache c = dec.new_cache(B, T, at::kCPU, expanded);
     at::Tensor h = dec.forward(x, pos, valid, img, c);
     return (h * w * valid.unsqueeze(-1)).sum();
   };

@@ -14,6 +14,7 @@
 #include "core/error.h"
 #include "core/threads.h"
 #include "eval/eval.h"
+#include "infer/bench.h"
 #include "infer/generate.h"
 #include "io/dataset.h"
 #include "train/finetune.h"
@@ -82,6 +83,18 @@ int cmd_inspect(const std::string& model_dir) {
   return 0;
 }
 
+// --kv-cache and --kv-rope, on every command that decodes.
+void add_cache_options(CLI::App* cmd, CacheOptions& c) {
+  cmd->add_option("--kv-cache", c.latent,
+                  "KV cache storage: auto (the compute dtype), bf16, or for MLA checkpoints the latent in int8 or "
+                  "int4 (per-token group scales)")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8", "int4"}))
+      ->capture_default_str();
+  cmd->add_option("--kv-rope", c.rope, "MLA rotary keys: auto (bf16 when the latent is, or is quantized), f32, bf16, int8")
+      ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}))
+      ->capture_default_str();
+}
+
 int cmd_generate(const std::string& model_dir, const std::vector<std::string>& images, const std::string& prompt,
                  const SamplingOptions& so, const std::string& device) {
   auto m = load_on(model_dir, device);
@@ -126,7 +139,7 @@ int cmd_eval(const std::string& model_dir, const std::string& data, int64_t limi
   std::printf("accuracy %.4f on %lld questions in %.1f s\n", rep.accuracy, (long long)rep.n, rep.seconds);
   if (!reference_dir.empty()) {
     auto ref = load_on(reference_dir, device);
-    KlReport kl = answer_kl(*m, *ref, rows, eo.batch_size);
+    KlReport kl = answer_kl(*m, *ref, rows, eo.batch_size, eo.cache);
     attach_kl(rep, kl);
     std::printf("KL(reference || model) %.5f per answer token over %lld positions (%.1f s)\n", kl.mean_kl,
                 (long long)kl.positions, kl.seconds);
@@ -176,6 +189,7 @@ int main(int argc, char** argv) {
   std::string gen_device = "cpu";
   gen->add_option("--device", gen_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
       ->capture_default_str();
+  add_cache_options(gen, so.cache);
 
   auto* ev = app.add_subcommand("eval", "Exact-match accuracy of greedy answers on LLaVA-style JSONL questions");
   std::string ev_model, ev_data, ev_report;
@@ -190,6 +204,7 @@ int main(int argc, char** argv) {
   std::string ev_reference, ev_device = "cpu";
   ev->add_option("--device", ev_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
       ->capture_default_str();
+  add_cache_options(ev, eo.cache);
   ev->add_option("--reference", ev_reference,
                  "Also measure the mean KL(reference || model) of the next-token distribution over answer tokens");
 
@@ -215,6 +230,24 @@ int main(int argc, char** argv) {
   conv->add_option("--calib-samples", co.calib_samples, "Calibration conversations to use")->capture_default_str();
   conv->add_option("--batch", co.batch_size, "Calibration batch size")->capture_default_str();
   conv->add_option("--stats", co.stats_path, "Calibration statistics file: read if it exists, else written");
+
+  auto* bn = app.add_subcommand(
+      "bench", "Prefill/decode speed, attention-kernel bandwidth and KV bytes: an MLA model against its original, "
+               "same process, random weights of the checkpoint's configuration");
+  BenchOptions bo;
+  bn->add_option("--model", bo.model_dir, "Model directory (config.json is enough): an original, or a converted one")->required();
+  bn->add_option("--context", bo.context, "Cached tokens per sequence")->capture_default_str();
+  bn->add_option("--batch", bo.batch, "Sequences decoded together")->capture_default_str();
+  bn->add_option("--decode-steps", bo.decode_steps, "Decoding steps timed")->capture_default_str();
+  bn->add_option("--layers", bo.layers, "Only the first N decoder layers (quick runs of big models)");
+  bn->add_option("--rope-pairs", bo.rope_pairs, "For an original: MLA rotary pairs per KV head (default head_dim/8)");
+  bn->add_option("--dkv", bo.dkv, "For an original: MLA latent width per KV head (default head_dim/4)");
+  bn->add_option("--prefill-chunk", bo.prefill_chunk, "Prefill chunk length")->capture_default_str();
+  bn->add_option("--device", bo.device, "cpu or cuda")->capture_default_str();
+  bn->add_option("--dtype", bo.dtype, "Weights and activations: auto (bf16 on cuda, f32 on cpu), f32, bf16")
+      ->capture_default_str();
+  bn->add_option("--report", bo.report, "Also write the numbers as JSON here");
+  add_cache_options(bn, bo.cache);
 
   auto* ft = app.add_subcommand("finetune",
                                 "Recover a converted model's accuracy: attention-only fine-tuning, optionally distilled");
@@ -254,6 +287,7 @@ int main(int argc, char** argv) {
     if (*inspect) return cmd_inspect(inspect_model);
     if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so, gen_device);
     if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference, ev_device);
+    if (*bn) return run_bench(bo);
     if (*ft) {
       FinetuneResult r = finetune(fo);
       std::printf("fine-tuned %s -> %s: %lld steps, %lld trainable / %lld frozen decoder weights, final loss %.4f, "

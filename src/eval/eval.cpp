@@ -94,7 +94,8 @@ std::vector<int64_t> answer_ids(const Vlm& model, const Conversation& row) {
   return ids;
 }
 
-KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Conversation>& rows, int64_t batch_size) {
+KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Conversation>& rows, int64_t batch_size,
+                   const CacheOptions& cache) {
   check(batch_size > 0, "answer_kl", "batch size must be positive (got ", batch_size, ")");
   const int64_t V = model.config().text.vocab_size;
   check(reference.config().text.vocab_size == V, reference.dir(), "vocabulary size ", reference.config().text.vocab_size,
@@ -138,7 +139,7 @@ KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Con
     Batch fb = model.make_batch(forced, mb.pixel_values, mb.grids);
     fb.image_keys = mb.image_keys;
     const int64_t T = fb.length();
-    KVCache mc = model.decoder().new_cache(n, T, model.device()), rc = reference.decoder().new_cache(n, T, reference.device());
+    KVCache mc = model.decoder().new_cache(n, T, model.device(), cache), rc = reference.decoder().new_cache(n, T, reference.device());
     at::Tensor mh = model.prefill(fb, mc), rh = reference.prefill(fb, rc);  // [n, T, d]
     std::vector<int64_t> where;  // flat (row, position) of every predicting position, rows in order
     for (int64_t r = 0; r < n; ++r) {
@@ -186,6 +187,7 @@ EvalReport evaluate(const Vlm& model, const std::vector<Conversation>& rows, con
   Progress bar("eval", int64_t(rows.size()));
   SamplingOptions so;
   so.max_new_tokens = opts.max_new_tokens;
+  so.cache = opts.cache;
   int64_t correct = 0;
   for (size_t start = 0; start < rows.size(); start += size_t(opts.batch_size)) {
     size_t end = std::min(rows.size(), start + size_t(opts.batch_size));

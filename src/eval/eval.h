@@ -14,6 +14,7 @@ namespace mlaforge {
 struct EvalOptions {
   int64_t max_new_tokens = 48;
   int64_t batch_size = 16;
+  CacheOptions cache;  // the evaluated model's KV cache (the KL reference keeps the default)
 };
 
 struct KindScore {
@@ -63,7 +64,8 @@ struct KlReport {
   std::vector<double> row_kl;            // per row: mean KL over its positions
   std::vector<int64_t> row_positions;    // per row: answer tokens + 1
 };
-KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Conversation>& rows, int64_t batch_size);
+KlReport answer_kl(const Vlm& model, const Vlm& reference, const std::vector<Conversation>& rows, int64_t batch_size,
+                   const CacheOptions& cache = CacheOptions());
 
 // The ids answer_kl teacher-forces after a row's prompt: the reference answer, then the end token.
 std::vector<int64_t> answer_ids(const Vlm& model, const Conversation& row);

@@ -76,8 +76,24 @@ std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptio
 // Every per-row tensor of KVCache is selected here. A new per-row cache tensor (e.g. a latent
 // cache) MUST be added to this function, or compacted batches will pair rows with the wrong cache.
 void select_cache_rows(KVCache& cache, const at::Tensor& rows) {
-  for (auto& t : cache.k) t = t.index_select(0, rows);  // [B, g, capacity, dh] -> [n, ...]
-  for (auto& t : cache.v) t = t.index_select(0, rows);
+  for (auto* list : {&cache.k, &cache.v})
+    for (auto& t : *list) t = t.index_select(0, rows);  // [B, ...] -> [n, ...]
+  if (cache.is_latent()) {
+    // Kept rows keep their blocks; the others' go back to the pool.
+    at::Tensor r = rows.to(at::kCPU).contiguous();
+    std::vector<bool> kept(cache.blocks.size(), false);
+    std::vector<std::vector<int32_t>> blocks;
+    for (int64_t i = 0; i < r.numel(); ++i) {
+      const int64_t row = r.data_ptr<int64_t>()[i];
+      check(!kept[size_t(row)], "kv cache", "row ", row, " selected twice");
+      kept[size_t(row)] = true;
+      blocks.push_back(cache.blocks[size_t(row)]);
+    }
+    for (size_t row = 0; row < kept.size(); ++row)
+      if (!kept[row]) cache.pool->release(cache.blocks[row]);
+    cache.blocks = std::move(blocks);
+    cache.block_table = cache.block_table.index_select(0, rows.to(cache.block_table.device()));
+  }
   cache.key_valid = cache.key_valid.index_select(0, rows);  // [B, capacity] -> [n, capacity]
 }
 
@@ -92,7 +108,7 @@ std::vector<Generation> generate(const Vlm& model, const Batch& batch, const Sam
   std::vector<Generation> gens(static_cast<size_t>(B));
   if (B == 0) return gens;
   const auto& eos = model.config().eos_token_ids;
-  KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), model.device());
+  KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), model.device(), opts.cache);
   at::Tensor h = model.prefill(batch, cache);
   // The decoding batch holds rows[i] (an index into `batch`) at row i; logits, positions, the
   // random states and every cache tensor follow that order.

@@ -20,6 +20,7 @@ struct SamplingOptions {
   // Drop stopped rows from the decoding batch (see worth_compacting). Results are the same either
   // way; false keeps every row to the end (for comparison).
   bool compact = true;
+  CacheOptions cache;  // how the KV cache stores tokens (--kv-cache, --kv-rope)
 };
 
 struct Generation {

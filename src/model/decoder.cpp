@@ -12,9 +12,9 @@
 namespace mlaforge {
 
 int64_t KVCache::bytes() const {
-  int64_t b = 0;
-  for (auto& t : k) b += t.numel() * t.element_size();
-  for (auto& t : v) b += t.numel() * t.element_size();
+  int64_t b = pool ? pool->bytes() : 0;
+  for (const auto* list : {&k, &v})
+    for (auto& t : *list) b += t.numel() * t.element_size();
   return b;
 }
 
@@ -36,45 +36,69 @@ std::vector<int64_t> nope_dims(const std::vector<int64_t>& kept, int64_t head_di
 
 DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store,
                      const std::string& lm_prefix, const std::string& head_name)
-    : cfg_(cfg), mla_(mla) {
+    : DecoderLM(cfg, mla, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
+        if (name == kHeadName) {
+          if (store.has(head_name)) return store.load(head_name, shape);
+          check(cfg.tie_word_embeddings, store.dir(), "missing tensor ", head_name, " (and tie_word_embeddings is false)");
+          return at::Tensor();
+        }
+        WeightLoader w(store, lm_prefix);
+        return required ? w.get(name, shape) : w.maybe(name, shape);
+      }) {}
+
+DecoderLM DecoderLM::random(const TextConfig& cfg, const MlaConfig& mla, at::ScalarType dtype,
+                            const at::Device& device, uint64_t seed) {
+  at::manual_seed(int64_t(seed));
+  auto opts = at::TensorOptions().dtype(dtype).device(device);
+  return DecoderLM(cfg, mla, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
+    if (!required) return at::Tensor();  // no biases
+    if (name.find("norm") != std::string::npos) return at::ones(shape, opts);
+    return at::randn(shape, opts) * (1.0 / std::sqrt(double(shape.back())));  // unit-scale outputs
+  });
+}
+
+DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get) : cfg_(cfg), mla_(mla) {
   const int64_t d = cfg.hidden_size, h = cfg.num_heads, g = cfg.num_kv_heads, dh = cfg.head_dim,
                 f = cfg.intermediate_size, V = cfg.vocab_size, r = mla.rope_pairs, R = mla.latent_dim;
-  WeightLoader w(store, lm_prefix);
-  embed_w_ = w.get("embed_tokens.weight", {V, d});
-  final_norm_ = w.get("norm.weight", {d});
-  if (store.has(head_name))
-    head_w_ = store.load(head_name, {V, d});
-  else if (cfg.tie_word_embeddings)
-    head_w_ = embed_w_;
-  else
-    fail(store.dir(), "missing tensor ", head_name, " (and tie_word_embeddings is false)");
+  struct Loader {  // WeightLoader's interface over `get`, under a name prefix
+    const WeightFn& get;
+    std::string prefix;
+    Loader sub(const std::string& more) const { return Loader{get, prefix + more}; }
+    at::Tensor get_required(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, true); }
+    at::Tensor maybe(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, false); }
+  };
+  Loader w{get, ""};
+  embed_w_ = w.get_required("embed_tokens.weight", {V, d});
+  final_norm_ = w.get_required("norm.weight", {d});
+  head_w_ = get(kHeadName, {V, d}, false);
+  if (!head_w_.defined()) head_w_ = embed_w_;
   for (int64_t i = 0; i < cfg.num_layers; ++i) {
-    WeightLoader l = w.sub("layers." + std::to_string(i) + ".");
-    WeightLoader a = l.sub("self_attn.");
+    Loader l = w.sub("layers." + std::to_string(i) + ".");
+    Loader a = l.sub("self_attn.");
     DecoderLayer L;
-    L.q_w = a.get("q_proj.weight", {h * dh, d});
+    L.q_w = a.get_required("q_proj.weight", {h * dh, d});
     L.q_b = a.maybe("q_proj.bias", {h * dh});
-    L.o_w = a.get("o_proj.weight", {d, h * dh});
+    L.o_w = a.get_required("o_proj.weight", {d, h * dh});
     L.o_b = a.maybe("o_proj.bias", {d});
     if (!mla.enabled) {
-      L.k_w = a.get("k_proj.weight", {g * dh, d});
+      L.k_w = a.get_required("k_proj.weight", {g * dh, d});
       L.k_b = a.maybe("k_proj.bias", {g * dh});
-      L.v_w = a.get("v_proj.weight", {g * dh, d});
+      L.v_w = a.get_required("v_proj.weight", {g * dh, d});
       L.v_b = a.maybe("v_proj.bias", {g * dh});
     } else {
       const int64_t rows = g * (dh - 2 * r) + g * dh;
-      L.k_rope_w = a.get(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
+      L.k_rope_w = a.get_required(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
       L.k_rope_b = a.maybe(std::string(mla_names::k_rope) + ".bias", {g * 2 * r});
       if (R == 0) {
-        L.kv_w = a.get(std::string(mla_names::direct) + ".weight", {rows, d});
+        L.kv_w = a.get_required(std::string(mla_names::direct) + ".weight", {rows, d});
       } else if (mla.decoupled) {
         for (int m = 0; m < 2; ++m) {
-          L.kv_down[m] = a.get(mla_names::down(true, m == 1) + ".weight", {R, d});
-          L.kv_up[m] = a.get(mla_names::up(true, m == 1) + ".weight", {rows, R});
+          L.kv_down[m] = a.get_required(mla_names::down(true, m == 1) + ".weight", {R, d});
+          L.kv_up[m] = a.get_required(mla_names::up(true, m == 1) + ".weight", {rows, R});
         }
       } else {  // one pair for both modalities: the same tensors, so training keeps them tied
-        L.kv_down[0] = L.kv_down[1] = a.get(mla_names::down(false, false) + ".weight", {R, d});
-        L.kv_up[0] = L.kv_up[1] = a.get(mla_names::up(false, false) + ".weight", {rows, R});
+        L.kv_down[0] = L.kv_down[1] = a.get_required(mla_names::down(false, false) + ".weight", {R, d});
+        L.kv_up[0] = L.kv_up[1] = a.get_required(mla_names::up(false, false) + ".weight", {rows, R});
       }
       L.kv_up_b = a.maybe(std::string(mla_names::up_bias), {rows});
       std::vector<int64_t> dims;
@@ -84,11 +108,11 @@ DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightSt
       }
       L.rope_dims = at::tensor(dims, at::kLong).view({g, 2 * r});
     }
-    L.input_norm = l.get("input_layernorm.weight", {d});
-    L.post_norm = l.get("post_attention_layernorm.weight", {d});
-    L.gate_w = l.get("mlp.gate_proj.weight", {f, d});
-    L.up_w = l.get("mlp.up_proj.weight", {f, d});
-    L.down_w = l.get("mlp.down_proj.weight", {d, f});
+    L.input_norm = l.get_required("input_layernorm.weight", {d});
+    L.post_norm = l.get_required("post_attention_layernorm.weight", {d});
+    L.gate_w = l.get_required("mlp.gate_proj.weight", {f, d});
+    L.up_w = l.get_required("mlp.up_proj.weight", {f, d});
+    L.down_w = l.get_required("mlp.down_proj.weight", {d, f});
     layers_.push_back(std::move(L));
   }
   inv_freq_ = rope_inv_freq(dh, cfg.rope_theta);
@@ -96,16 +120,87 @@ DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightSt
 
 at::Tensor DecoderLM::embed(const at::Tensor& ids) const { return at::embedding(embed_w_, ids); }
 
-KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& device) const {
+KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& device,
+                             const CacheOptions& options) const {
   KVCache c;
   c.capacity = capacity;
-  auto opts = at::TensorOptions().dtype(embed_w_.scalar_type()).device(device);
-  for (int64_t i = 0; i < cfg_.num_layers; ++i) {
-    c.k.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
-    c.v.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
+  auto flags = at::TensorOptions().dtype(at::kBool).device(device);
+  c.key_valid = at::zeros({batch, capacity}, flags);
+  const bool latent = mla_.enabled && mla_.latent_dim > 0 && !options.expanded;
+  KvFormat fmt = parse_kv_format(options.latent, "--kv-cache");
+  if (!latent) {
+    check(fmt == KvFormat::F32 || fmt == KvFormat::BF16, "--kv-cache",
+          "int8 and int4 quantize the latent of an MLA checkpoint; this model caches keys and values (auto or bf16)");
+    auto opts = at::TensorOptions().dtype(fmt == KvFormat::BF16 ? at::kBFloat16 : embed_w_.scalar_type()).device(device);
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      c.k.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
+      c.v.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
+    }
+    return c;
   }
-  c.key_valid = at::zeros({batch, capacity}, at::TensorOptions().dtype(at::kBool).device(device));
+  // "auto" stores the latent in the compute dtype (f32, or bf16 for a model running in bf16).
+  const auto dtype = embed_w_.scalar_type();
+  if (options.latent == "auto") {
+    check(dtype == at::kFloat || dtype == at::kBFloat16, "--kv-cache",
+          "the latent cache holds f32, bf16, int8 or int4; a model in ", dtype, " needs the expanded cache");
+    fmt = dtype == at::kBFloat16 ? KvFormat::BF16 : KvFormat::F32;
+  }
+  LatentPoolOptions po;
+  po.latent = fmt;
+  po.rope = options.rope == "auto" ? (fmt == KvFormat::F32 ? KvFormat::F32 : KvFormat::BF16)
+                                   : parse_kv_format(options.rope, "--kv-rope");
+  check(po.rope != KvFormat::Int4, "--kv-rope", "rotary keys are cached as f32, bf16 or int8");
+  po.block_size = options.block_size;
+  const int64_t per_row = (capacity + po.block_size - 1) / po.block_size;
+  c.pool = std::make_shared<LatentPool>(cfg_.num_layers, cfg_.num_kv_heads, 2 * mla_.rope_pairs, mla_.latent_dim,
+                                        batch * per_row, po, device);
+  at::Tensor table = at::empty({batch, per_row}, at::kInt);
+  for (int64_t b = 0; b < batch; ++b) {
+    c.blocks.push_back(c.pool->allocate(per_row));
+    for (int64_t i = 0; i < per_row; ++i) table[b][i] = c.blocks.back()[size_t(i)];
+  }
+  c.block_table = table.to(device);
   return c;
+}
+
+bool DecoderLM::tied_latent(const DecoderLayer& L) { return L.kv_down[0].is_same(L.kv_down[1]); }
+
+at::Tensor DecoderLM::expand_latent(const DecoderLayer& L, const at::Tensor& latent, const at::Tensor& is_image) const {
+  // latent [B, S, R], is_image [B, S] -> [k_nope | v] = W_up^m c + b by each token's modality: [B, S, g*(dh-2r) + g*dh]
+  at::Tensor kv = tied_latent(L) ? dense(latent, L.kv_up[0])
+                                 : at::where(is_image.unsqueeze(-1), dense(latent, L.kv_up[1]), dense(latent, L.kv_up[0]));
+  return L.kv_up_b.defined() ? kv + L.kv_up_b : kv;
+}
+
+at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q, const KVCache& cache,
+                                      size_t layer) const {
+  // q [B, 1, g, group, dh] with its rotary part rotated.
+  const int64_t B = q.size(0), h = cfg_.num_heads, g = cfg_.num_kv_heads, dh = cfg_.head_dim;
+  const int64_t group = h / g, r2 = 2 * mla_.rope_pairs, nope = dh - r2, R = mla_.latent_dim;
+  // Up-projections as key-nope rows [g, nope, R] and value rows [g, dh, R], per modality (0 text, 1 image).
+  auto uk = [&](int m) { return L.kv_up[m].narrow(0, 0, g * nope).view({g, nope, R}); };
+  auto uv = [&](int m) { return L.kv_up[m].narrow(0, g * nope, g * dh).view({g, dh, R}); };
+  at::Tensor q_rope = q.narrow(-1, 0, r2).reshape({B, h, r2});
+  at::Tensor q_nope = q.narrow(-1, r2, nope).reshape({B, g, group, nope}).transpose(0, 1);  // [g, B, group, nope]
+  // Absorbed queries qa^m = W_uk^m^T q_nope: [g, B*group, R] per modality -> [B, h, 2, R].
+  auto absorb = [&](int m) {
+    return at::matmul(q_nope.reshape({g, B * group, nope}), uk(m)).view({g, B, group, R}).transpose(0, 1).reshape({B, h, R});
+  };
+  const bool tied = tied_latent(L);
+  at::Tensor qa_txt = absorb(0), qa_img = tied ? qa_txt : absorb(1);
+  at::Tensor sums = mla_decode(*cache.pool, int64_t(layer), q_rope, at::stack({qa_txt, qa_img}, 2), cache.paged,
+                               1.0 / std::sqrt(double(dh)))
+                        .to(q.scalar_type());  // [B, h, 2, R]
+  // o = W_uv^txt (text sum) + W_uv^img (image sum) per KV head: [g, B*group, R] x [g, R, dh] -> [B, 1, h*dh]
+  auto expand = [&](const at::Tensor& sm, int m) {  // sm [B, h, R]
+    at::Tensor x = sm.view({B, g, group, R}).transpose(0, 1).reshape({g, B * group, R});
+    return at::matmul(x, uv(m).transpose(1, 2));  // [g, B*group, dh]
+  };
+  at::Tensor out = tied ? expand(sums.sum(2), 0) : expand(sums.select(2, 0), 0) + expand(sums.select(2, 1), 1);
+  out = out.view({g, B, group, dh}).transpose(0, 1).reshape({B, 1, h * dh});
+  if (L.kv_up_b.defined())
+    out = out + L.kv_up_b.narrow(0, g * nope, g * dh).view({g, dh}).repeat_interleave(group, 0).view({1, 1, h * dh});
+  return out;
 }
 
 at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const at::Tensor& cos,
@@ -129,35 +224,55 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
     at::Tensor c = cos.index_select(-1, idx).view({B, T, g, r2}), s = sin.index_select(-1, idx).view({B, T, g, r2});
     at::Tensor qh = dense(x, L.q_w, L.q_b).view({B, T, g, group, dh});
     at::Tensor q_rope = apply_rotary(qh.narrow(-1, 0, r2), c.unsqueeze(3), s.unsqueeze(3));
-    q = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1).view({B, T, h, dh}).transpose(1, 2);
-    at::Tensor k_rope = apply_rotary(dense(x, L.k_rope_w, L.k_rope_b).view({B, T, g, r2}), c, s);
-    // The latent c = W_down^m x and its expansion W_up^m c + b, by each token's modality.
-    at::Tensor kv;  // [B, T, g*(dh-2r) + g*dh]
-    if (L.kv_w.defined()) {
-      kv = dense(x, L.kv_w);
-    } else if (L.kv_down[0].is_same(L.kv_down[1])) {
-      kv = dense(dense(x, L.kv_down[0]), L.kv_up[0]);
-    } else {
-      at::Tensor img = is_image.view({B, T, 1});
-      at::Tensor latent = at::where(img, dense(x, L.kv_down[1]), dense(x, L.kv_down[0]));  // [B, T, R]
-      kv = at::where(img, dense(latent, L.kv_up[1]), dense(latent, L.kv_up[0]));
+    at::Tensor k_rope = apply_rotary(dense(x, L.k_rope_w, L.k_rope_b).view({B, T, g, r2}), c, s);  // [B, T, g, 2r]
+    at::Tensor img = is_image.view({B, T, 1});
+    at::Tensor latent;  // c = W_down^m x by each token's modality: [B, T, R] (undefined when kv is fused)
+    if (!L.kv_w.defined())
+      latent = tied_latent(L) ? dense(x, L.kv_down[0]) : at::where(img, dense(x, L.kv_down[1]), dense(x, L.kv_down[0]));
+    if (cache.is_latent()) {
+      LatentPool& pool = *cache.pool;
+      pool.write(int64_t(layer), cache.new_slots, k_rope.reshape({B * T, g, r2}), latent.reshape({B * T, -1}));
+      // The modality bytes are shared by all layers: written once.
+      if (layer == 0) pool.write_modality(cache.new_slots, is_image.reshape({-1}));
+      at::Tensor qr = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1);  // [B, T, g, group, dh]
+      // Decoding: the absorbed form over the latent cache. Prefill (T > 1): the expanded form, with
+      // keys and values rebuilt from every cached latent (as stored, i.e. after quantization).
+      if (T == 1) return dense(absorbed_decode(L, qr, cache, layer), L.o_w, L.o_b);
+      q = qr.view({B, T, h, dh}).transpose(1, 2);
+      const auto dt = x.scalar_type();
+      at::Tensor kv = expand_latent(L, pool.read_latent(int64_t(layer), cache.all_slots, dt), pool.read_modality(cache.all_slots));
+      at::Tensor K = at::cat({pool.read_k_rope(int64_t(layer), cache.all_slots, dt), kv.narrow(-1, 0, g * nope).view({B, S, g, nope})}, -1);
+      return attend(L, q, K.transpose(1, 2), kv.narrow(-1, g * nope, g * dh).view({B, S, g, dh}).transpose(1, 2),
+                    mask, x, q_pre, k_pre, cos, sin, layer, taps);
     }
-    if (L.kv_up_b.defined()) kv = kv + L.kv_up_b;
+    q = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1).view({B, T, h, dh}).transpose(1, 2);
+    at::Tensor kv = L.kv_w.defined() ? dense(x, L.kv_w, L.kv_up_b) : expand_latent(L, latent, is_image);  // [B, T, g*(dh-2r) + g*dh]
     at::Tensor k_nope = kv.narrow(-1, 0, g * nope).view({B, T, g, nope});
     v = kv.narrow(-1, g * nope, g * dh).view({B, T, g, dh}).transpose(1, 2);
     k = at::cat({k_rope, k_nope}, -1).transpose(1, 2);
   }
   cache.k[layer].narrow(2, start, T).copy_(k);
   cache.v[layer].narrow(2, start, T).copy_(v);
-  at::Tensor K = cache.k[layer].narrow(2, 0, S), V = cache.v[layer].narrow(2, 0, S);
+  return attend(L, q, cache.k[layer].narrow(2, 0, S), cache.v[layer].narrow(2, 0, S), mask, x, q_pre, k_pre, cos, sin,
+                layer, taps);
+}
+
+at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
+                             const at::Tensor& mask, const at::Tensor& x, const at::Tensor& q_pre,
+                             const at::Tensor& k_pre, const at::Tensor& cos, const at::Tensor& sin, size_t layer,
+                             const ForwardTaps& taps) const {
+  // q [B, h, T, dh]; K, V [B, g, S, dh]
+  const int64_t B = q.size(0), h = q.size(1), T = q.size(2), dh = q.size(3), g = K.size(1), S = K.size(2);
+  const int64_t group = h / g;
   // GQA without copying K/V: queries grouped by their KV head, [B, g, group*T, dh].
   at::Tensor qg = q.reshape({B, g, group * T, dh});
-  at::Tensor scores = at::matmul(qg, K.transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
+  // A bf16 cache is read in the compute dtype.
+  at::Tensor scores = at::matmul(qg, K.to(q.scalar_type()).transpose(2, 3)) * (1.0 / std::sqrt(double(dh)));  // [B, g, group*T, S]
   scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
   // Softmax in float32 (float64 when the model runs in float64, e.g. for gradient checks).
   at::Tensor p = at::softmax(scores, -1, scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   if (taps.observer && *taps.observer) (*taps.observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
-  at::Tensor out = at::matmul(p.view({B, g, group * T, S}).to(V.scalar_type()), V)
+  at::Tensor out = at::matmul(p.view({B, g, group * T, S}).to(q.scalar_type()), V.to(q.scalar_type()))
                        .view({B, h, T, dh})
                        .transpose(1, 2)
                        .reshape({B, T, h * dh});
@@ -171,6 +286,16 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
   std::vector<at::Tensor>* hidden = taps.hidden;
   auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
   cache.key_valid.narrow(1, start, T).copy_(valid);
+  if (cache.is_latent()) {
+    // Pool slots of positions [0, S) through the block table: [B, S]; the new ones [B*T].
+    const int64_t bs = cache.pool->block_size();
+    at::Tensor p = at::arange(S, at::TensorOptions().dtype(at::kLong).device(cache.block_table.device()));
+    cache.all_slots = cache.block_table.to(at::kLong).index_select(1, at::div(p, bs, "floor")) * bs + p.remainder(bs);
+    cache.new_slots = cache.all_slots.narrow(1, start, T).reshape({-1});
+    // Left padding is a prefix of each row: attended positions [number of invalid ones, S).
+    at::Tensor begin = cache.key_valid.narrow(1, 0, S).logical_not().sum(1).to(at::kInt);
+    cache.paged = PagedBatch{cache.block_table, begin, at::full_like(begin, S)};
+  }
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
   at::Tensor query_pos = key_pos.narrow(0, start, T);
@@ -216,7 +341,7 @@ std::vector<std::pair<std::string, at::Tensor*>> DecoderLM::named_weights() {
     add(a + mla_names::k_rope + ".weight", L.k_rope_w);
     add(a + mla_names::k_rope + ".bias", L.k_rope_b);
     add(a + mla_names::direct + ".weight", L.kv_w);
-    const bool tied = L.kv_down[0].defined() && L.kv_down[0].is_same(L.kv_down[1]);
+    const bool tied = L.kv_down[0].defined() && tied_latent(L);
     for (int m = tied ? 0 : 1; m >= 0; --m) {
       add(a + mla_names::down(!tied, m == 1) + ".weight", L.kv_down[m]);
       add(a + mla_names::up(!tied, m == 1) + ".weight", L.kv_up[m]);
@@ -239,7 +364,7 @@ void DecoderLM::to(const at::Device& device, at::ScalarType dtype) {
     if (t.defined()) t = t.to(device, t.is_floating_point() ? dtype : t.scalar_type());
   };
   for (DecoderLayer& L : layers_) {
-    const bool tied = L.kv_down[0].defined() && L.kv_down[0].is_same(L.kv_down[1]);
+    const bool tied = L.kv_down[0].defined() && tied_latent(L);
     for (at::Tensor* t : {&L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b, &L.input_norm, &L.post_norm,
                           &L.gate_w, &L.up_w, &L.down_w, &L.k_rope_w, &L.k_rope_b, &L.kv_down[0], &L.kv_up[0], &L.kv_up_b,
                           &L.kv_w})

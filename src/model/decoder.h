@@ -1,28 +1,49 @@
 // The decoder language model shared by Qwen2 and Llama: pre-norm layers of GQA self-attention
 // (optional q/k/v/o biases, rotate_half RoPE or M-RoPE) and a SwiGLU MLP, RMSNorm, lm_head.
-// A converted checkpoint's layers use Multi-head Latent Attention instead (DESIGN.md section 3),
-// here in its expanded form: the latent is expanded to keys and values before attention.
+// A converted checkpoint's layers use Multi-head Latent Attention instead (DESIGN.md section 3):
+// prefill and training expand the latent to keys and values; decoding over a latent cache runs the
+// absorbed form.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <functional>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "infer/latent_pool.h"
 #include "io/config.h"
 
 namespace mlaforge {
 
 class WeightStore;
 
-// Keys and values of every layer for a batch, preallocated to `capacity` positions.
-// k[l], v[l]: [B, g, capacity, dh] (rotated keys). key_valid [B, capacity]: false for left padding.
+// The attention cache of every layer for a batch, `capacity` positions per row. Either the keys and
+// values (original attention, or MLA expanded), or MLA's paged latent cache (DESIGN.md section 3):
+// per token the rotated rotary keys, the latent and the modality bit, read by the absorbed decode.
 struct KVCache {
-  std::vector<at::Tensor> k, v;
-  at::Tensor key_valid;
+  std::vector<at::Tensor> k, v;        // [B, g, capacity, dh] (rotated keys)
+  std::shared_ptr<LatentPool> pool;    // latent cache: shared block pool
+  std::vector<std::vector<int32_t>> blocks;  // latent cache: each row's blocks, position p in blocks[p / block_size]
+  at::Tensor block_table;              // latent cache: [B, capacity / block_size] int32 on the pool's device
+  at::Tensor key_valid;                // [B, capacity]: false for left padding
   int64_t len = 0;       // positions written so far
   int64_t capacity = 0;
-  int64_t bytes() const;
+  bool is_latent() const { return pool != nullptr; }
+  int64_t bytes() const;  // allocated bytes of the per-token storage
+  // Per forward call (latent cache): flat pool slots of the new positions [B*T] and of all positions
+  // [B, S], and the decoding view of the batch.
+  at::Tensor new_slots, all_slots;
+  PagedBatch paged;
+};
+
+// How a cache stores tokens: --kv-cache / --kv-rope, and whether an MLA model caches the expanded
+// keys and values instead of its latent (for comparisons and tests).
+struct CacheOptions {
+  std::string latent = "auto";  // auto (the compute dtype), f32, bf16, int8, int4
+  std::string rope = "auto";    // auto (bf16 when the latent is quantized), f32, bf16, int8
+  int64_t block_size = 64;
+  bool expanded = false;
 };
 
 struct DecoderLayer {
@@ -66,10 +87,22 @@ class DecoderLM {
   // the embedding when tie_word_embeddings). `mla` describes a converted checkpoint (or is disabled).
   DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store, const std::string& lm_prefix,
             const std::string& head_name);
+  // Where weights come from: (name under the language model's prefix, or kHeadName for lm_head;
+  // expected shape; required) -> the tensor, undefined for an absent optional one (or an absent
+  // lm_head of tied embeddings).
+  using WeightFn = std::function<at::Tensor(const std::string&, const std::vector<int64_t>&, bool)>;
+  static constexpr const char* kHeadName = "<lm_head>";
+  DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get);
+  // Random weights of the configuration's shapes (no biases), for benchmarks of full-size models.
+  static DecoderLM random(const TextConfig& cfg, const MlaConfig& mla, at::ScalarType dtype, const at::Device& device,
+                          uint64_t seed);
 
   const TextConfig& config() const { return cfg_; }
   at::Tensor embed(const at::Tensor& ids) const;  // [B, T] int64 -> [B, T, d]
-  KVCache new_cache(int64_t batch, int64_t capacity, const at::Device& device) const;
+  // A paged latent cache for MLA checkpoints with a latent (unless options.expanded), else keys and
+  // values (stored as options.latent says: auto or bf16; int8/int4 need a latent).
+  KVCache new_cache(int64_t batch, int64_t capacity, const at::Device& device,
+                    const CacheOptions& options = CacheOptions()) const;
 
   // Runs every layer over x [B, T, d] whose tokens sit at positions pos [3, B, T]; keys and values
   // go to cache positions [cache.len, cache.len + T) and cache.len advances by T. `valid` [B, T]
@@ -90,6 +123,18 @@ class DecoderLM {
   at::Tensor attention(const DecoderLayer& L, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& mask, const at::Tensor& is_image, KVCache& cache, size_t layer,
                        const ForwardTaps& taps) const;
+  // Decoding over the paged latent cache, absorbed (DESIGN.md section 3): q [B, 1, g, group, dh] with
+  // its rotary part rotated -> attention output before o_proj [B, 1, h*dh]. Per query head two
+  // absorbed queries W_uk^m^T q_nope, the decode kernel's two latent sums, then W_uv^m and the v bias.
+  at::Tensor absorbed_decode(const DecoderLayer& L, const at::Tensor& q, const KVCache& cache, size_t layer) const;
+  // Softmax attention of q [B, h, T, dh] over K, V [B, g, S, dh] (GQA), then o_proj: [B, T, d].
+  at::Tensor attend(const DecoderLayer& L, const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
+                    const at::Tensor& mask, const at::Tensor& x, const at::Tensor& q_pre, const at::Tensor& k_pre,
+                    const at::Tensor& cos, const at::Tensor& sin, size_t layer, const ForwardTaps& taps) const;
+  // latent [B, S, R] with each token's modality [B, S] -> [k_nope | v] [B, S, g*(dh-2r) + g*dh].
+  at::Tensor expand_latent(const DecoderLayer& L, const at::Tensor& latent, const at::Tensor& is_image) const;
+  // True when one down/up pair serves both modalities (shared conversion or a text-only model).
+  static bool tied_latent(const DecoderLayer& L);
   TextConfig cfg_;
   MlaConfig mla_;
   at::Tensor embed_w_, final_norm_, head_w_, inv_freq_;

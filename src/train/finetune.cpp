@@ -95,7 +95,9 @@ struct Outputs {
 
 Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention) {
   const Batch& b = f.batch;  // on the model's device (make_batch put it there)
-  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), dev);
+  CacheOptions expanded;  // training runs the expanded form (DESIGN.md section 3)
+  expanded.expanded = true;
+  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), dev, expanded);
   Outputs o;
   ForwardTaps taps;
   if (attention) taps.attention = &o.attention;

@@ -1,0 +1,238 @@
+#include "infer/bench.h"
+
+#include <ATen/ATen.h>
+#include <torch/version.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <fstream>
+#include <functional>
+
+#include <nlohmann/json.hpp>
+
+#include "core/error.h"
+#include "io/config.h"
+
+#ifdef MLAFORGE_WITH_CUDA
+#include <c10/cuda/CUDAFunctions.h>
+#endif
+
+namespace mlaforge {
+
+namespace {
+
+void sync(const at::Device& d) {
+#ifdef MLAFORGE_WITH_CUDA
+  if (d.is_cuda()) c10::cuda::device_synchronize();
+#endif
+}
+
+// Mean seconds per call of f over `reps` calls after 2 warm-up calls.
+double seconds_per_call(const at::Device& dev, int64_t reps, const std::function<void()>& f) {
+  for (int i = 0; i < 2; ++i) f();
+  sync(dev);
+  auto t0 = std::chrono::steady_clock::now();
+  for (int64_t i = 0; i < reps; ++i) f();
+  sync(dev);
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
+}
+
+// Device-to-device copy bandwidth, counting bytes read and written.
+double copy_bandwidth(const at::Device& dev) {
+  const int64_t n = dev.is_cuda() ? (int64_t(1) << 30) : (int64_t(1) << 28);
+  at::Tensor src = at::ones({n}, at::TensorOptions().dtype(at::kByte).device(dev)), dst = at::empty_like(src);
+  const double s = seconds_per_call(dev, dev.is_cuda() ? 20 : 5, [&] { dst.copy_(src); });
+  return 2.0 * double(n) / s;
+}
+
+struct Measured {
+  double prefill_tok_s = 0, decode_tok_s = 0;
+  double attention_s = 0, attention_bytes = 0;  // one layer's decode attention, whole batch
+  double sdpa_s = 0;                            // PyTorch's SDPA on the same keys and values (original only)
+  int64_t kv_bytes = 0, kv_slots = 0;           // allocated cache and the token slots it holds
+};
+
+// Text positions [3, B, T] starting at `start` (M-RoPE's axes advance together for text).
+at::Tensor text_positions(int64_t B, int64_t start, int64_t T, const at::Device& dev) {
+  return at::arange(start, start + T, at::TensorOptions().dtype(at::kLong).device(dev)).view({1, 1, T}).expand({3, B, T}).contiguous();
+}
+
+Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& cache_opts, const at::Device& dev,
+                 bool is_original) {
+  Measured r;
+  const TextConfig& t = m.config();
+  const int64_t B = o.batch, S = o.context, cap = S + o.decode_steps;
+  auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
+  auto flags = at::TensorOptions().dtype(at::kBool).device(dev);
+  {
+    // Prefill of one sequence in chunks; a quarter of the tokens are image tokens (MLA's image pair).
+    KVCache c = m.new_cache(1, S, dev, cache_opts);
+    const double s = seconds_per_call(dev, 1, [&] {
+      c.len = 0;
+      for (int64_t at_pos = 0; at_pos < S; at_pos += o.prefill_chunk) {
+        const int64_t T = std::min(o.prefill_chunk, S - at_pos);
+        at::Tensor ids = at::randint(t.vocab_size, {1, T}, long_opts);
+        at::Tensor img = (at::arange(at_pos, at_pos + T, long_opts) < S / 4).view({1, T});
+        m.forward(m.embed(ids), text_positions(1, at_pos, T, dev), at::ones({1, T}, flags), img, c);
+      }
+    });
+    r.prefill_tok_s = double(S) / s;
+  }
+  // Decoding: a cache of B sequences holding S random tokens each, then decode_steps steps.
+  KVCache c = m.new_cache(B, cap, dev, cache_opts);
+  r.kv_bytes = c.bytes();
+  r.kv_slots = c.is_latent() ? c.pool->num_blocks() * c.pool->block_size() : B * cap;
+  at::Tensor slots;  // [B*S] the pool slots of the cached positions
+  if (c.is_latent()) {
+    const int64_t bs = c.pool->block_size();
+    at::Tensor p = at::arange(S, long_opts);
+    slots = (c.block_table.to(at::kLong).index_select(1, at::div(p, bs, "floor")) * bs + p.remainder(bs)).reshape({-1});
+    c.pool->write_modality(slots, at::rand({B * S}, at::TensorOptions().device(dev)) < 0.25);
+    for (int64_t l = 0; l < c.pool->layers(); ++l)
+      c.pool->write(l, slots, at::randn({B * S, c.pool->kv_heads(), c.pool->rope_dim()}, at::TensorOptions().device(dev)),
+                    at::randn({B * S, c.pool->latent_dim()}, at::TensorOptions().device(dev)));
+  } else {
+    for (size_t l = 0; l < c.k.size(); ++l) {
+      c.k[l].narrow(2, 0, S).normal_();
+      c.v[l].narrow(2, 0, S).normal_();
+    }
+  }
+  c.key_valid.narrow(1, 0, S).fill_(true);
+  c.len = S;
+  at::Tensor tok = at::randint(t.vocab_size, {B, 1}, long_opts);
+  at::Tensor no_img = at::zeros({B, 1}, flags), valid = at::ones({B, 1}, flags);
+  int64_t step = 0;
+  const double s = seconds_per_call(dev, o.decode_steps - 2, [&] {
+    at::Tensor h = m.forward(m.embed(tok), text_positions(B, S + step, 1, dev), valid, no_img, c);
+    tok = m.logits(h).argmax(-1);
+    ++step;
+  });
+  r.decode_tok_s = double(B) / s;
+
+  // One layer's decode attention over the S cached tokens of every sequence.
+  const int64_t h = t.num_heads, g = t.num_kv_heads, dh = t.head_dim;
+  const auto dtype = m.embed(tok).scalar_type();
+  auto fopts = at::TensorOptions().device(dev);
+  if (c.is_latent()) {
+    const LatentPool& pool = *c.pool;
+    PagedBatch pb{c.block_table, at::zeros({B}, fopts.dtype(at::kInt)), at::full({B}, S, fopts.dtype(at::kInt))};
+    at::Tensor qr = at::randn({B, h, pool.rope_dim()}, fopts), ql = at::randn({B, h, 2, pool.latent_dim()}, fopts) * 0.1;
+    r.attention_s = seconds_per_call(dev, o.attention_reps, [&] { mla_decode(pool, 0, qr, ql, pb, 0.1); });
+    r.attention_bytes = double(B * S) * double(pool.bytes()) / double(pool.layers() * pool.num_blocks() * pool.block_size());
+  } else {
+    at::Tensor K = c.k[0].narrow(2, 0, S), V = c.v[0].narrow(2, 0, S);  // [B, g, S, dh]
+    at::Tensor q = at::randn({B, g, h / g, dh}, fopts.dtype(dtype));
+    const double scale = 1.0 / std::sqrt(double(dh));
+    // Our MHA cache path: the attention of DecoderLM::attend for one query per sequence.
+    r.attention_s = seconds_per_call(dev, o.attention_reps, [&] {
+      at::Tensor p = at::softmax(at::matmul(q, K.transpose(2, 3)) * scale, -1, at::kFloat);
+      at::matmul(p.to(dtype), V);
+    });
+    r.attention_bytes = double(B * S * 2 * g * dh) * double(K.element_size());
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
+    at::Tensor q4 = q.reshape({B, h, 1, dh});
+    r.sdpa_s = seconds_per_call(dev, o.attention_reps, [&] {
+      at::scaled_dot_product_attention(q4, K, V, {}, 0.0, false, scale, /*enable_gqa=*/true);
+    });
+#endif
+  }
+  (void)is_original;
+  return r;
+}
+
+}  // namespace
+
+int run_bench(const BenchOptions& o) {
+  check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda (got ", o.device, ")");
+  check(o.device == "cpu" || at::hasCUDA(), "--device cuda", "this build has no CUDA (see DEVELOPERS.md)");
+  check(o.context > 0 && o.batch > 0 && o.decode_steps > 2 && o.prefill_chunk > 0, "bench",
+        "--context, --batch, --prefill-chunk must be positive and --decode-steps at least 3");
+  const at::Device dev = o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  const at::ScalarType dtype = o.dtype == "bf16" ? at::kBFloat16
+                               : o.dtype == "f32" ? at::kFloat
+                               : o.dtype == "auto" ? (dev.is_cuda() ? at::kBFloat16 : at::kFloat)
+                                                   : (fail("--dtype", "choose auto, f32 or bf16 (got ", o.dtype, ")"), at::kFloat);
+  ModelConfig cfg = load_model_config(o.model_dir);
+  TextConfig text = cfg.text;
+  if (o.layers > 0) text.num_layers = std::min(text.num_layers, o.layers);
+  MlaConfig mla = cfg.mla;
+  const int64_t g = text.num_kv_heads, dh = text.head_dim;
+  if (!mla.enabled) {
+    // An original checkpoint: an MLA model of its shapes, kept pairs 0..r-1 (which pairs does not matter for speed).
+    mla.enabled = true;
+    mla.rope_pairs = o.rope_pairs >= 0 ? o.rope_pairs : dh / 8;  // dr = head_dim / 4 rotary dims
+    mla.latent_dim = g * (o.dkv >= 0 ? o.dkv : dh / 4);
+    mla.decoupled = true;
+    check(mla.rope_pairs <= dh / 2, "--rope-pairs", "at most ", dh / 2, " pairs per head");
+    std::vector<int64_t> kept(size_t(mla.rope_pairs));
+    for (int64_t i = 0; i < mla.rope_pairs; ++i) kept[size_t(i)] = i;
+    mla.kept_pairs.assign(size_t(text.num_layers), std::vector<std::vector<int64_t>>(size_t(g), kept));
+  } else {
+    check(o.rope_pairs < 0 && o.dkv < 0, "--rope-pairs/--dkv", o.model_dir, " is already converted; its mla section says");
+    mla.kept_pairs.resize(size_t(text.num_layers));
+  }
+  check(mla.latent_dim > 0, o.model_dir, "the MLA model needs a latent (dkv > 0) to bench the latent cache");
+  MlaConfig none;
+  CacheOptions orig_cache;
+  orig_cache.latent = dtype == at::kBFloat16 ? "bf16" : "auto";
+
+  std::printf("bench: %s, %lld layers (hidden %lld, %lld heads, %lld KV heads, head_dim %lld), random weights in %s on %s\n",
+              o.model_dir.c_str(), (long long)text.num_layers, (long long)text.hidden_size, (long long)text.num_heads,
+              (long long)g, (long long)dh, dtype == at::kBFloat16 ? "bf16" : "f32", o.device.c_str());
+  std::printf("       MLA: %lld rotary pairs per KV head, latent %lld; cache --kv-cache %s --kv-rope %s; context %lld, batch %lld\n",
+              (long long)mla.rope_pairs, (long long)mla.latent_dim, o.cache.latent.c_str(), o.cache.rope.c_str(),
+              (long long)o.context, (long long)o.batch);
+  const double copy_bw = copy_bandwidth(dev);
+  std::printf("copy bandwidth %.1f GB/s (bytes read + written)\n", copy_bw / 1e9);
+  Measured mo, mm;
+  {
+    DecoderLM orig = DecoderLM::random(text, none, dtype, dev, 1);
+    mo = measure(orig, o, orig_cache, dev, true);
+  }
+  {
+    DecoderLM conv = DecoderLM::random(text, mla, dtype, dev, 2);
+    CacheOptions mc = o.cache;
+    if (mc.latent == "auto" && dtype == at::kBFloat16) mc.latent = "bf16";
+    mm = measure(conv, o, mc, dev, false);
+  }
+  auto row = [](const char* what, double a, double b, const char* fmt) {
+    char x[32], y[32];
+    std::snprintf(x, sizeof x, fmt, a);
+    std::snprintf(y, sizeof y, fmt, b);
+    std::printf("%-34s %16s %16s %9.2fx\n", what, x, y, b / a);
+  };
+  std::printf("%-34s %16s %16s %10s\n", "", "original", "MLA", "MLA/orig");
+  row("KV bytes per token (all layers)", double(mo.kv_bytes) / double(mo.kv_slots), double(mm.kv_bytes) / double(mm.kv_slots), "%.1f");
+  row("KV bytes allocated (MiB)", double(mo.kv_bytes) / 1048576.0, double(mm.kv_bytes) / 1048576.0, "%.1f");
+  row("prefill tokens/s (1 sequence)", mo.prefill_tok_s, mm.prefill_tok_s, "%.0f");
+  row("decode tokens/s (batch)", mo.decode_tok_s, mm.decode_tok_s, "%.1f");
+  row("attention us per layer and step", mo.attention_s * 1e6, mm.attention_s * 1e6, "%.1f");
+  row("attention GB/s", mo.attention_bytes / mo.attention_s / 1e9, mm.attention_bytes / mm.attention_s / 1e9, "%.1f");
+  row("attention % of copy bandwidth", 100 * mo.attention_bytes / mo.attention_s / copy_bw,
+      100 * mm.attention_bytes / mm.attention_s / copy_bw, "%.1f");
+  const double mla_per_token = double(mm.kv_bytes) / double(mm.kv_slots);
+  const double bf16_mha_per_token = double(2 * text.num_layers * g * dh * 2);
+  std::printf("tokens held in the same KV budget: %.2fx the original's cache above, %.2fx a bf16 MHA/GQA cache "
+              "(%.0f bytes per token)\n",
+              (double(mo.kv_bytes) / double(mo.kv_slots)) / mla_per_token, bf16_mha_per_token / mla_per_token,
+              bf16_mha_per_token);
+  if (mo.sdpa_s > 0)
+    std::printf("PyTorch SDPA (original's keys and values): %.1f us per layer and step (%.2fx our MHA path, %.2fx MLA kernel)\n",
+                mo.sdpa_s * 1e6, mo.attention_s / mo.sdpa_s, mo.sdpa_s / mm.attention_s);
+  if (!o.report.empty()) {
+    auto j = [&](const Measured& m) {
+      return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s},
+                            {"attention_us", m.attention_s * 1e6}, {"attention_gb_per_s", m.attention_bytes / m.attention_s / 1e9},
+                            {"kv_bytes", m.kv_bytes}, {"kv_bytes_per_token", double(m.kv_bytes) / double(m.kv_slots)},
+                            {"sdpa_us", m.sdpa_s * 1e6}};
+    };
+    nlohmann::json rep{{"model", o.model_dir}, {"device", o.device}, {"context", o.context}, {"batch", o.batch},
+                       {"layers", text.num_layers}, {"kv_cache", o.cache.latent}, {"kv_rope", o.cache.rope},
+                       {"copy_gb_per_s", copy_bw / 1e9}, {"original", j(mo)}, {"mla", j(mm)}};
+    std::ofstream(o.report) << rep.dump(2) << "\n";
+  }
+  return 0;
+}
+
+}  // namespace mlaforge

@@ -1,0 +1,99 @@
+// The paged latent KV cache of an MLA model (DESIGN.md section 3): per layer, blocks of tokens holding
+// the rotated rotary keys and the latent, bf16/f32 or quantized with per-token group scales, plus one
+// modality byte per token shared by all layers. Sequences own blocks through block tables, so many
+// sequences share one pool and a finished sequence's blocks go back to it.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/mla_decode.h"
+
+namespace mlaforge {
+
+// "auto" (the model's compute dtype: f32 on CPU), "f32", "bf16", "int8", "int4"; fails naming `what`.
+KvFormat parse_kv_format(const std::string& name, const std::string& what);
+const char* kv_format_name(KvFormat f);
+
+// Symmetric quantization of the last dimension in groups of `group` values (one fp16 scale per group):
+// x [..., D] -> values int8 [..., D] (Int8) or uint8 [..., D/2] (Int4, see KvFormat), scales fp16
+// [..., D/group]. Scales are absmax/127 (Int8) or absmax/7 (Int4), rounded to fp16 before use.
+struct QuantizedRows {
+  at::Tensor values, scales;
+};
+QuantizedRows quantize_rows(const at::Tensor& x, KvFormat format, int64_t group);
+// Inverse of quantize_rows: -> [..., D] in `dtype`.
+at::Tensor dequantize_rows(const at::Tensor& values, const at::Tensor& scales, KvFormat format, int64_t group,
+                           at::ScalarType dtype);
+
+struct LatentPoolOptions {
+  KvFormat latent = KvFormat::F32;  // storage of the latent c
+  KvFormat rope = KvFormat::F32;    // storage of the rotary keys (F32, BF16 or Int8)
+  int64_t block_size = 64;          // tokens per block
+  int64_t latent_group = 32;        // latent values per scale (clamped to a divisor of R)
+};
+
+class LatentPool {
+ public:
+  // Storage for `num_blocks` blocks of every layer on `device`. rope_dim is 2r (per KV head).
+  LatentPool(int64_t layers, int64_t kv_heads, int64_t rope_dim, int64_t latent_dim, int64_t num_blocks,
+             const LatentPoolOptions& options, const at::Device& device);
+
+  const LatentPoolOptions& options() const { return opt_; }
+  int64_t layers() const { return int64_t(k_rope_.size()); }
+  int64_t kv_heads() const { return kv_heads_; }
+  int64_t rope_dim() const { return rope_dim_; }
+  int64_t latent_dim() const { return latent_dim_; }
+  int64_t block_size() const { return opt_.block_size; }
+  int64_t num_blocks() const { return num_blocks_; }
+  int64_t free_blocks() const { return int64_t(free_.size()); }
+  at::Device device() const { return is_image_.device(); }
+
+  // Takes n free blocks (fails when the pool is exhausted) / gives blocks back.
+  std::vector<int32_t> allocate(int64_t n);
+  void release(const std::vector<int32_t>& blocks);
+
+  // Stores N tokens at flat slots (block * block_size + offset), [N] int64: rotary keys [N, g, 2r]
+  // and latents [N, R] of `layer`, quantized to the pool's formats.
+  void write(int64_t layer, const at::Tensor& slots, const at::Tensor& k_rope, const at::Tensor& latent);
+  void write_modality(const at::Tensor& slots, const at::Tensor& is_image);  // [N] bool
+  // Reads slots [...] back, dequantized: k_rope [..., g, 2r], latent [..., R] in `dtype`; modality [...] bool.
+  at::Tensor read_k_rope(int64_t layer, const at::Tensor& slots, at::ScalarType dtype) const;
+  at::Tensor read_latent(int64_t layer, const at::Tensor& slots, at::ScalarType dtype) const;
+  at::Tensor read_modality(const at::Tensor& slots) const;
+
+  // The kernel view of one layer (pointers only; the caller fills queries, tables and out).
+  MlaDecodeParams kernel_params(int64_t layer) const;
+
+  // Allocated bytes of every layer's tensors and the modality bytes; per cached token.
+  int64_t bytes() const;
+  double bytes_per_token() const { return double(bytes()) / double(num_blocks_ * opt_.block_size); }
+
+ private:
+  LatentPoolOptions opt_;
+  int64_t kv_heads_, rope_dim_, latent_dim_, num_blocks_;
+  // Per layer: [NB, bs, g, 2r] (+ scales [NB, bs, g]); [NB, bs, R or R/2] (+ scales [NB, bs, R/group]).
+  std::vector<at::Tensor> k_rope_, k_rope_scale_, latent_, latent_scale_;
+  at::Tensor is_image_;  // [NB, bs] uint8
+  std::vector<int32_t> free_;
+};
+
+// The batch's view of the pool for one decoding step: block tables [B, max_blocks] int32 and the
+// attended positions [seq_begin, seq_end) of each sequence, [B] int32, on the pool's device.
+struct PagedBatch {
+  at::Tensor block_table, seq_begin, seq_end;
+};
+
+// Absorbed decode over one layer of the pool: q_rope [B, h, 2r], q_latent [B, h, 2, R] (absorbed
+// queries for text and image keys) -> [B, h, 2, R], the softmax-weighted latent sums over text and
+// image keys. The plain ATen reference: reads the cache back dequantized and computes in q's dtype
+// (float64 for kernel tests).
+at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope,
+                                const at::Tensor& q_latent, const PagedBatch& batch, double scale);
+// The same through the CPU or CUDA kernel (by the pool's device), in float32.
+at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
+                      const PagedBatch& batch, double scale);
+
+}  // namespace mlaforge

@@ -1,0 +1,1223 @@
+// CUDA kernels of the absorbed MLA decode over the paged latent cache (kernels/mla_decode.h).
+//
+// Flash-decoding: grid (split, sequence[, head group]). One CTA takes every query head of its sequence over
+// one chunk of the sequence's positions, so each cached token is read from memory once per CTA; it keeps
+// per head a running max and sum and two latent accumulators (text, image), and writes them, normalised, to
+// the workspace. A combine kernel merges the splits with the log-sum-exp rule. With one split the main
+// kernel writes `out` itself and there is no combine.
+//
+// Two main kernels:
+//  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
+//    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
+//    products run on WMMA bf16 16x16x16 with fp32 accumulation:
+//        S[Hpad x 64]      = Qrope_blockdiag[Hpad x KRpad] . Krope^T  +  Q_m[Hpad x R] . C^T  (m = modality of
+//                            the token's column; both Q_text.C^T and Q_image.C^T are computed)
+//        O_m[Hpad x R]    += P_m[Hpad x 64] . C[64 x R]   (P_m: P with the other modality's columns zeroed)
+//    Queries are rounded to bf16 here, so this kernel is for the bf16/quantised caches (~1e-3 relative).
+//  - CUDA-core kernel (everything else, and every F32 cache): fp32 throughout, generic shapes.
+//
+// Scores are kept in log2 units (scale * log2(e) folded in) so that exp2f does the softmax.
+#ifndef MLAFORGE_WITH_CUDA
+#define MLAFORGE_WITH_CUDA
+#endif
+#include "kernels/mla_decode.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#include <mma.h>
+
+#include <cuda/std/atomic>
+#include <cstdlib>
+#include <cstring>
+
+namespace mlaforge {
+
+namespace {
+
+namespace wmma = nvcuda::wmma;
+using bf16 = __nv_bfloat16;
+
+constexpr int kThreads = 256;        // 8 warps per CTA, both main kernels
+constexpr int kWarps = kThreads / 32;
+constexpr int kTile = 64;            // tokens per pipeline stage of the tensor-core kernel
+constexpr int kCcTile = 32;          // tokens per step of the CUDA-core kernel (one per lane)
+constexpr int kMinSplitTokens = 256; // a split shorter than this is not worth its partial result
+constexpr int kMaxSplits = 256;
+constexpr int kMaxStages = 4;
+constexpr int kMaxSide = 4;          // register-staged scales per thread and array: <= 16 scales per token
+constexpr int kCombineThreads = 128;
+constexpr int kTwoCtaSmem = 113 * 1024;  // dynamic smem that still lets 2 CTAs share an H100 SM (228 KiB)
+constexpr float kLog2e = 1.4426950408889634f;
+
+// ---------------------------------------------------------------------------------------------------------
+// Split of a sequence: every split of sequence b covers `split_chunk` positions (a multiple of the tile,
+// at least kMinSplitTokens) from seq_begin; trailing splits of short sequences are empty. The combine kernel
+// uses the same function to know how many splits hold tokens.
+__host__ __device__ inline int split_chunk(int len, int num_splits) {
+  int per = (len + num_splits - 1) / num_splits;
+  if (per < kMinSplitTokens) per = kMinSplitTokens;
+  return (per + kTile - 1) / kTile * kTile;
+}
+
+__device__ __forceinline__ float half_bits_to_float(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+// Byte k of w as a signed int8.
+__device__ __forceinline__ int sext_byte(uint32_t w, int k) { return static_cast<int>(w << (24 - 8 * k)) >> 24; }
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  uint32_t u;
+  memcpy(&u, &v, 4);
+  return u;
+}
+
+// cp.async of `bytes` (16, 8 or 4; both addresses aligned to it). When !valid nothing is read and the
+// destination is zero-filled (src-size 0), so tokens past the end of a chunk contribute exact zeros.
+__device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const size_t src = __cvta_generic_to_global(gmem_src);
+  const int src_bytes = valid ? bytes : 0;
+  if (bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  } else if (bytes == 8) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+  }
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+// Waits until at most `pending` (0 .. kMaxStages-2) of this thread's cp.async groups are in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+  if (pending <= 0) {
+    asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+  } else if (pending == 1) {
+    asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  }
+}
+
+// Pool row (block * block_size + slot) of position `pos` of the sequence whose block-table row is `table`.
+__device__ __forceinline__ int64_t pool_row(const int32_t* table, int block_size, int pos) {
+  return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
+}
+
+// Where a split's results go: normalised accumulators [heads, 2, R] and (max, sum) per head.
+struct SplitOutput {
+  float* acc;  // out + b*heads*2R when there is one split, else the workspace row of (b, split)
+  float2* ml;  // nullptr when there is one split
+};
+
+__device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, int num_splits, float* part_acc,
+                                                    float2* part_ml, int b, int split) {
+  const int64_t row_floats = static_cast<int64_t>(p.heads) * 2 * p.latent_dim;
+  if (num_splits == 1) return {p.out + b * row_floats, nullptr};
+  const int64_t slot = static_cast<int64_t>(b) * num_splits + split;
+  return {part_acc + slot * row_floats, part_ml + slot * p.heads};
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Tensor-core kernel.
+
+struct TcArgs {
+  MlaDecodeParams p;
+  int num_splits;
+  float* part_acc;    // [batch, splits, heads, 2, R]
+  float2* part_ml;    // [batch, splits, heads]: (running max in log2 units, sum of exponentials)
+  float score_scale;  // p.scale * log2(e)
+  int stages;         // cp.async ring depth, 2..kMaxStages
+  int smem_bytes;     // multiple of 16
+  int kr;             // kv_heads * rope_dim: rotary values per token
+  int ldr;            // smem row stride (bf16) of Q rope and K rope operands: roundup(kr, 16) + 8
+  int ldl;            // smem row stride (bf16) of Q latent and latent operands: R + 8
+  int lds;            // smem row stride (fp32) of the score tile: kTile + 4
+  int ng;             // latent scales per token (Int8/Int4)
+  int rope_row_bytes, lat_row_bytes;  // one token's stored row in the pool
+  int rope_st_ld, lat_st_ld;          // smem row stride (bytes) of the copied rows in a stage
+  int rope_granule, lat_granule;      // cp.async size for each (16, 8 or 4)
+  // Shared-memory carve-up (byte offsets, 128-aligned).
+  int off_q_rope;   // bf16 [Hpad][ldr]: block-diagonal rotary queries (head h in the columns of its KV head)
+  int off_q_lat;    // bf16 [2][Hpad][ldl]: absorbed queries, text then image
+  int off_stage;    // stages x stage_bytes
+  int stage_bytes;
+  int st_rope;      // in a stage: BF16 -> bf16 [kTile][ldr] (the operand itself); Int8 -> int8 [kTile][kr]
+  int st_lat;       // BF16 -> bf16 [kTile][ldl]; Int8 -> int8 [kTile][R]; Int4 -> uint8 [kTile][R/2]
+  int st_img;       // uint8 [kTile]
+  int st_lsc;       // fp16 bits [kTile][ng]
+  int st_rsc;       // fp16 bits [kTile][kv_heads]
+  int off_rope_op;  // bf16 [kTile][ldr], dequantised rotary keys (Int8 only)
+  int off_lat_op;   // bf16 [kTile][ldl], dequantised latent (Int8/Int4 only)
+  int off_s;        // fp32 [Hpad][lds] scores; reused in place as bf16 P_text/P_img [Hpad][2*lds]
+  int off_alpha;    // fp32 [Hpad]: this tile's rescale factor of each row
+  int off_m, off_l; // fp32 [Hpad]: final row max and sum
+};
+
+// Scales and modality bits of one token, loaded into registers when its tile's copy is issued and written to
+// the stage at the end of the iteration (these rows are 1-32 bytes, too narrow for cp.async).
+struct SideRegs {
+  uint32_t img;
+  uint16_t lsc[kMaxSide];
+  uint16_t rsc[kMaxSide];
+};
+
+// Two CTAs per SM (<= 128 registers) where the output accumulators are at most 4 fragments per warp.
+template <KvFormat RF, KvFormat LF, int kHT, int kCTW>
+__global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_tc_kernel(const __grid_constant__ TcArgs a) {
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
+  using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
+  using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
+  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  constexpr int kHpad = kHT * 16;                 // query heads padded to whole 16-row tiles
+  constexpr int kElems = FragC::num_elements;
+  constexpr int kScoreUnits = (kHT + 1) / 2;      // score row tiles per warp (warps 0-3 even, 4-7 odd tiles)
+  constexpr int kRowsPerThread = (kHpad + 31) / 32;  // softmax rows per 8-lane group
+  constexpr bool kRopeQuant = RF != KvFormat::BF16;
+  constexpr bool kLatQuant = LF != KvFormat::BF16;
+  static_assert(RF == KvFormat::BF16 || RF == KvFormat::Int8, "rotary keys: BF16 or Int8");
+  static_assert(LF == KvFormat::BF16 || LF == KvFormat::Int8 || LF == KvFormat::Int4, "latent: BF16/Int8/Int4");
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  const MlaDecodeParams& p = a.p;
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int split = blockIdx.x, b = blockIdx.y;
+  const int H = p.heads, R = p.latent_dim, kv = p.kv_heads, bs = p.block_size;
+  const int ldr = a.ldr, ldl = a.ldl, lds = a.lds;
+  const int lat_tiles = R / 16;
+
+  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
+  const int chunk = split_chunk(seq_end - seq_begin, a.num_splits);
+  const int c0 = seq_begin + split * chunk;
+  const int c1 = min(seq_end, c0 + chunk);
+  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  if (c0 >= c1) {
+    // Empty split: the combine skips it; a lone empty split (empty sequence) still defines `out`.
+    if (a.num_splits == 1)
+      for (int i = tid; i < H * 2 * R; i += kThreads) dst.acc[i] = 0.f;
+    return;
+  }
+  const int num_tiles = (c1 - c0 + kTile - 1) / kTile;
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+
+  bf16* q_rope_s = reinterpret_cast<bf16*>(smem + a.off_q_rope);
+  bf16* q_lat_s = reinterpret_cast<bf16*>(smem + a.off_q_lat);
+  float* s_buf = reinterpret_cast<float*>(smem + a.off_s);
+  bf16* p_buf = reinterpret_cast<bf16*>(smem + a.off_s);  // P_text(h, t) = p_buf[h*ldp + t], P_img at +kTile
+  const int ldp = 2 * lds;
+  float* alpha_s = reinterpret_cast<float*>(smem + a.off_alpha);
+
+  // Everything starts at zero: the pad columns of the rotary operands (kr..roundup(kr,16)), the pad query rows
+  // (heads..Hpad) and the off-diagonal blocks of the rotary queries are read by the MMAs and must be finite.
+  {
+    uint4* s4 = reinterpret_cast<uint4*>(smem);
+    for (int i = tid; i < a.smem_bytes / 16; i += kThreads) s4[i] = make_uint4(0u, 0u, 0u, 0u);
+  }
+  __syncthreads();
+
+  // Copy plan: 4 threads per token (kTile * 4 == kThreads); thread `part` copies chunks part, part+4, ...
+  const int tok = tid >> 2, part = tid & 3;
+  static_assert(kTile * 4 == kThreads, "4 threads per token");
+  auto stage_ptr = [&](int tile) { return smem + a.off_stage + (tile % a.stages) * a.stage_bytes; };
+  auto issue_copies = [&](int tile, int64_t row, bool valid) {
+    unsigned char* st = stage_ptr(tile);
+    {
+      const unsigned char* src = static_cast<const unsigned char*>(p.k_rope) + row * a.rope_row_bytes;
+      unsigned char* d = st + a.st_rope + tok * a.rope_st_ld;
+      const int g = a.rope_granule;
+      for (int c = part * g; c < a.rope_row_bytes; c += 4 * g) cp_async(d + c, src + c, g, valid);
+    }
+    {
+      const unsigned char* src = static_cast<const unsigned char*>(p.latent) + row * a.lat_row_bytes;
+      unsigned char* d = st + a.st_lat + tok * a.lat_st_ld;
+      const int g = a.lat_granule;
+      for (int c = part * g; c < a.lat_row_bytes; c += 4 * g) cp_async(d + c, src + c, g, valid);
+    }
+  };
+  auto load_side = [&](int64_t row, bool valid, SideRegs& s) {
+    s.img = (valid && part == 0) ? static_cast<uint32_t>(p.is_image[row]) : 0u;
+    if constexpr (kLatQuant) {
+#pragma unroll
+      for (int k = 0; k < kMaxSide; ++k) {
+        const int e = part + 4 * k;
+        s.lsc[k] = (valid && e < a.ng) ? p.latent_scale[row * a.ng + e] : static_cast<uint16_t>(0);
+      }
+    }
+    if constexpr (kRopeQuant) {
+#pragma unroll
+      for (int k = 0; k < kMaxSide; ++k) {
+        const int e = part + 4 * k;
+        s.rsc[k] = (valid && e < kv) ? p.k_rope_scale[row * kv + e] : static_cast<uint16_t>(0);
+      }
+    }
+  };
+  auto store_side = [&](int tile, const SideRegs& s) {
+    unsigned char* st = stage_ptr(tile);
+    if (part == 0) st[a.st_img + tok] = s.img != 0u ? 1 : 0;
+    if constexpr (kLatQuant) {
+      uint16_t* lsc = reinterpret_cast<uint16_t*>(st + a.st_lsc) + tok * a.ng;
+#pragma unroll
+      for (int k = 0; k < kMaxSide; ++k)
+        if (part + 4 * k < a.ng) lsc[part + 4 * k] = s.lsc[k];
+    }
+    if constexpr (kRopeQuant) {
+      uint16_t* rsc = reinterpret_cast<uint16_t*>(st + a.st_rsc) + tok * kv;
+#pragma unroll
+      for (int k = 0; k < kMaxSide; ++k)
+        if (part + 4 * k < kv) rsc[part + 4 * k] = s.rsc[k];
+    }
+  };
+
+  // Prologue: tiles 0 .. stages-2 in flight, one commit group per tile (empty groups keep the count uniform).
+  for (int tile = 0; tile < a.stages - 1; ++tile) {
+    if (tile < num_tiles) {
+      const int pos = c0 + tile * kTile + tok;
+      const bool valid = pos < c1;
+      const int64_t row = valid ? pool_row(table, bs, pos) : 0;
+      issue_copies(tile, row, valid);
+      SideRegs side;
+      load_side(row, valid, side);
+      store_side(tile, side);
+    }
+    cp_async_commit();
+  }
+  // Block id of this thread's token in the next tile to fetch, loaded one iteration ahead of its use.
+  int next_block = 0;
+  {
+    const int pos = c0 + (a.stages - 1) * kTile + tok;
+    if (a.stages - 1 < num_tiles && pos < c1) next_block = table[pos / bs];
+  }
+
+  // Queries to bf16 while the first tiles land.
+  {
+    const int group = H / kv;
+    const float* qr = p.q_rope + static_cast<int64_t>(b) * H * p.rope_dim;
+    for (int i = tid; i < H * p.rope_dim; i += kThreads) {
+      const int h = i / p.rope_dim, k = i - h * p.rope_dim;
+      q_rope_s[h * ldr + (h / group) * p.rope_dim + k] = __float2bfloat16_rn(qr[i]);
+    }
+    const float* ql = p.q_latent + static_cast<int64_t>(b) * H * 2 * R;
+    for (int i = tid; i < H * 2 * R; i += kThreads) {
+      const int h = i / (2 * R), rem = i - h * 2 * R, m = rem / R, r = rem - m * R;
+      q_lat_s[(m * kHpad + h) * ldl + r] = __float2bfloat16_rn(ql[i]);
+    }
+  }
+  // Which (row, column) each accumulator element holds: WMMA leaves the mapping unspecified, so read it off a
+  // fragment loaded from the table code(r, c) = 16 r + c. Used to select/mask scores and rescale rows in
+  // registers.
+  int map_code[kElems];
+  {
+    for (int i = tid; i < 256; i += kThreads) s_buf[i] = static_cast<float>(i);
+    __syncthreads();
+    FragC map_frag;
+    wmma::load_matrix_sync(map_frag, s_buf, 16, wmma::mem_row_major);
+#pragma unroll
+    for (int e = 0; e < kElems; ++e) map_code[e] = static_cast<int>(map_frag.x[e]);
+    // s_buf is next written after the first loop barrier, which every warp reaches after this load.
+  }
+
+  // Rotary k-steps of each score row tile: only the column blocks of the KV heads its query heads use.
+  int rope_k_lo[kScoreUnits], rope_k_hi[kScoreUnits];
+#pragma unroll
+  for (int u = 0; u < kScoreUnits; ++u) {
+    const int rt = (warp >> 2) + 2 * u;
+    const int h_lo = rt * 16, h_hi = min(rt * 16 + 15, H - 1);
+    if (h_lo < H) {
+      const int group = H / kv;
+      rope_k_lo[u] = (h_lo / group) * p.rope_dim / 16;
+      rope_k_hi[u] = ((h_hi / group + 1) * p.rope_dim - 1) / 16;
+    } else {
+      rope_k_lo[u] = 0;
+      rope_k_hi[u] = -1;
+    }
+  }
+
+  FragC acc_o[kCTW][kHT][2];  // O_m(row tile, column tile warp + 8*cw)
+#pragma unroll
+  for (int cw = 0; cw < kCTW; ++cw)
+#pragma unroll
+    for (int rt = 0; rt < kHT; ++rt) {
+      wmma::fill_fragment(acc_o[cw][rt][0], 0.f);
+      wmma::fill_fragment(acc_o[cw][rt][1], 0.f);
+    }
+  float m_run[kRowsPerThread], l_run[kRowsPerThread];
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    m_run[q] = -INFINITY;
+    l_run[q] = 0.f;
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait(a.stages - 2);  // this thread's copies of `tile` are done
+    __syncthreads();              // ... and everyone's; everyone is also done with tile-1's buffers
+
+    // Refill the stage that tile-1 used with tile + stages - 1.
+    const int fetch = tile + a.stages - 1;
+    SideRegs side_next;
+    const bool fetching = fetch < num_tiles;
+    if (fetching) {
+      const int pos = c0 + fetch * kTile + tok;
+      const bool valid = pos < c1;
+      const int64_t row = valid ? static_cast<int64_t>(next_block) * bs + pos % bs : 0;
+      issue_copies(fetch, row, valid);
+      load_side(row, valid, side_next);
+      const int pos_next = pos + kTile;
+      if (fetch + 1 < num_tiles && pos_next < c1) next_block = table[pos_next / bs];
+    }
+    cp_async_commit();
+
+    const unsigned char* st = stage_ptr(tile);
+    const unsigned char* img_s = st + a.st_img;
+    const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
+
+    // Dequantise into the bf16 operands (BF16 tiles are used in place).
+    const bf16* rope_op;
+    const bf16* lat_op;
+    if constexpr (kRopeQuant) {
+      const int8_t* raw = reinterpret_cast<const int8_t*>(st + a.st_rope);      // [kTile][kr]
+      const uint16_t* rsc = reinterpret_cast<const uint16_t*>(st + a.st_rsc);   // [kTile][kv]
+      bf16* out = reinterpret_cast<bf16*>(smem + a.off_rope_op);
+      const int pairs = a.kr / 2;  // rope_dim is even, so a pair never straddles two KV heads
+      for (int i = tid; i < kTile * pairs; i += kThreads) {
+        const int t = i / pairs, c = 2 * (i - t * pairs);
+        const char2 v = *reinterpret_cast<const char2*>(raw + t * a.kr + c);
+        const float sc = half_bits_to_float(rsc[t * kv + c / p.rope_dim]);
+        *reinterpret_cast<uint32_t*>(out + t * ldr + c) = pack_bf16x2(v.x * sc, v.y * sc);
+      }
+      rope_op = out;
+    } else {
+      rope_op = reinterpret_cast<const bf16*>(st + a.st_rope);
+    }
+    if constexpr (kLatQuant) {
+      const unsigned char* raw = st + a.st_lat;                                 // [kTile][lat_row_bytes]
+      const uint16_t* lsc = reinterpret_cast<const uint16_t*>(st + a.st_lsc);   // [kTile][ng]
+      bf16* out = reinterpret_cast<bf16*>(smem + a.off_lat_op);
+      const int units = R / 8;  // 8 values per unit; R % 16 == 0 here
+      const int group = p.latent_group;
+      for (int i = tid; i < kTile * units; i += kThreads) {
+        const int t = i / units, c = 8 * (i - t * units);
+        float v[8];
+        if constexpr (LF == KvFormat::Int8) {
+          const uint2 w = *reinterpret_cast<const uint2*>(raw + t * R + c);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            v[e] = static_cast<float>(sext_byte(w.x, e));
+            v[e + 4] = static_cast<float>(sext_byte(w.y, e));
+          }
+        } else {
+          // Element 2i in the low nibble of byte i: element e sits at bits 4e..4e+3 of the little-endian word.
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + t * (R / 2) + c / 2);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(static_cast<int>((w >> (4 * e)) & 15u) - 8);
+        }
+        const uint16_t* sc_row = lsc + t * a.ng;
+        uint4 packed;
+        uint32_t* pw = reinterpret_cast<uint32_t*>(&packed);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {  // groups are even, so a pair shares its scale
+          const float sc = half_bits_to_float(sc_row[(c + 2 * e) / group]);
+          pw[e] = pack_bf16x2(v[2 * e] * sc, v[2 * e + 1] * sc);
+        }
+        *reinterpret_cast<uint4*>(out + t * ldl + c) = packed;
+      }
+      lat_op = out;
+    } else {
+      lat_op = reinterpret_cast<const bf16*>(st + a.st_lat);
+    }
+    if constexpr (kRopeQuant || kLatQuant) __syncthreads();
+
+    // Scores. Warp w: token tile w&3, row tiles (w>>2) + 2u. Rotary part first, then the accumulator is copied
+    // so that the text and image latent products both start from it; each element then keeps the product of
+    // its token's modality.
+    {
+      const int tt = warp & 3;
+#pragma unroll
+      for (int u = 0; u < kScoreUnits; ++u) {
+        const int rt = (warp >> 2) + 2 * u;
+        if (rt >= kHT) break;
+        FragC acc_t, acc_i;
+        wmma::fill_fragment(acc_t, 0.f);
+#pragma unroll 1
+        for (int k = rope_k_lo[u]; k <= rope_k_hi[u]; ++k) {
+          FragA qa;
+          FragBCol kb;
+          wmma::load_matrix_sync(qa, q_rope_s + rt * 16 * ldr + k * 16, ldr);
+          wmma::load_matrix_sync(kb, rope_op + tt * 16 * ldr + k * 16, ldr);
+          wmma::mma_sync(acc_t, qa, kb, acc_t);
+        }
+        acc_i = acc_t;
+        if (rt * 16 < H) {
+#pragma unroll 2
+          for (int k = 0; k < lat_tiles; ++k) {
+            FragBCol cb;
+            FragA qt, qi;
+            wmma::load_matrix_sync(cb, lat_op + tt * 16 * ldl + k * 16, ldl);
+            wmma::load_matrix_sync(qt, q_lat_s + (rt * 16) * ldl + k * 16, ldl);
+            wmma::load_matrix_sync(qi, q_lat_s + (kHpad + rt * 16) * ldl + k * 16, ldl);
+            wmma::mma_sync(acc_t, qt, cb, acc_t);
+            wmma::mma_sync(acc_i, qi, cb, acc_i);
+          }
+        }
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          const int r = map_code[e] >> 4, t = tt * 16 + (map_code[e] & 15);
+          const float v = img_s[t] ? acc_i.x[e] : acc_t.x[e];
+          s_buf[(rt * 16 + r) * lds + t] = t < n_valid ? v * a.score_scale : -INFINITY;
+        }
+      }
+    }
+    __syncthreads();
+
+    // Online softmax, 8 lanes per row, 8 tokens per lane. Every tile has a valid first token, so the new max is
+    // finite and exp2f(-inf - m) = 0 covers both the first tile (m_run = -inf) and masked tokens.
+    {
+      const int j = tid & 7;
+#pragma unroll
+      for (int q = 0; q < kRowsPerThread; ++q) {
+        const int h = (tid >> 3) + 32 * q;
+        if (h < kHpad) {  // uniform per warp: a warp holds rows 4w..4w+3 (+32q)
+          const float4 v0 = *reinterpret_cast<const float4*>(s_buf + h * lds + j * 8);
+          const float4 v1 = *reinterpret_cast<const float4*>(s_buf + h * lds + j * 8 + 4);
+          const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+          float mx = v[0];
+#pragma unroll
+          for (int e = 1; e < 8; ++e) mx = fmaxf(mx, v[e]);
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          const float m_new = fmaxf(m_run[q], mx);
+          const float alpha = exp2f(m_run[q] - m_new);
+          const uint2 img8 = *reinterpret_cast<const uint2*>(img_s + j * 8);
+          float sum = 0.f;
+          uint32_t pt[4], pi[4];
+#pragma unroll
+          for (int e = 0; e < 8; e += 2) {
+            // Round first so the normaliser sums exactly the weights the MMA uses.
+            const float p0 = __bfloat162float(__float2bfloat16_rn(exp2f(v[e] - m_new)));
+            const float p1 = __bfloat162float(__float2bfloat16_rn(exp2f(v[e + 1] - m_new)));
+            sum += p0 + p1;
+            const uint32_t word = e < 4 ? img8.x : img8.y;
+            const bool i0 = ((word >> (8 * (e & 3))) & 0xffu) != 0u;
+            const bool i1 = ((word >> (8 * ((e + 1) & 3))) & 0xffu) != 0u;
+            pt[e / 2] = pack_bf16x2(i0 ? 0.f : p0, i1 ? 0.f : p1);
+            pi[e / 2] = pack_bf16x2(i0 ? p0 : 0.f, i1 ? p1 : 0.f);
+          }
+          sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+          sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+          __syncwarp();  // the 8 lanes of row h have read its scores; P overwrites them in place
+          *reinterpret_cast<uint4*>(p_buf + h * ldp + j * 8) = make_uint4(pt[0], pt[1], pt[2], pt[3]);
+          *reinterpret_cast<uint4*>(p_buf + h * ldp + kTile + j * 8) = make_uint4(pi[0], pi[1], pi[2], pi[3]);
+          l_run[q] = l_run[q] * alpha + sum;
+          m_run[q] = m_new;
+          if (j == 0) alpha_s[h] = alpha;
+        }
+      }
+    }
+    __syncthreads();
+
+    // Rescale the running outputs, then O_m += P_m . C. Warp w owns latent column tiles w, w+8, ...
+    if (warp < lat_tiles) {
+#pragma unroll
+      for (int rt = 0; rt < kHT; ++rt) {
+        float al[kElems];
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) al[e] = alpha_s[rt * 16 + (map_code[e] >> 4)];
+#pragma unroll
+        for (int cw = 0; cw < kCTW; ++cw)
+#pragma unroll
+          for (int e = 0; e < kElems; ++e) {
+            acc_o[cw][rt][0].x[e] *= al[e];
+            acc_o[cw][rt][1].x[e] *= al[e];
+          }
+      }
+#pragma unroll 1  // one k-step of P fragments live at a time keeps the kernel within 128 registers
+      for (int k = 0; k < kTile / 16; ++k) {
+        FragA pt[kHT], pi[kHT];
+#pragma unroll
+        for (int rt = 0; rt < kHT; ++rt) {
+          wmma::load_matrix_sync(pt[rt], p_buf + rt * 16 * ldp + k * 16, ldp);
+          wmma::load_matrix_sync(pi[rt], p_buf + rt * 16 * ldp + kTile + k * 16, ldp);
+        }
+#pragma unroll
+        for (int cw = 0; cw < kCTW; ++cw) {
+          const int ct = warp + kWarps * cw;
+          if (ct < lat_tiles) {
+            FragBRow cb;
+            wmma::load_matrix_sync(cb, lat_op + k * 16 * ldl + ct * 16, ldl);
+#pragma unroll
+            for (int rt = 0; rt < kHT; ++rt) {
+              wmma::mma_sync(acc_o[cw][rt][0], pt[rt], cb, acc_o[cw][rt][0]);
+              wmma::mma_sync(acc_o[cw][rt][1], pi[rt], cb, acc_o[cw][rt][1]);
+            }
+          }
+        }
+      }
+    }
+
+    if (fetching) store_side(fetch, side_next);  // its stage is not read before the next loop barrier
+  }
+  cp_async_wait(0);  // nothing useful is pending (only empty groups), but leave no copy behind
+
+  // Epilogue: rows' (max, sum) to shared memory, then the normalised outputs.
+  float* m_s = reinterpret_cast<float*>(smem + a.off_m);
+  float* l_s = reinterpret_cast<float*>(smem + a.off_l);
+#pragma unroll
+  for (int q = 0; q < kRowsPerThread; ++q) {
+    const int h = (tid >> 3) + 32 * q;
+    if (h < kHpad && (tid & 7) == 0) {
+      m_s[h] = m_run[q];
+      l_s[h] = l_run[q];
+    }
+  }
+  __syncthreads();
+  if (dst.ml != nullptr)
+    for (int h = tid; h < H; h += kThreads) dst.ml[h] = make_float2(m_s[h], l_s[h]);
+#pragma unroll
+  for (int cw = 0; cw < kCTW; ++cw) {
+    const int ct = warp + kWarps * cw;
+    if (ct < lat_tiles) {
+#pragma unroll
+      for (int rt = 0; rt < kHT; ++rt)
+#pragma unroll
+        for (int e = 0; e < kElems; ++e) {
+          const int h = rt * 16 + (map_code[e] >> 4), col = ct * 16 + (map_code[e] & 15);
+          if (h < H) {
+            const float inv_l = 1.f / l_s[h];  // >= 1: the row max contributes exp2(0)
+            dst.acc[(h * 2 + 0) * R + col] = acc_o[cw][rt][0].x[e] * inv_l;
+            dst.acc[(h * 2 + 1) * R + col] = acc_o[cw][rt][1].x[e] * inv_l;
+          }
+        }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// CUDA-core kernel: fp32 end to end (the F32 path must match a float64 reference to ~1e-5), any shape.
+// Grid (split, sequence, head group); 32-token steps; lane t of a warp handles token t when scoring.
+
+struct CcArgs {
+  MlaDecodeParams p;
+  int num_splits;
+  float* part_acc;
+  float2* part_ml;
+  float score_scale;
+  int head_group;  // query heads per CTA
+  int kv_span;     // KV heads one head group can touch
+  int ldk;         // row stride (floats) of the rotary tile: kv_span*rope_dim rounded up to odd
+  int ldc;         // row stride (floats) of the latent tile and of each query row: R + 1 (odd)
+  int off_q_rope;  // fp32 [head_group][rope_dim]
+  int off_q_lat;   // fp32 [head_group][2][ldc]
+  int off_k;       // fp32 [kCcTile][ldk]: the group's KV heads' rotary keys
+  int off_c;       // fp32 [kCcTile][ldc]
+  int off_row;     // int64 [kCcTile]: pool row, -1 past the chunk
+  int off_img;     // int32 [kCcTile]
+  int off_s;       // fp32 [head_group][kCcTile]: scores, then weights
+  int off_o;       // fp32 [head_group][2][R]
+  int off_alpha, off_m, off_l;  // fp32 [head_group]
+};
+
+// Two consecutive stored values (elements 2i, 2i+1 of a row) as floats, before the group scale.
+template <KvFormat F>
+__device__ __forceinline__ float2 load_pair(const void* base, int64_t first_elem) {
+  if constexpr (F == KvFormat::F32) {
+    const float* s = static_cast<const float*>(base) + first_elem;
+    return make_float2(s[0], s[1]);
+  } else if constexpr (F == KvFormat::BF16) {
+    const bf16* s = static_cast<const bf16*>(base) + first_elem;
+    return make_float2(__bfloat162float(s[0]), __bfloat162float(s[1]));
+  } else if constexpr (F == KvFormat::Int8) {
+    const int8_t* s = static_cast<const int8_t*>(base) + first_elem;
+    return make_float2(static_cast<float>(s[0]), static_cast<float>(s[1]));
+  } else {
+    const uint8_t byte = static_cast<const uint8_t*>(base)[first_elem / 2];
+    return make_float2(static_cast<float>(static_cast<int>(byte & 15u) - 8),
+                       static_cast<float>(static_cast<int>(byte >> 4) - 8));
+  }
+}
+
+template <KvFormat RF, KvFormat LF>
+__global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_constant__ CcArgs a) {
+  constexpr bool kRopeQuant = RF == KvFormat::Int8 || RF == KvFormat::Int4;
+  constexpr bool kLatQuant = LF == KvFormat::Int8 || LF == KvFormat::Int4;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const MlaDecodeParams& p = a.p;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int split = blockIdx.x, b = blockIdx.y;
+  const int H = p.heads, R = p.latent_dim, kv = p.kv_heads, rd = p.rope_dim, bs = p.block_size;
+  const int group = H / kv;
+  const int h0 = blockIdx.z * a.head_group;
+  const int hg = min(a.head_group, H - h0);
+  const int kv_lo = h0 / group, kv_hi = (h0 + hg - 1) / group;
+  const int kw = (kv_hi - kv_lo + 1) * rd;  // rotary values per token this CTA needs
+  const int ldk = a.ldk, ldc = a.ldc;
+
+  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
+  const int chunk = split_chunk(seq_end - seq_begin, a.num_splits);
+  const int c0 = seq_begin + split * chunk;
+  const int c1 = min(seq_end, c0 + chunk);
+  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  if (c0 >= c1) {
+    if (a.num_splits == 1)
+      for (int i = tid; i < hg * 2 * R; i += kThreads) dst.acc[h0 * 2 * R + i] = 0.f;
+    return;
+  }
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+
+  float* q_rope_s = reinterpret_cast<float*>(smem + a.off_q_rope);
+  float* q_lat_s = reinterpret_cast<float*>(smem + a.off_q_lat);
+  float* k_s = reinterpret_cast<float*>(smem + a.off_k);
+  float* c_s = reinterpret_cast<float*>(smem + a.off_c);
+  int64_t* row_s = reinterpret_cast<int64_t*>(smem + a.off_row);
+  int* img_s = reinterpret_cast<int*>(smem + a.off_img);
+  float* s_s = reinterpret_cast<float*>(smem + a.off_s);
+  float* o_s = reinterpret_cast<float*>(smem + a.off_o);
+  float* alpha_s = reinterpret_cast<float*>(smem + a.off_alpha);
+  float* m_s = reinterpret_cast<float*>(smem + a.off_m);
+  float* l_s = reinterpret_cast<float*>(smem + a.off_l);
+
+  for (int i = tid; i < hg * rd; i += kThreads)
+    q_rope_s[i] = p.q_rope[(static_cast<int64_t>(b) * H + h0) * rd + i];
+  for (int i = tid; i < hg * 2 * R; i += kThreads) {
+    const int hm = i / R, r = i - hm * R;  // hm = 2*h + m
+    q_lat_s[hm * ldc + r] = p.q_latent[(static_cast<int64_t>(b) * H + h0) * 2 * R + i];
+    o_s[i] = 0.f;
+  }
+  for (int h = tid; h < hg; h += kThreads) {
+    m_s[h] = -INFINITY;
+    l_s[h] = 0.f;
+  }
+
+  for (int pos0 = c0; pos0 < c1; pos0 += kCcTile) {
+    const int n_valid = min(kCcTile, c1 - pos0);
+    __syncthreads();  // the previous step is done with every tile buffer
+    if (tid < kCcTile) {
+      const bool valid = tid < n_valid;
+      const int64_t row = valid ? pool_row(table, bs, pos0 + tid) : -1;
+      row_s[tid] = row;
+      img_s[tid] = valid && p.is_image[row] != 0 ? 1 : 0;
+    }
+    __syncthreads();
+
+    // Tiles to fp32, a pair of values per thread and step (all widths are even). Rows past the chunk are 0.
+    {
+      const int pairs = kw / 2;
+      for (int i = tid; i < kCcTile * pairs; i += kThreads) {
+        const int t = i / pairs, c = 2 * (i - t * pairs);
+        const int64_t row = row_s[t];
+        float2 v = make_float2(0.f, 0.f);
+        if (row >= 0) {
+          const int64_t first = (row * kv + kv_lo) * rd + c;
+          v = load_pair<RF>(p.k_rope, first);
+          if constexpr (kRopeQuant) {
+            const float sc = half_bits_to_float(p.k_rope_scale[row * kv + kv_lo + c / rd]);
+            v.x *= sc;
+            v.y *= sc;
+          }
+        }
+        k_s[t * ldk + c] = v.x;
+        k_s[t * ldk + c + 1] = v.y;
+      }
+    }
+    {
+      const int pairs = R / 2;
+      for (int i = tid; i < kCcTile * pairs; i += kThreads) {
+        const int t = i / pairs, c = 2 * (i - t * pairs);
+        const int64_t row = row_s[t];
+        float2 v = make_float2(0.f, 0.f);
+        if (row >= 0) {
+          v = load_pair<LF>(p.latent, row * R + c);
+          if constexpr (kLatQuant) {
+            const int ng = R / p.latent_group;
+            const float sc = half_bits_to_float(p.latent_scale[row * ng + c / p.latent_group]);
+            v.x *= sc;
+            v.y *= sc;
+          }
+        }
+        c_s[t * ldc + c] = v.x;
+        c_s[t * ldc + c + 1] = v.y;
+      }
+    }
+    __syncthreads();
+
+    // Scores: thread (h, t) with t = lane, so a warp shares its head (broadcast query reads) and walks 32 rows
+    // of odd stride (conflict-free).
+    for (int i = tid; i < hg * kCcTile; i += kThreads) {
+      const int h = i / kCcTile, t = i - h * kCcTile;
+      float s = -INFINITY;
+      if (t < n_valid) {
+        const float* qr = q_rope_s + h * rd;
+        const float* kr = k_s + t * ldk + ((h0 + h) / group - kv_lo) * rd;
+        const float* ql = q_lat_s + (h * 2 + img_s[t]) * ldc;
+        const float* c = c_s + t * ldc;
+        float dot_r = 0.f, dot_l = 0.f;
+        for (int k = 0; k < rd; ++k) dot_r = fmaf(qr[k], kr[k], dot_r);
+        for (int k = 0; k < R; ++k) dot_l = fmaf(ql[k], c[k], dot_l);
+        s = (dot_r + dot_l) * a.score_scale;
+      }
+      s_s[h * kCcTile + t] = s;
+    }
+    __syncthreads();
+
+    // Online softmax: a warp per head row, a lane per token. n_valid >= 1 keeps the new max finite.
+    for (int h = warp; h < hg; h += kWarps) {
+      const float x = s_s[h * kCcTile + lane];
+      float mx = x;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const float m_old = m_s[h];
+      const float m_new = fmaxf(m_old, mx);
+      const float pv = exp2f(x - m_new);
+      float sum = pv;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      s_s[h * kCcTile + lane] = pv;
+      if (lane == 0) {
+        const float alpha = exp2f(m_old - m_new);
+        alpha_s[h] = alpha;
+        l_s[h] = l_s[h] * alpha + sum;
+        m_s[h] = m_new;
+      }
+    }
+    __syncthreads();
+
+    // O[h][m][r] = alpha_h O[h][m][r] + sum over tokens of modality m of p_t c_t[r].
+    for (int i = tid; i < hg * R; i += kThreads) {
+      const int h = i / R, r = i - h * R;
+      const float alpha = alpha_s[h];
+      float o_txt = o_s[(h * 2 + 0) * R + r] * alpha, o_img = o_s[(h * 2 + 1) * R + r] * alpha;
+      const float* w = s_s + h * kCcTile;
+      for (int t = 0; t < n_valid; ++t) {
+        const float pc = w[t] * c_s[t * ldc + r];
+        if (img_s[t]) {
+          o_img += pc;
+        } else {
+          o_txt += pc;
+        }
+      }
+      o_s[(h * 2 + 0) * R + r] = o_txt;
+      o_s[(h * 2 + 1) * R + r] = o_img;
+    }
+  }
+  __syncthreads();
+
+  for (int i = tid; i < hg * 2 * R; i += kThreads) dst.acc[h0 * 2 * R + i] = o_s[i] / l_s[i / (2 * R)];
+  if (dst.ml != nullptr)
+    for (int h = tid; h < hg; h += kThreads) dst.ml[h0 + h] = make_float2(m_s[h], l_s[h]);
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Combine: out[b,h] = sum_s w_s acc_s / sum_s w_s with w_s = l_s 2^(m_s - max m); splits past the end of the
+// sequence hold nothing (they were never written) and are not read. Grid (heads, batch).
+struct CombineArgs {
+  const float* part_acc;  // [batch, splits, heads, 2, R]
+  const float2* part_ml;  // [batch, splits, heads]
+  float* out;             // [batch, heads, 2, R]
+  const int32_t* seq_begin;
+  const int32_t* seq_end;
+  int heads, latent_dim, num_splits;
+};
+
+__global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __grid_constant__ CombineArgs a) {
+  __shared__ float weight_s[kMaxSplits];
+  __shared__ float red_s[kCombineThreads / 32];
+  __shared__ float total_s;
+  const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int len = a.seq_end[b] - a.seq_begin[b];
+  const int chunk = split_chunk(len, a.num_splits);
+  const int active = len > 0 ? min(a.num_splits, (len + chunk - 1) / chunk) : 0;
+  const int64_t slot0 = static_cast<int64_t>(b) * a.num_splits;
+
+  float mx = -INFINITY;
+  for (int s = tid; s < active; s += kCombineThreads) mx = fmaxf(mx, a.part_ml[(slot0 + s) * a.heads + h].x);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) red_s[warp] = mx;
+  __syncthreads();
+  mx = red_s[0];
+#pragma unroll
+  for (int w = 1; w < kCombineThreads / 32; ++w) mx = fmaxf(mx, red_s[w]);
+  __syncthreads();  // red_s is reused below
+
+  float sum = 0.f;
+  for (int s = tid; s < active; s += kCombineThreads) {
+    const float2 ml = a.part_ml[(slot0 + s) * a.heads + h];
+    const float w = ml.x == -INFINITY ? 0.f : ml.y * exp2f(ml.x - mx);
+    weight_s[s] = w;
+    sum += w;
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) red_s[warp] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    float t = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineThreads / 32; ++w) t += red_s[w];
+    total_s = t;
+  }
+  __syncthreads();
+  const float inv_total = total_s > 0.f ? 1.f / total_s : 0.f;
+
+  const int width = 2 * a.latent_dim;
+  float* out = a.out + (static_cast<int64_t>(b) * a.heads + h) * width;
+  for (int col = tid; col < width; col += kCombineThreads) {
+    float acc = 0.f;
+    for (int s = 0; s < active; ++s) {
+      const float w = weight_s[s];
+      if (w != 0.f) acc += w * a.part_acc[((slot0 + s) * a.heads + h) * width + col];
+    }
+    out[col] = acc * inv_total;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Host side.
+
+using TcKernel = void (*)(TcArgs);
+using CcKernel = void (*)(CcArgs);
+
+// (row tiles, column tiles per warp) pairs that have a tensor-core instantiation.
+template <KvFormat RF, KvFormat LF>
+TcKernel tc_kernel_for(int ht, int ctw) {
+  if (ctw == 1) {
+    if (ht == 1) return mla_decode_tc_kernel<RF, LF, 1, 1>;
+    if (ht == 2) return mla_decode_tc_kernel<RF, LF, 2, 1>;
+    if (ht == 4) return mla_decode_tc_kernel<RF, LF, 4, 1>;
+  } else if (ctw == 2) {
+    if (ht == 1) return mla_decode_tc_kernel<RF, LF, 1, 2>;
+    if (ht == 2) return mla_decode_tc_kernel<RF, LF, 2, 2>;
+  }
+  return nullptr;
+}
+
+TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
+  using F = KvFormat;
+  if (rf == F::BF16) {
+    if (lf == F::BF16) return tc_kernel_for<F::BF16, F::BF16>(ht, ctw);
+    if (lf == F::Int8) return tc_kernel_for<F::BF16, F::Int8>(ht, ctw);
+    if (lf == F::Int4) return tc_kernel_for<F::BF16, F::Int4>(ht, ctw);
+  } else if (rf == F::Int8) {
+    if (lf == F::BF16) return tc_kernel_for<F::Int8, F::BF16>(ht, ctw);
+    if (lf == F::Int8) return tc_kernel_for<F::Int8, F::Int8>(ht, ctw);
+    if (lf == F::Int4) return tc_kernel_for<F::Int8, F::Int4>(ht, ctw);
+  }
+  return nullptr;
+}
+
+template <KvFormat RF>
+CcKernel cc_kernel_for(KvFormat lf) {
+  switch (lf) {
+    case KvFormat::F32: return mla_decode_cc_kernel<RF, KvFormat::F32>;
+    case KvFormat::BF16: return mla_decode_cc_kernel<RF, KvFormat::BF16>;
+    case KvFormat::Int8: return mla_decode_cc_kernel<RF, KvFormat::Int8>;
+    case KvFormat::Int4: return mla_decode_cc_kernel<RF, KvFormat::Int4>;
+  }
+  return nullptr;
+}
+
+CcKernel cc_kernel(KvFormat rf, KvFormat lf) {
+  switch (rf) {
+    case KvFormat::F32: return cc_kernel_for<KvFormat::F32>(lf);
+    case KvFormat::BF16: return cc_kernel_for<KvFormat::BF16>(lf);
+    case KvFormat::Int8: return cc_kernel_for<KvFormat::Int8>(lf);
+    case KvFormat::Int4: break;  // rotary keys are never Int4 (LatentPool refuses it)
+  }
+  return nullptr;
+}
+
+constexpr int kMaxDevices = 64;
+
+struct DeviceInfo {
+  int sms = 0;
+  int max_smem = 0;  // opt-in dynamic shared memory per block
+};
+
+// SM count and shared-memory limit of the current device, queried once per device. The first call on a
+// device also raises every kernel's dynamic shared-memory limit to that maximum (each launch then asks only
+// for what it needs), so no launch pays for cudaFuncSetAttribute.
+DeviceInfo device_info() {
+  static cuda::std::atomic<int> sms_cache[kMaxDevices];
+  static cuda::std::atomic<int> smem_cache[kMaxDevices];
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
+  DeviceInfo info;
+  if (dev < kMaxDevices) {
+    info.sms = sms_cache[dev].load(cuda::std::memory_order_acquire);
+    info.max_smem = smem_cache[dev].load(cuda::std::memory_order_acquire);
+    if (info.sms > 0) return info;
+  }
+  cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
+  cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (info.sms <= 0) info.sms = 1;
+  if (info.max_smem <= 0) info.max_smem = 48 * 1024;
+  const KvFormat all[4] = {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4};
+  const int tiles[5][2] = {{1, 1}, {2, 1}, {4, 1}, {1, 2}, {2, 2}};
+  for (KvFormat rf : all)
+    for (KvFormat lf : all) {
+      if (CcKernel k = cc_kernel(rf, lf))
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+      for (const auto& t : tiles)
+        if (TcKernel k = tc_kernel(rf, lf, t[0], t[1]))
+          cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+    }
+  if (dev < kMaxDevices) {
+    smem_cache[dev].store(info.max_smem, cuda::std::memory_order_release);
+    sms_cache[dev].store(info.sms, cuda::std::memory_order_release);
+  }
+  return info;
+}
+
+// Splits per sequence: about two CTAs per SM over the batch (one full wave when two fit on an SM), each split
+// at least kMinSplitTokens of the longest possible sequence (max_blocks * block_size; the host does not see
+// the actual lengths, which live on the device).
+int choose_splits(const MlaDecodeParams& p, int sms) {
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
+  const int64_t by_length = (capacity + kMinSplitTokens - 1) / kMinSplitTokens;
+  const int64_t by_sms = (2 * static_cast<int64_t>(sms)) / (p.batch > 0 ? p.batch : 1);
+  int64_t s = by_length < by_sms ? by_length : by_sms;
+  if (s > kMaxSplits) s = kMaxSplits;
+  return s < 1 ? 1 : static_cast<int>(s);
+}
+
+int align128(int x) { return (x + 127) / 128 * 128; }
+
+// Largest of 16, 8, 4 dividing the row size and the base address; 0 when none does.
+int copy_granule(int row_bytes, const void* base) {
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(base);
+  for (int g = 16; g >= 4; g /= 2)
+    if (row_bytes % g == 0 && addr % g == 0) return g;
+  return 0;
+}
+
+// Forced path for testing: MLAFORGE_MLA_CUDA_PATH=cc runs the CUDA-core kernel even where the tensor-core
+// one applies.
+bool force_cuda_core() {
+  const char* v = std::getenv("MLAFORGE_MLA_CUDA_PATH");
+  return v != nullptr && std::strcmp(v, "cc") == 0;
+}
+
+struct TcPlan {
+  TcKernel kernel = nullptr;
+  TcArgs args{};
+};
+
+// The tensor-core kernel's launch, or kernel == nullptr where it does not apply.
+TcPlan plan_tc(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  TcPlan plan;
+  const KvFormat rf = p.rope_format, lf = p.latent_format;
+  if (!(rf == KvFormat::BF16 || rf == KvFormat::Int8)) return plan;
+  if (!(lf == KvFormat::BF16 || lf == KvFormat::Int8 || lf == KvFormat::Int4)) return plan;
+  const int H = p.heads, R = p.latent_dim, kv = p.kv_heads;
+  if (H <= 0 || H > 64 || kv <= 0 || H % kv != 0 || R <= 0 || R % 16 != 0) return plan;
+  int ht = (H + 15) / 16;
+  if (ht == 3) ht = 4;
+  const int ctw = (R / 16 + kWarps - 1) / kWarps;
+  if (ht * ctw > 4) return plan;
+  const bool rope_quant = rf == KvFormat::Int8, lat_quant = lf != KvFormat::BF16;
+  if (rope_quant && kv > 4 * kMaxSide) return plan;
+  int ng = 0;
+  if (lat_quant) {
+    const int grp = p.latent_group;
+    if (grp <= 0 || grp % 2 != 0 || R % grp != 0) return plan;
+    ng = R / grp;
+    if (ng > 4 * kMaxSide) return plan;
+    if ((rope_quant && p.k_rope_scale == nullptr) || p.latent_scale == nullptr) return plan;
+  }
+  if (rope_quant && p.k_rope_scale == nullptr) return plan;
+  const int kr = kv * p.rope_dim;
+  if (kr <= 0 || p.rope_dim % 2 != 0) return plan;
+
+  TcArgs& a = plan.args;
+  a.p = p;
+  a.kr = kr;
+  a.ng = ng;
+  const int kr_pad = (kr + 15) / 16 * 16;
+  a.ldr = kr_pad + 8;
+  a.ldl = R + 8;
+  a.lds = kTile + 4;
+  a.rope_row_bytes = rope_quant ? kr : 2 * kr;
+  a.lat_row_bytes = lf == KvFormat::BF16 ? 2 * R : lf == KvFormat::Int8 ? R : R / 2;
+  a.rope_granule = copy_granule(a.rope_row_bytes, p.k_rope);
+  a.lat_granule = copy_granule(a.lat_row_bytes, p.latent);
+  if (a.rope_granule == 0 || a.lat_granule == 0) return plan;
+  a.rope_st_ld = rope_quant ? a.rope_row_bytes : 2 * a.ldr;
+  a.lat_st_ld = lat_quant ? a.lat_row_bytes : 2 * a.ldl;
+
+  const int hpad = 16 * ht;
+  int off = 0;
+  a.off_q_rope = off;
+  off += align128(hpad * a.ldr * 2);
+  a.off_q_lat = off;
+  off += align128(2 * hpad * a.ldl * 2);
+  a.off_s = off;
+  off += align128(hpad * a.lds * 4);
+  a.off_alpha = off;
+  off += align128(hpad * 4);
+  a.off_m = off;
+  off += align128(hpad * 4);
+  a.off_l = off;
+  off += align128(hpad * 4);
+  a.off_rope_op = off;
+  if (rope_quant) off += align128(kTile * a.ldr * 2);
+  a.off_lat_op = off;
+  if (lat_quant) off += align128(kTile * a.ldl * 2);
+  // One stage.
+  int st = 0;
+  a.st_rope = st;
+  st += align128(kTile * a.rope_st_ld);
+  a.st_lat = st;
+  st += align128(kTile * a.lat_st_ld);
+  a.st_img = st;
+  st += align128(kTile);
+  a.st_lsc = st;
+  if (lat_quant) st += align128(kTile * ng * 2);
+  a.st_rsc = st;
+  if (rope_quant) st += align128(kTile * kv * 2);
+  a.stage_bytes = st;
+  a.off_stage = off;
+
+  // Deepest ring that keeps two CTAs per SM; failing that, the deepest that fits at all.
+  int stages = 0;
+  for (int s = kMaxStages; s >= 2 && stages == 0; --s)
+    if (off + s * st <= kTwoCtaSmem) stages = s;
+  for (int s = kMaxStages; s >= 2 && stages == 0; --s)
+    if (off + s * st <= dev.max_smem) stages = s;
+  if (stages == 0) return plan;
+  a.stages = stages;
+  a.smem_bytes = off + stages * st;
+  a.score_scale = p.scale * kLog2e;
+  plan.kernel = tc_kernel(rf, lf, ht, ctw);
+  return plan;
+}
+
+struct CcPlan {
+  CcKernel kernel = nullptr;
+  CcArgs args{};
+  int smem_bytes = 0;
+  int groups = 1;
+};
+
+CcPlan plan_cc(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  CcPlan plan;
+  const int H = p.heads, R = p.latent_dim, kv = p.kv_heads, rd = p.rope_dim;
+  if (H <= 0 || kv <= 0 || H % kv != 0 || R <= 0 || R % 2 != 0 || rd <= 0 || rd % 2 != 0) return plan;
+  if ((p.latent_format == KvFormat::Int8 || p.latent_format == KvFormat::Int4) &&
+      (p.latent_group <= 0 || R % p.latent_group != 0 || p.latent_group % 2 != 0))
+    return plan;
+  const int group = H / kv;
+  CcArgs& a = plan.args;
+  a.p = p;
+  a.ldc = R + 1;
+  auto layout = [&](int hg) {
+    const int kv_span = hg == H ? kv : (kv < (hg - 1) / group + 2 ? kv : (hg - 1) / group + 2);
+    a.head_group = hg;
+    a.kv_span = kv_span;
+    a.ldk = kv_span * rd + 1;  // rd even: odd stride
+    int off = 0;
+    a.off_q_rope = off;
+    off += align128(hg * rd * 4);
+    a.off_q_lat = off;
+    off += align128(hg * 2 * a.ldc * 4);
+    a.off_k = off;
+    off += align128(kCcTile * a.ldk * 4);
+    a.off_c = off;
+    off += align128(kCcTile * a.ldc * 4);
+    a.off_row = off;
+    off += align128(kCcTile * 8);
+    a.off_img = off;
+    off += align128(kCcTile * 4);
+    a.off_s = off;
+    off += align128(hg * kCcTile * 4);
+    a.off_o = off;
+    off += align128(hg * 2 * R * 4);
+    a.off_alpha = off;
+    off += align128(hg * 4);
+    a.off_m = off;
+    off += align128(hg * 4);
+    a.off_l = off;
+    off += align128(hg * 4);
+    return off;
+  };
+  int hg = H;
+  int smem = layout(hg);
+  while (smem > dev.max_smem && hg > 1) {
+    hg = (hg + 1) / 2;
+    smem = layout(hg);
+  }
+  if (smem > dev.max_smem) return plan;
+  plan.smem_bytes = smem;
+  plan.groups = (H + hg - 1) / hg;
+  a.score_scale = p.scale * kLog2e;
+  plan.kernel = cc_kernel(p.rope_format, p.latent_format);
+  return plan;
+}
+
+bool params_usable(const MlaDecodeParams& p) {
+  return p.batch > 0 && p.heads > 0 && p.kv_heads > 0 && p.latent_dim > 0 && p.rope_dim > 0 &&
+         p.block_size > 0 && p.max_blocks > 0;
+}
+
+}  // namespace
+
+int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
+  if (!params_usable(p)) return 0;
+  const int splits = choose_splits(p, device_info().sms);
+  if (splits <= 1) return 0;
+  // part_acc [batch, splits, heads, 2, R] floats, then part_ml [batch, splits, heads] float2.
+  const int64_t rows = static_cast<int64_t>(p.batch) * splits * p.heads;
+  return rows * 2 * p.latent_dim * 4 + rows * 8;
+}
+
+// Launches on `stream` without synchronising. Parameters the kernels cannot handle (heads not a multiple of
+// kv_heads, odd sizes, latent_dim > what fits in shared memory) launch nothing; the ATen entry point checks
+// them before calling.
+void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
+  if (!params_usable(p)) return;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const DeviceInfo dev = device_info();
+  const int splits = choose_splits(p, dev.sms);
+  float* part_acc = nullptr;
+  float2* part_ml = nullptr;
+  if (splits > 1) {
+    if (workspace == nullptr) return;
+    const int64_t rows = static_cast<int64_t>(p.batch) * splits * p.heads;
+    part_acc = static_cast<float*>(workspace);
+    part_ml = reinterpret_cast<float2*>(static_cast<char*>(workspace) + rows * 2 * p.latent_dim * 4);
+  }
+
+  bool launched = false;
+  if (!force_cuda_core()) {
+    TcPlan tc = plan_tc(p, dev);
+    if (tc.kernel != nullptr) {
+      tc.args.num_splits = splits;
+      tc.args.part_acc = part_acc;
+      tc.args.part_ml = part_ml;
+      tc.kernel<<<dim3(splits, p.batch), kThreads, tc.args.smem_bytes, s>>>(tc.args);
+      launched = true;
+    }
+  }
+  if (!launched) {
+    CcPlan cc = plan_cc(p, dev);
+    if (cc.kernel == nullptr) return;
+    cc.args.num_splits = splits;
+    cc.args.part_acc = part_acc;
+    cc.args.part_ml = part_ml;
+    cc.kernel<<<dim3(splits, p.batch, cc.groups), kThreads, cc.smem_bytes, s>>>(cc.args);
+  }
+  if (splits > 1) {
+    CombineArgs c;
+    c.part_acc = part_acc;
+    c.part_ml = part_ml;
+    c.out = p.out;
+    c.seq_begin = p.seq_begin;
+    c.seq_end = p.seq_end;
+    c.heads = p.heads;
+    c.latent_dim = p.latent_dim;
+    c.num_splits = splits;
+    mla_combine_kernel<<<dim3(p.heads, p.batch), kCombineThreads, 0, s>>>(c);
+  }
+}
+
+}  // namespace mlaforge

@@ -1,0 +1,115 @@
+// MLA's latent cache and absorbed attention against the expanded form (keys and values rebuilt from
+// the latent): prefill and decoding steps, both modalities mixed, GQA and MHA, batched with padding.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "convert/convert.h"
+#include "infer/generate.h"
+#include "model/vlm.h"
+#include "test_util.h"
+
+using namespace mlaforge;
+using namespace mlaforge::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string convert_to(const TempDir& d, const std::string& model, int64_t r, int64_t dkv, bool decoupled) {
+  ConvertOptions o;
+  o.model_dir = model;
+  o.out_dir = d / "mla";
+  o.calib_path = source_path("data/shapes-mini/calib.jsonl");
+  o.calib_samples = 8;
+  o.rope_pairs = r;
+  o.dkv = dkv;
+  o.decoupled = decoupled;
+  convert_model(o);
+  return o.out_dir;
+}
+
+std::vector<Prompt> mixed_prompts() {
+  std::vector<Prompt> p(3);
+  const std::string a = source_path("data/shapes-mini/images/eval/00000.png"),
+                    b = source_path("data/shapes-mini/images/eval/00001.png");
+  p[0].turns = {user_turn_from_text("<image>\nWhat color is the circle?")};
+  p[0].image_paths = {a};
+  p[1].turns = {user_turn_from_text("What is 3 + 4?")};
+  p[2].turns = {user_turn_from_text("<image>\nand<image>\nCompare the two.")};
+  p[2].image_paths = {a, b};
+  return p;
+}
+
+// Prefill and 6 decoding steps with the paged latent cache (blocks of 16 tokens) and with the
+// expanded cache; the logits agree. After 3 steps both caches drop row 1 (as generation does when a
+// row stops), which hands its blocks back to the pool.
+void check_absorbed(const std::string& dir, const char* what, const std::string& format, double tolerance) {
+  auto m = Vlm::load(dir);
+  ASSERT_GT(m->config().mla.latent_dim, 0);
+  Batch b = m->prepare(mixed_prompts());
+  const int64_t B = b.batch(), T = b.length(), steps = 6, block = 16;
+  CacheOptions latent, expanded;
+  latent.latent = format;
+  latent.block_size = block;
+  expanded.expanded = true;
+  KVCache lat = m->decoder().new_cache(B, T + steps, at::kCPU, latent);
+  KVCache exp = m->decoder().new_cache(B, T + steps, at::kCPU, expanded);
+  ASSERT_TRUE(lat.is_latent());
+  ASSERT_FALSE(exp.is_latent());
+  // The latent cache holds g*2r + R values per token and layer (+ the modality byte), not 2*g*dh.
+  const auto& c = m->config();
+  const int64_t per_token = c.text.num_layers * (c.text.num_kv_heads * 2 * c.mla.rope_pairs + c.mla.latent_dim);
+  const int64_t elem = format == "bf16" ? 2 : 4, slots = B * ((T + steps + block - 1) / block) * block;
+  EXPECT_EQ(lat.bytes(), slots * (per_token * elem + 1));
+  std::printf("%s, %s cache: %lld bytes for %lld slots vs %lld bytes expanded\n", what, format.c_str(),
+              (long long)lat.bytes(), (long long)slots, (long long)exp.bytes());
+
+  at::Tensor hl = m->prefill(b, lat), he = m->prefill(b, exp);
+  at::Tensor valid = b.valid.reshape({-1}).nonzero().squeeze(1);
+  auto rows = [&](const at::Tensor& h) { return m->decoder().logits(h).reshape({B * T, -1}).index_select(0, valid); };
+  double worst = rel_err(rows(hl), rows(he));
+  EXPECT_LE(worst, tolerance) << what << " prefill";
+  at::Tensor le = m->decoder().logits(he.select(1, T - 1));
+  at::Tensor pos = at::tensor(b.next_position, at::kLong);
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s == 3) {
+      at::Tensor keep = at::tensor(std::vector<int64_t>{0, 2}, at::kLong);
+      const int64_t free_before = lat.pool->free_blocks();
+      select_cache_rows(lat, keep);
+      select_cache_rows(exp, keep);
+      EXPECT_EQ(lat.pool->free_blocks(), free_before + (T + steps + block - 1) / block);
+      le = le.index_select(0, keep);
+      pos = pos.index_select(0, keep);
+    }
+    at::Tensor tok = le.argmax(-1);
+    at::Tensor ll = m->decode_step(tok, pos + s, lat);
+    le = m->decode_step(tok, pos + s, exp);
+    const double e = rel_err(ll, le);
+    worst = std::max(worst, e);
+    EXPECT_LE(e, tolerance) << what << " decoding step " << s;
+  }
+  std::printf("%s, %s cache: absorbed vs expanded logits, worst relative error %.2e\n", what, format.c_str(), worst);
+}
+
+void check_absorbed(const std::string& dir, const char* what) {
+  check_absorbed(dir, what, "auto", 1e-5);
+  check_absorbed(dir, what, "bf16", 1e-2);
+}
+
+TEST(LatentCache, AbsorbedEqualsExpandedGqaDecoupled) {
+  TempDir d("absorbed");
+  check_absorbed(convert_to(d, source_path("models/qwen2vl-shapes"), 8, 16, true), "qwen2vl-shapes r8 dkv16 decoupled");
+}
+
+TEST(LatentCache, AbsorbedEqualsExpandedShared) {
+  TempDir d("absorbed");
+  check_absorbed(convert_to(d, source_path("models/qwen2vl-shapes"), 4, 8, false), "qwen2vl-shapes r4 dkv8 shared");
+}
+
+TEST(LatentCache, AbsorbedEqualsExpandedMha) {
+  if (!fs::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
+  TempDir d("absorbed");
+  check_absorbed(convert_to(d, fixture("llava/llava-mha"), 2, 4, true), "llava-mha r2 dkv4 decoupled");
+}
+
+}  // namespace

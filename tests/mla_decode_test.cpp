@@ -1,0 +1,142 @@
+// The paged latent cache and the absorbed decode kernels against the plain ATen reference in float64.
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <random>
+
+#include "infer/latent_pool.h"
+
+using namespace mlaforge;
+
+namespace {
+
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).norm().item<double>() / b.to(at::kDouble).norm().item<double>();
+}
+
+struct DecodeCase {
+  int64_t heads, kv_heads, rope_dim, latent_dim, block_size;
+  KvFormat rope, latent;
+  at::Device device = at::kCPU;
+};
+
+// A pool with a few sequences of different lengths and left padding, written through shuffled block
+// tables with mixed modalities; returns the relative error of mla_decode against the reference.
+double decode_error(const DecodeCase& c, uint64_t seed) {
+  at::manual_seed(int64_t(seed));
+  std::mt19937 rng{static_cast<unsigned>(seed)};
+  const std::vector<int64_t> ends{37, 5, 130, 64}, begins{3, 0, 17, 0};
+  const int64_t B = int64_t(ends.size()), max_blocks = (130 + c.block_size - 1) / c.block_size;
+  LatentPoolOptions opt;
+  opt.rope = c.rope;
+  opt.latent = c.latent;
+  opt.block_size = c.block_size;
+  opt.latent_group = 8;
+  LatentPool pool(2, c.kv_heads, c.rope_dim, c.latent_dim, B * max_blocks + 3, opt, c.device);
+  pool.allocate(3);  // blocks not used by the batch
+  at::Tensor table = at::full({B, max_blocks}, -1, at::kInt);
+  for (int64_t b = 0; b < B; ++b) {
+    std::vector<int32_t> blocks = pool.allocate((ends[size_t(b)] + c.block_size - 1) / c.block_size);
+    std::shuffle(blocks.begin(), blocks.end(), rng);
+    for (size_t i = 0; i < blocks.size(); ++i) table[b][int64_t(i)] = blocks[i];
+  }
+  // Write every sequence's tokens to both layers (distinct values), image runs in the middle.
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = ends[size_t(b)];
+    at::Tensor pos = at::arange(n, at::kLong);
+    at::Tensor slots = table[b].to(at::kLong).index_select(0, at::div(pos, c.block_size, "floor")) * c.block_size +
+                       pos.remainder(c.block_size);
+    slots = slots.to(c.device);
+    at::Tensor img = ((pos >= n / 4) & (pos < n / 2 + 1)).to(c.device);
+    pool.write_modality(slots, img);
+    for (int64_t l = 0; l < 2; ++l)
+      pool.write(l, slots, at::randn({n, c.kv_heads, c.rope_dim}).to(c.device),
+                 (at::randn({n, c.latent_dim}) * 2).to(c.device));
+  }
+  PagedBatch batch{table.to(c.device), at::tensor(std::vector<int32_t>(begins.begin(), begins.end())).to(c.device),
+                   at::tensor(std::vector<int32_t>(ends.begin(), ends.end())).to(c.device)};
+  at::Tensor q_rope = at::randn({B, c.heads, c.rope_dim}, at::kDouble).to(c.device);
+  at::Tensor q_latent = (at::randn({B, c.heads, 2, c.latent_dim}, at::kDouble) * 0.3).to(c.device);
+  const double scale = 0.125;
+  double worst = 0;
+  for (int64_t l = 0; l < 2; ++l) {
+    at::Tensor ref = mla_decode_reference(pool, l, q_rope, q_latent, batch, scale);
+    at::Tensor got = mla_decode(pool, l, q_rope, q_latent, batch, scale);
+    EXPECT_EQ(got.sizes(), ref.sizes());
+    EXPECT_FALSE(got.isnan().any().item<bool>());
+    worst = std::max(worst, rel_err(got.cpu(), ref.cpu()));
+  }
+  return worst;
+}
+
+std::vector<at::Device> devices() {
+  std::vector<at::Device> d{at::kCPU};
+  if (at::hasCUDA()) d.emplace_back(at::kCUDA);
+  return d;
+}
+
+}  // namespace
+
+TEST(KvQuant, RoundTripWithinHalfAStep) {
+  at::manual_seed(0);
+  at::Tensor x = at::randn({5, 7, 64}) * 3;
+  for (KvFormat f : {KvFormat::Int8, KvFormat::Int4}) {
+    QuantizedRows q = quantize_rows(x, f, 16);
+    EXPECT_EQ(q.values.size(-1), f == KvFormat::Int4 ? 32 : 64);
+    EXPECT_EQ(q.scales.sizes(), (std::vector<int64_t>{5, 7, 4}));
+    at::Tensor back = dequantize_rows(q.values, q.scales, f, 16, at::kFloat);
+    // Each value within half a quantization step of its group (plus the fp16 rounding of the scale).
+    at::Tensor step = q.scales.to(at::kFloat).repeat_interleave(16, -1);
+    EXPECT_TRUE(((back - x).abs() <= step * 0.5 + x.abs() * 2e-3 + 1e-6).all().item<bool>()) << kv_format_name(f);
+  }
+  // All-zero rows stay zero.
+  QuantizedRows z = quantize_rows(at::zeros({2, 8}), KvFormat::Int4, 8);
+  EXPECT_EQ(dequantize_rows(z.values, z.scales, KvFormat::Int4, 8, at::kFloat).abs().sum().item<float>(), 0.f);
+}
+
+TEST(LatentPool, BytesPerTokenOf7BShape) {
+  // Qwen2.5-VL-7B-shaped layer cache at dr=32, dkv=32 (g=4, R=128) against its bf16 MHA cache
+  // (2 * 4 * 128 values * 2 bytes per layer and token).
+  const double mha = 2 * 4 * 128 * 2;
+  auto per_token = [](KvFormat rope, KvFormat latent) {
+    LatentPoolOptions o;
+    o.rope = rope;
+    o.latent = latent;
+    return LatentPool(1, 4, 32, 128, 4, o, at::kCPU).bytes_per_token();
+  };
+  const double bf16 = per_token(KvFormat::BF16, KvFormat::BF16);
+  const double int4 = per_token(KvFormat::BF16, KvFormat::Int4);
+  const double int4_int8 = per_token(KvFormat::Int8, KvFormat::Int4);
+  std::printf("bytes per token and layer: bf16 %.0f (%.2fx), int4 latent %.0f (%.2fx), int4+int8 rope %.0f (%.2fx)\n",
+              bf16, mha / bf16, int4, mha / int4, int4_int8, mha / int4_int8);
+  EXPECT_GE(mha / bf16, 3.9);
+  EXPECT_GE(mha / int4, 5.8);
+  EXPECT_GE(mha / int4_int8, 9.5);
+}
+
+TEST(LatentPool, BlocksComeBackAndExhaustionIsAnError) {
+  LatentPool pool(1, 1, 2, 4, 3, LatentPoolOptions{}, at::kCPU);
+  std::vector<int32_t> a = pool.allocate(2);
+  EXPECT_EQ(pool.free_blocks(), 1);
+  EXPECT_THROW(pool.allocate(2), std::exception);
+  pool.release(a);
+  EXPECT_EQ(pool.free_blocks(), 3);
+}
+
+TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
+  for (at::Device dev : devices()) {
+    for (KvFormat rope : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8}) {
+      for (KvFormat latent : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
+        for (auto shape : std::vector<std::array<int64_t, 5>>{{8, 2, 4, 32, 16}, {3, 3, 8, 16, 64}, {4, 1, 2, 24, 7}}) {
+          DecodeCase c{shape[0], shape[1], shape[2], shape[3], shape[4], rope, latent, dev};
+          const double err = decode_error(c, 7);
+          // The reference reads the same stored (quantized) values, so only arithmetic differs: float32
+          // in the kernels against float64.
+          EXPECT_LE(err, 1e-5) << dev << " rope " << kv_format_name(rope) << " latent " << kv_format_name(latent)
+                               << " heads " << shape[0] << " kv " << shape[1];
+        }
+      }
+    }
+  }
+}
