@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "convert/convert.h"
 #include "eval/eval.h"
 #include "infer/generate.h"
 #include "io/dataset.h"
@@ -113,6 +114,53 @@ TEST(Generate, CompactionMatchesUncompactedAndAlone) {
   // Rows stop at very different steps, so the batch was compacted several times.
   EXPECT_LE(shortest, 3u);
   EXPECT_GE(longest, 20u);
+}
+
+// Continuous batching: 3 rows at a time over 12 prompts, finished rows replaced by prefilled
+// newcomers, gives token for token what each prompt gives alone (greedy), and what one batch of all
+// gives when sampling (streams follow the prompt index); for the original (key/value cache) and a
+// converted model (paged latent cache, also int8).
+TEST(Generate, ContinuousBatchingMatchesAlone) {
+  TempDir d("continuous");
+  ConvertOptions co;
+  co.model_dir = source_path("models/qwen2vl-shapes");
+  co.out_dir = d / "mla";
+  co.calib_path = source_path("data/shapes-mini/calib.jsonl");
+  co.calib_samples = 8;
+  co.rope_pairs = 8;
+  co.dkv = 16;
+  convert_model(co);
+  auto mla = Vlm::load(co.out_dir);
+  auto rows = mixed_rows(12);
+  auto prompts = prompts_of(rows);
+  for (auto [model, format] : {std::pair<const Vlm*, std::string>{&shapes_model(), "auto"}, {mla.get(), "auto"},
+                               {mla.get(), "int8"}}) {
+    SamplingOptions so;
+    so.max_new_tokens = 24;
+    so.cache.latent = format;
+    SchedulerStats stats;
+    int64_t callbacks = 0;
+    auto prepare = [&](int64_t b, int64_t e) {
+      return model->prepare(std::vector<Prompt>(prompts.begin() + b, prompts.begin() + e));
+    };
+    auto gens = generate_continuous(*model, int64_t(prompts.size()), prepare, so, 3,
+                                    [&](int64_t, const Generation&) { ++callbacks; }, &stats);
+    EXPECT_EQ(callbacks, int64_t(prompts.size()));
+    EXPECT_GT(stats.joined_rows, 0) << "no row joined a running batch";
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      Generation alone = generate(*model, {prompts[i]}, so).at(0);
+      EXPECT_EQ(gens[i].tokens, alone.tokens) << rows[i].id << " " << format;
+      EXPECT_EQ(gens[i].stopped, alone.stopped) << rows[i].id << " " << format;
+    }
+    so.temperature = 1.2;
+    so.seed = 7;
+    auto sampled = generate_continuous(*model, int64_t(prompts.size()), prepare, so, 3);
+    auto together = generate(*model, prompts, so);
+    for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(sampled[i].tokens, together[i].tokens) << rows[i].id;
+    std::printf("%s cache %s: %lld prefills, %lld rows joined a running batch\n",
+                model == mla.get() ? "MLA" : "original", format.c_str(), (long long)stats.prefills,
+                (long long)stats.joined_rows);
+  }
 }
 
 // Sampling: each row has its own random stream (seed, row index), so compaction, which changes the

@@ -188,26 +188,26 @@ EvalReport evaluate(const Vlm& model, const std::vector<Conversation>& rows, con
   SamplingOptions so;
   so.max_new_tokens = opts.max_new_tokens;
   so.cache = opts.cache;
-  int64_t correct = 0;
-  for (size_t start = 0; start < rows.size(); start += size_t(opts.batch_size)) {
-    size_t end = std::min(rows.size(), start + size_t(opts.batch_size));
-    Batch batch = prepare_rows(model, rows, start, end);
-    std::vector<Generation> gens = generate(model, batch, so);
-    for (size_t i = start; i < end; ++i) {
-      std::string answer = normalize_answer(gens[i - start].text);
-      std::string ref = normalize_answer(reference_answer(rows[i]));
-      bool ok = answer == ref;
-      correct += ok;
-      auto& k = rep.by_kind[rows[i].kind];
-      k.correct += ok;
-      k.total += 1;
-      rep.ids.push_back(rows[i].id);
-      rep.answers.push_back(answer);
-      rep.references.push_back(ref);
-    }
-    rep.n = int64_t(end);
-    bar.advance(int64_t(end - start), str("acc ", double(correct) / double(end)));
+  // Continuous batching: batch_size rows decode together and finished rows are replaced at once.
+  int64_t correct = 0, done = 0;
+  std::vector<bool> ok(rows.size(), false);
+  std::vector<Generation> gens = generate_continuous(
+      model, int64_t(rows.size()), [&](int64_t b, int64_t e) { return prepare_rows(model, rows, size_t(b), size_t(e)); },
+      so, opts.batch_size, [&](int64_t i, const Generation& g) {
+        ok[size_t(i)] = normalize_answer(g.text) == normalize_answer(reference_answer(rows[size_t(i)]));
+        correct += ok[size_t(i)];
+        ++done;
+        bar.advance(1, str("acc ", double(correct) / double(done)));
+      });
+  for (size_t i = 0; i < rows.size(); ++i) {
+    auto& k = rep.by_kind[rows[i].kind];
+    k.correct += ok[i];
+    k.total += 1;
+    rep.ids.push_back(rows[i].id);
+    rep.answers.push_back(normalize_answer(gens[i].text));
+    rep.references.push_back(normalize_answer(reference_answer(rows[i])));
   }
+  rep.n = int64_t(rows.size());
   bar.finish();
   rep.accuracy = rep.n ? double(correct) / double(rep.n) : 0.0;
   rep.seconds = bar.seconds();

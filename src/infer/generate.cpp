@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <numeric>
+#include <optional>
 #include <random>
 
 #include "core/error.h"
@@ -73,30 +74,6 @@ std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptio
   return out;
 }
 
-// Every per-row tensor of KVCache is selected here. A new per-row cache tensor (e.g. a latent
-// cache) MUST be added to this function, or compacted batches will pair rows with the wrong cache.
-void select_cache_rows(KVCache& cache, const at::Tensor& rows) {
-  for (auto* list : {&cache.k, &cache.v})
-    for (auto& t : *list) t = t.index_select(0, rows);  // [B, ...] -> [n, ...]
-  if (cache.is_latent()) {
-    // Kept rows keep their blocks; the others' go back to the pool.
-    at::Tensor r = rows.to(at::kCPU).contiguous();
-    std::vector<bool> kept(cache.blocks.size(), false);
-    std::vector<std::vector<int32_t>> blocks;
-    for (int64_t i = 0; i < r.numel(); ++i) {
-      const int64_t row = r.data_ptr<int64_t>()[i];
-      check(!kept[size_t(row)], "kv cache", "row ", row, " selected twice");
-      kept[size_t(row)] = true;
-      blocks.push_back(cache.blocks[size_t(row)]);
-    }
-    for (size_t row = 0; row < kept.size(); ++row)
-      if (!kept[row]) cache.pool->release(cache.blocks[row]);
-    cache.blocks = std::move(blocks);
-    cache.block_table = cache.block_table.index_select(0, rows.to(cache.block_table.device()));
-  }
-  cache.key_valid = cache.key_valid.index_select(0, rows);  // [B, capacity] -> [n, capacity]
-}
-
 bool worth_compacting(int64_t finished, int64_t batch) { return finished > 0 && (finished >= 4 || 4 * finished >= batch); }
 
 std::vector<Generation> generate(const Vlm& model, const std::vector<Prompt>& prompts, const SamplingOptions& opts) {
@@ -104,67 +81,140 @@ std::vector<Generation> generate(const Vlm& model, const std::vector<Prompt>& pr
 }
 
 std::vector<Generation> generate(const Vlm& model, const Batch& batch, const SamplingOptions& opts) {
-  const int64_t B = batch.batch(), T = batch.length();
-  std::vector<Generation> gens(static_cast<size_t>(B));
-  if (B == 0) return gens;
+  const int64_t B = batch.batch();
+  return generate_continuous(model, B, [&](int64_t begin, int64_t end) {
+    check(begin == 0 && end == B, "generate", "one prepared batch is decoded whole");
+    return batch;
+  }, opts, std::max<int64_t>(B, 1));
+}
+
+std::vector<Generation> generate_continuous(const Vlm& model, int64_t n, const PrepareFn& prepare,
+                                            const SamplingOptions& opts, int64_t max_batch,
+                                            const std::function<void(int64_t, const Generation&)>& on_done,
+                                            SchedulerStats* stats) {
+  check(max_batch > 0, "generate", "the batch size must be positive");
+  std::vector<Generation> gens(static_cast<size_t>(std::max<int64_t>(n, 0)));
+  if (n <= 0 || opts.max_new_tokens <= 0) return gens;
   const auto& eos = model.config().eos_token_ids;
-  KVCache cache = model.decoder().new_cache(B, T + std::max<int64_t>(opts.max_new_tokens, 1), model.device(), opts.cache);
-  at::Tensor h = model.prefill(batch, cache);
-  // The decoding batch holds rows[i] (an index into `batch`) at row i; logits, positions, the
-  // random states and every cache tensor follow that order.
-  std::vector<int64_t> rows(static_cast<size_t>(B));
-  std::iota(rows.begin(), rows.end(), 0);
-  at::Tensor logits = model.decoder().logits(h.select(1, T - 1));  // [n, V]
   const at::Device dev = model.device();
-  at::Tensor positions = at::tensor(batch.next_position, at::kLong).to(dev);  // [n]: first generated token's
-  std::vector<uint64_t> rng = rng_streams(opts.seed, B);
-  std::vector<bool> done(static_cast<size_t>(B), false);  // by row of `batch`
-  int64_t finished = 0;  // rows of the decoding batch that stopped since it was last compacted
-  for (int64_t step = 0; step < opts.max_new_tokens; ++step) {
+  const std::vector<uint64_t> streams = rng_streams(opts.seed, n);
+  // The decoding batch: row i of the cache and of `logits` is prompt index[i].
+  struct Row {
+    int64_t index;     // into the n prompts
+    uint64_t rng;      // its random state
+    int64_t position;  // where its next fed token goes
+    bool done = false;
+  };
+  std::vector<Row> rows;
+  KVCache cache;
+  at::Tensor logits;  // [rows, V]
+  int64_t next_prompt = 0;
+  auto finish = [&](Row& r, bool stopped) {
+    r.done = true;
+    Generation& g = gens[size_t(r.index)];
+    g.stopped = stopped;
+    std::vector<int32_t> ids(g.tokens.begin(), g.tokens.end());
+    g.text = model.tokenizer().decode(ids, /*skip_special=*/true);
+    if (on_done) on_done(r.index, g);
+  };
+  // The next prompts, prepared (tokenized, images preprocessed) but not yet prefilled.
+  std::optional<Batch> pending;
+  auto take = [&](int64_t count) -> Batch& {
+    if (!pending) {
+      pending = prepare(next_prompt, next_prompt + count);
+      check(pending->batch() == count, "generate", "prepared ", pending->batch(), " rows for ", count, " prompts");
+    }
+    return *pending;
+  };
+  // Prefills the pending prompts into a cache of their own; their rows and the logits of their last tokens.
+  auto prefill = [&](KVCache& c, std::vector<Row>& added) {
+    Batch b = std::move(*pending);
+    pending.reset();
+    c = model.decoder().new_cache(b.batch(), b.length() + std::max<int64_t>(opts.max_new_tokens, 1), dev, opts.cache);
+    at::Tensor h = model.prefill(b, c);
+    for (int64_t i = 0; i < b.batch(); ++i)
+      added.push_back(Row{next_prompt + i, streams[size_t(next_prompt + i)], b.next_position[size_t(i)]});
+    next_prompt += b.batch();
+    if (stats) ++stats->prefills;
+    return model.decoder().logits(h.select(1, b.length() - 1));  // [count, V]
+  };
+  // Rows join when a quarter of the batch is free (or the rest of the prompts fit), and their
+  // prompts fit before the running rows' current position.
+  auto may_join = [&](int64_t free) {
+    return next_prompt < n && free > 0 && (free >= std::max<int64_t>(1, max_batch / 4) || n - next_prompt <= free);
+  };
+  while (true) {
+    if (rows.empty()) {
+      if (next_prompt >= n) break;
+      take(std::min(max_batch, n - next_prompt));
+      logits = prefill(cache, rows);
+    }
+    // Sample every row's next token; stop rows at a stop token or at max_new_tokens.
+    std::vector<uint64_t> rng;
+    for (const Row& r : rows) rng.push_back(r.rng);
     std::vector<int64_t> next = sample_tokens(logits, opts, rng);
-    bool all_done = true;
+    int64_t finished = 0, running = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
-      const size_t b = size_t(rows[i]);
-      if (done[b]) continue;
-      int64_t t = next[i];
-      if (std::find(eos.begin(), eos.end(), t) != eos.end()) {
-        done[b] = true;
-        gens[b].stopped = true;
+      Row& r = rows[i];
+      r.rng = rng[i];
+      if (r.done) {
         ++finished;
         continue;
       }
-      gens[b].tokens.push_back(t);
-      all_done = false;
+      Generation& g = gens[size_t(r.index)];
+      if (std::find(eos.begin(), eos.end(), next[i]) != eos.end()) {
+        finish(r, true);
+        ++finished;
+        continue;
+      }
+      g.tokens.push_back(next[i]);
+      if (int64_t(g.tokens.size()) >= opts.max_new_tokens) {
+        finish(r, false);
+        ++finished;
+        continue;
+      }
+      ++running;
     }
-    if (all_done || step + 1 == opts.max_new_tokens) break;
-    at::Tensor tokens = at::tensor(next, at::kLong).to(dev);  // [n]
-    if (opts.compact && worth_compacting(finished, int64_t(rows.size()))) {
-      // Keep the running rows. Each row's computation depends only on its own cache rows, so
-      // this changes nothing in the results; it saves the decoding of stopped rows.
+    if (running == 0) {  // the whole batch is done: start afresh with the next prompts
+      rows.clear();
+      cache = KVCache();
+      continue;
+    }
+    at::Tensor tokens = at::tensor(next, at::kLong).to(dev);  // [rows]
+    const bool joining = may_join(max_batch - running);
+    if (opts.compact && finished > 0 && (joining || worth_compacting(finished, int64_t(rows.size())))) {
+      // Keep the running rows. Each row's computation depends only on its own cache rows, so this
+      // changes nothing in the results; it saves decoding stopped rows and makes room for new ones.
       std::vector<int64_t> keep;
-      std::vector<int64_t> kept_rows;
-      std::vector<uint64_t> kept_rng;
+      std::vector<Row> kept;
       for (size_t i = 0; i < rows.size(); ++i) {
-        if (done[size_t(rows[i])]) continue;
+        if (rows[i].done) continue;
         keep.push_back(int64_t(i));
-        kept_rows.push_back(rows[i]);
-        kept_rng.push_back(rng[i]);
+        kept.push_back(rows[i]);
       }
       at::Tensor idx = at::tensor(keep, at::kLong).to(dev);
       select_cache_rows(cache, idx);
-      positions = positions.index_select(0, idx);
       tokens = tokens.index_select(0, idx);
-      // logits need no selection: the next decoding step replaces them.
-      rows = std::move(kept_rows);
-      rng = std::move(kept_rng);
-      finished = 0;
+      rows = std::move(kept);
     }
-    // Without compaction, stopped rows keep decoding a harmless token; their outputs are ignored.
-    logits = model.decode_step(tokens, positions + step, cache);
-  }
-  for (auto& g : gens) {
-    std::vector<int32_t> ids(g.tokens.begin(), g.tokens.end());
-    g.text = model.tokenizer().decode(ids, /*skip_special=*/true);
+    // Stopped rows that were not dropped decode a harmless token; their outputs are ignored.
+    std::vector<int64_t> pos;
+    for (Row& r : rows) pos.push_back(r.position++);
+    logits = model.decode_step(tokens, at::tensor(pos, at::kLong).to(dev), cache);
+    if (opts.compact && may_join(max_batch - int64_t(rows.size()))) {
+      // Continuous batching: waiting prompts are prefilled on their own and join the running rows,
+      // ending where they are (their padding before that costs no latent blocks).
+      const int64_t count = std::min(max_batch - int64_t(rows.size()), n - next_prompt);
+      if (take(count).length() <= cache.len) {
+        KVCache joining;
+        std::vector<Row> added;
+        at::Tensor lj = prefill(joining, added);
+        append_cache_rows(cache, joining);
+        logits = at::cat({logits, lj.to(logits.scalar_type())}, 0);
+        rows.insert(rows.end(), added.begin(), added.end());
+        if (stats) stats->joined_rows += int64_t(added.size());
+      }
+    }
   }
   return gens;
 }

@@ -1,10 +1,12 @@
-// Batched generation: one prefill over the left-padded prompts, then one decoding step per token for
-// the rows still running. Rows that stop are dropped from the batch (the KV cache, positions and
-// tokens are compacted) once enough of them have stopped to pay for copying the cache.
+// Batched generation: a prefill over left-padded prompts, then one decoding step per token for the
+// rows still running. Rows that stop are dropped from the batch (the KV cache, positions and tokens
+// are compacted) once enough of them have stopped to pay for copying the cache, and with continuous
+// batching waiting prompts join the running rows in their place.
 #pragma once
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -37,6 +39,20 @@ std::vector<Generation> generate(const Vlm& model, const std::vector<Prompt>& pr
 // The same from a prepared batch.
 std::vector<Generation> generate(const Vlm& model, const Batch& batch, const SamplingOptions& opts);
 
+// Continuous batching over n prompts: at most max_batch rows decode together; as rows stop, the next
+// prompts are prepared (`prepare(begin, end)` makes the batch of prompts [begin, end)), prefilled on
+// their own and join the running rows. Prompt i's stream is rng_streams(seed, n)[i], so results do
+// not depend on max_batch. on_done(i, generation) is called as each prompt finishes.
+using PrepareFn = std::function<Batch(int64_t begin, int64_t end)>;
+struct SchedulerStats {
+  int64_t prefills = 0;     // prefill calls (fresh batches and joining groups)
+  int64_t joined_rows = 0;  // rows that joined a running batch
+};
+std::vector<Generation> generate_continuous(const Vlm& model, int64_t n, const PrepareFn& prepare,
+                                            const SamplingOptions& opts, int64_t max_batch,
+                                            const std::function<void(int64_t, const Generation&)>& on_done = {},
+                                            SchedulerStats* stats = nullptr);
+
 // The initial random states of rows 0..rows-1: the outputs 1..rows of SplitMix64 seeded with `seed`.
 std::vector<uint64_t> rng_streams(uint64_t seed, int64_t rows);
 
@@ -46,9 +62,6 @@ std::vector<uint64_t> rng_streams(uint64_t seed, int64_t rows);
 std::vector<int64_t> sample_tokens(const at::Tensor& logits, const SamplingOptions& opts,
                                    std::vector<uint64_t>& rng_states);
 
-// Keeps the batch rows `rows` ([n] int64 indices into the cache's batch, in that order) of every
-// per-row tensor of `cache` (k, v, key_valid), copying them. len and capacity are unchanged.
-void select_cache_rows(KVCache& cache, const at::Tensor& rows);
 
 // Whether dropping `finished` stopped rows from a decoding batch of `batch` rows pays for copying
 // the cache: at least a quarter of the rows, or at least 4 of them.

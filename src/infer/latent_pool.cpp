@@ -190,6 +190,27 @@ at::Tensor LatentPool::read_latent(int64_t layer, const at::Tensor& slots, at::S
 
 at::Tensor LatentPool::read_modality(const at::Tensor& slots) const { return gather(is_image_, slots).to(at::kBool); }
 
+void LatentPool::copy_slots(const LatentPool& src, const at::Tensor& src_slots, const at::Tensor& dst_slots) {
+  check(src.opt_.latent == opt_.latent && src.opt_.rope == opt_.rope && src.opt_.block_size == opt_.block_size &&
+            src.latent_dim_ == latent_dim_ && src.rope_dim_ == rope_dim_ && src.layers() == layers(),
+        "kv cache", "cannot copy between pools of different shapes or formats");
+  at::Tensor from = src_slots.to(at::kLong), to = dst_slots.to(at::kLong);
+  auto copy = [&](at::Tensor& dst, const at::Tensor& s) {
+    std::vector<int64_t> flat(dst.sizes().begin() + 1, dst.sizes().end());
+    flat[0] = dst.size(0) * dst.size(1);  // [NB, bs, ...] -> [NB*bs, ...]
+    std::vector<int64_t> sflat = flat;
+    sflat[0] = s.size(0) * s.size(1);
+    dst.view(flat).index_put_({to}, s.view(sflat).index_select(0, from));
+  };
+  for (size_t l = 0; l < k_rope_.size(); ++l) {
+    copy(k_rope_[l], src.k_rope_[l]);
+    copy(latent_[l], src.latent_[l]);
+    if (!k_rope_scale_.empty()) copy(k_rope_scale_[l], src.k_rope_scale_[l]);
+    if (!latent_scale_.empty()) copy(latent_scale_[l], src.latent_scale_[l]);
+  }
+  copy(is_image_, src.is_image_);
+}
+
 MlaDecodeParams LatentPool::kernel_params(int64_t layer) const {
   MlaDecodeParams p;
   p.kv_heads = int32_t(kv_heads_);

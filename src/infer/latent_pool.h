@@ -64,6 +64,10 @@ class LatentPool {
   at::Tensor read_latent(int64_t layer, const at::Tensor& slots, at::ScalarType dtype) const;
   at::Tensor read_modality(const at::Tensor& slots) const;
 
+  // Copies the stored bytes (values, scales, modality) of `src` slots [N] to this pool's `dst` slots
+  // [N] in every layer; both pools have the same shapes and formats.
+  void copy_slots(const LatentPool& src, const at::Tensor& src_slots, const at::Tensor& dst_slots);
+
   // The kernel view of one layer (pointers only; the caller fills queries, tables and out).
   MlaDecodeParams kernel_params(int64_t layer) const;
 

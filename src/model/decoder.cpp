@@ -11,12 +11,6 @@
 
 namespace mlaforge {
 
-int64_t KVCache::bytes() const {
-  int64_t b = pool ? pool->bytes() : 0;
-  for (const auto* list : {&k, &v})
-    for (auto& t : *list) b += t.numel() * t.element_size();
-  return b;
-}
 
 std::vector<int64_t> rotary_dims(const std::vector<int64_t>& kept, int64_t head_dim) {
   std::vector<int64_t> dims;
@@ -151,15 +145,15 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
                                    : parse_kv_format(options.rope, "--kv-rope");
   check(po.rope != KvFormat::Int4, "--kv-rope", "rotary keys are cached as f32, bf16 or int8");
   po.block_size = options.block_size;
+  // The pool: room for every row's capacity (rows own blocks only from their first real token on),
+  // one more block per row for continuous batching's joining rows, and the scratch block.
   const int64_t per_row = (capacity + po.block_size - 1) / po.block_size;
   c.pool = std::make_shared<LatentPool>(cfg_.num_layers, cfg_.num_kv_heads, 2 * mla_.rope_pairs, mla_.latent_dim,
-                                        batch * per_row, po, device);
-  at::Tensor table = at::empty({batch, per_row}, at::kInt);
-  for (int64_t b = 0; b < batch; ++b) {
-    c.blocks.push_back(c.pool->allocate(per_row));
-    for (int64_t i = 0; i < per_row; ++i) table[b][i] = c.blocks.back()[size_t(i)];
-  }
-  c.block_table = table.to(device);
+                                        batch * (per_row + 1) + 1, po, device);
+  c.scratch_block = c.pool->allocate(1)[0];
+  c.blocks.assign(size_t(batch), std::vector<int32_t>(size_t(per_row), -1));
+  c.row_begin.assign(size_t(batch), KVCache::kNoToken);
+  c.block_table = at::full({batch, per_row}, c.scratch_block, at::TensorOptions().dtype(at::kInt).device(device));
   return c;
 }
 
@@ -282,20 +276,10 @@ at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const a
 at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
                               const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
   const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
-  check(S <= cache.capacity, "kv cache", "capacity ", cache.capacity, " exceeded (", S, " positions)");
+  reserve_positions(cache, valid, S);
   std::vector<at::Tensor>* hidden = taps.hidden;
   auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
   cache.key_valid.narrow(1, start, T).copy_(valid);
-  if (cache.is_latent()) {
-    // Pool slots of positions [0, S) through the block table: [B, S]; the new ones [B*T].
-    const int64_t bs = cache.pool->block_size();
-    at::Tensor p = at::arange(S, at::TensorOptions().dtype(at::kLong).device(cache.block_table.device()));
-    cache.all_slots = cache.block_table.to(at::kLong).index_select(1, at::div(p, bs, "floor")) * bs + p.remainder(bs);
-    cache.new_slots = cache.all_slots.narrow(1, start, T).reshape({-1});
-    // Left padding is a prefix of each row: attended positions [number of invalid ones, S).
-    at::Tensor begin = cache.key_valid.narrow(1, 0, S).logical_not().sum(1).to(at::kInt);
-    cache.paged = PagedBatch{cache.block_table, begin, at::full_like(begin, S)};
-  }
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
   at::Tensor query_pos = key_pos.narrow(0, start, T);

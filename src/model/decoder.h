@@ -11,40 +11,12 @@
 #include <string>
 #include <vector>
 
-#include "infer/latent_pool.h"
+#include "model/kv_cache.h"
 #include "io/config.h"
 
 namespace mlaforge {
 
 class WeightStore;
-
-// The attention cache of every layer for a batch, `capacity` positions per row. Either the keys and
-// values (original attention, or MLA expanded), or MLA's paged latent cache (DESIGN.md section 3):
-// per token the rotated rotary keys, the latent and the modality bit, read by the absorbed decode.
-struct KVCache {
-  std::vector<at::Tensor> k, v;        // [B, g, capacity, dh] (rotated keys)
-  std::shared_ptr<LatentPool> pool;    // latent cache: shared block pool
-  std::vector<std::vector<int32_t>> blocks;  // latent cache: each row's blocks, position p in blocks[p / block_size]
-  at::Tensor block_table;              // latent cache: [B, capacity / block_size] int32 on the pool's device
-  at::Tensor key_valid;                // [B, capacity]: false for left padding
-  int64_t len = 0;       // positions written so far
-  int64_t capacity = 0;
-  bool is_latent() const { return pool != nullptr; }
-  int64_t bytes() const;  // allocated bytes of the per-token storage
-  // Per forward call (latent cache): flat pool slots of the new positions [B*T] and of all positions
-  // [B, S], and the decoding view of the batch.
-  at::Tensor new_slots, all_slots;
-  PagedBatch paged;
-};
-
-// How a cache stores tokens: --kv-cache / --kv-rope, and whether an MLA model caches the expanded
-// keys and values instead of its latent (for comparisons and tests).
-struct CacheOptions {
-  std::string latent = "auto";  // auto (the compute dtype), f32, bf16, int8, int4
-  std::string rope = "auto";    // auto (bf16 when the latent is quantized), f32, bf16, int8
-  int64_t block_size = 64;
-  bool expanded = false;
-};
 
 struct DecoderLayer {
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;  // [h*dh, d], [g*dh, d], ..., [d, h*dh]

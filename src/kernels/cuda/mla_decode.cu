@@ -9,7 +9,7 @@
 // Two main kernels:
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
 //    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
-//    products run on WMMA bf16 16x16x16 with fp32 accumulation:
+//    products run on tensor cores (ldmatrix + mma.sync m16n8k16 bf16, fp32 accumulation):
 //        S[Hpad x 64]      = Qrope_blockdiag[Hpad x KRpad] . Krope^T  +  Q_m[Hpad x R] . C^T  (m = modality of
 //                            the token's column; both Q_text.C^T and Q_image.C^T are computed)
 //        O_m[Hpad x R]    += P_m[Hpad x 64] . C[64 x R]   (P_m: P with the other modality's columns zeroed)
@@ -25,7 +25,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
-#include <mma.h>
 
 #include <cuda/std/atomic>
 #include <cstdlib>
@@ -35,7 +34,6 @@ namespace mlaforge {
 
 namespace {
 
-namespace wmma = nvcuda::wmma;
 using bf16 = __nv_bfloat16;
 
 constexpr int kThreads = 256;        // 8 warps per CTA, both main kernels
@@ -98,6 +96,36 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
   } else {
     asm volatile("cp.async.wait_group 2;\n" ::: "memory");
   }
+}
+
+// Tensor-core fragments (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"), with
+// g = lane / 4, q = lane % 4:
+//   A (16x16, row-major) a[0..3]: (g, 2q..2q+1), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+//   B (16x8) b0, b1: (k = 2q..2q+1, n = g), (k = 2q+8.., n = g)
+//   C/D (16x8 f32) c[0..3]: (g, 2q), (g, 2q+1), (g+8, 2q), (g+8, 2q+1)
+// ldmatrix .x4 loads four 8x8 bf16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, and register j
+// receives matrix j's elements (row g, columns 2q, 2q+1), or with .trans (rows 2q, 2q+1, column g).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_ptr) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// d += a . b for one 16x8x16 block.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Pool row (block * block_size + slot) of position `pos` of the sequence whose block-table row is `table`.
@@ -166,12 +194,7 @@ struct SideRegs {
 // Two CTAs per SM (<= 128 registers) where the output accumulators are at most 4 fragments per warp.
 template <KvFormat RF, KvFormat LF, int kHT, int kCTW>
 __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_tc_kernel(const __grid_constant__ TcArgs a) {
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major>;
-  using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
-  using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major>;
-  using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   constexpr int kHpad = kHT * 16;                 // query heads padded to whole 16-row tiles
-  constexpr int kElems = FragC::num_elements;
   constexpr int kScoreUnits = (kHT + 1) / 2;      // score row tiles per warp (warps 0-3 even, 4-7 odd tiles)
   constexpr int kRowsPerThread = (kHpad + 31) / 32;  // softmax rows per 8-lane group
   constexpr bool kRopeQuant = RF != KvFormat::BF16;
@@ -181,10 +204,16 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 
   extern __shared__ __align__(128) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
-  const int tid = threadIdx.x, warp = tid >> 5;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, q4 = lane & 3;  // fragment row group and column pair (see mma_bf16_16816)
   const int split = blockIdx.x, b = blockIdx.y;
   const int H = p.heads, R = p.latent_dim, kv = p.kv_heads, bs = p.block_size;
   const int ldr = a.ldr, ldl = a.ldl, lds = a.lds;
+  // ldmatrix row addresses of this lane: A tiles [16 rows][16 k] (row-major), B tiles stored [n][k] (score:
+  // tokens x features) and B tiles stored [k][n] (accumulation: tokens x latent columns, loaded transposed).
+  const int a_row = lane & 15, a_col = (lane >> 4) * 8;
+  const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_col = ((lane >> 3) & 1) * 8;
+  const int bk_row = (((lane >> 3) & 1) << 3) + (lane & 7), bk_col = (lane >> 4) * 8;
   const int lat_tiles = R / 16;
 
   const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
@@ -303,20 +332,6 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
       q_lat_s[(m * kHpad + h) * ldl + r] = __float2bfloat16_rn(ql[i]);
     }
   }
-  // Which (row, column) each accumulator element holds: WMMA leaves the mapping unspecified, so read it off a
-  // fragment loaded from the table code(r, c) = 16 r + c. Used to select/mask scores and rescale rows in
-  // registers.
-  int map_code[kElems];
-  {
-    for (int i = tid; i < 256; i += kThreads) s_buf[i] = static_cast<float>(i);
-    __syncthreads();
-    FragC map_frag;
-    wmma::load_matrix_sync(map_frag, s_buf, 16, wmma::mem_row_major);
-#pragma unroll
-    for (int e = 0; e < kElems; ++e) map_code[e] = static_cast<int>(map_frag.x[e]);
-    // s_buf is next written after the first loop barrier, which every warp reaches after this load.
-  }
-
   // Rotary k-steps of each score row tile: only the column blocks of the KV heads its query heads use.
   int rope_k_lo[kScoreUnits], rope_k_hi[kScoreUnits];
 #pragma unroll
@@ -333,14 +348,18 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
     }
   }
 
-  FragC acc_o[kCTW][kHT][2];  // O_m(row tile, column tile warp + 8*cw)
+  // O_m for row tile rt and latent columns 16*ct + 8*nb .. +7, ct = warp + 8*cw, in the C fragment layout.
+  float acc_o[kCTW][kHT][2][2][4];
 #pragma unroll
   for (int cw = 0; cw < kCTW; ++cw)
 #pragma unroll
-    for (int rt = 0; rt < kHT; ++rt) {
-      wmma::fill_fragment(acc_o[cw][rt][0], 0.f);
-      wmma::fill_fragment(acc_o[cw][rt][1], 0.f);
-    }
+    for (int rt = 0; rt < kHT; ++rt)
+#pragma unroll
+      for (int m = 0; m < 2; ++m)
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc_o[cw][rt][m][nb][i] = 0.f;
   float m_run[kRowsPerThread], l_run[kRowsPerThread];
 #pragma unroll
   for (int q = 0; q < kRowsPerThread; ++q) {
@@ -436,35 +455,44 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
       for (int u = 0; u < kScoreUnits; ++u) {
         const int rt = (warp >> 2) + 2 * u;
         if (rt >= kHT) break;
-        FragC acc_t, acc_i;
-        wmma::fill_fragment(acc_t, 0.f);
+        // [n-block of 8 tokens][C fragment]
+        float acc_t[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll 1
         for (int k = rope_k_lo[u]; k <= rope_k_hi[u]; ++k) {
-          FragA qa;
-          FragBCol kb;
-          wmma::load_matrix_sync(qa, q_rope_s + rt * 16 * ldr + k * 16, ldr);
-          wmma::load_matrix_sync(kb, rope_op + tt * 16 * ldr + k * 16, ldr);
-          wmma::mma_sync(acc_t, qa, kb, acc_t);
+          uint32_t qa[4], kb[4];
+          ldmatrix_x4(qa, q_rope_s + (rt * 16 + a_row) * ldr + k * 16 + a_col);
+          ldmatrix_x4(kb, rope_op + (tt * 16 + bn_row) * ldr + k * 16 + bn_col);
+          mma_bf16_16816(acc_t[0], qa, kb[0], kb[1]);
+          mma_bf16_16816(acc_t[1], qa, kb[2], kb[3]);
         }
-        acc_i = acc_t;
+        float acc_i[2][4];
+#pragma unroll
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc_i[nb][i] = acc_t[nb][i];
         if (rt * 16 < H) {
 #pragma unroll 2
           for (int k = 0; k < lat_tiles; ++k) {
-            FragBCol cb;
-            FragA qt, qi;
-            wmma::load_matrix_sync(cb, lat_op + tt * 16 * ldl + k * 16, ldl);
-            wmma::load_matrix_sync(qt, q_lat_s + (rt * 16) * ldl + k * 16, ldl);
-            wmma::load_matrix_sync(qi, q_lat_s + (kHpad + rt * 16) * ldl + k * 16, ldl);
-            wmma::mma_sync(acc_t, qt, cb, acc_t);
-            wmma::mma_sync(acc_i, qi, cb, acc_i);
+            uint32_t cb[4], qa[4];
+            ldmatrix_x4(cb, lat_op + (tt * 16 + bn_row) * ldl + k * 16 + bn_col);
+            ldmatrix_x4(qa, q_lat_s + (rt * 16 + a_row) * ldl + k * 16 + a_col);
+            mma_bf16_16816(acc_t[0], qa, cb[0], cb[1]);
+            mma_bf16_16816(acc_t[1], qa, cb[2], cb[3]);
+            ldmatrix_x4(qa, q_lat_s + (kHpad + rt * 16 + a_row) * ldl + k * 16 + a_col);
+            mma_bf16_16816(acc_i[0], qa, cb[0], cb[1]);
+            mma_bf16_16816(acc_i[1], qa, cb[2], cb[3]);
           }
         }
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) {
-          const int r = map_code[e] >> 4, t = tt * 16 + (map_code[e] & 15);
-          const float v = img_s[t] ? acc_i.x[e] : acc_t.x[e];
-          s_buf[(rt * 16 + r) * lds + t] = t < n_valid ? v * a.score_scale : -INFINITY;
-        }
+        for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int h = rt * 16 + g + 8 * half, t = tt * 16 + nb * 8 + 2 * q4;
+            const float v0 = img_s[t] ? acc_i[nb][2 * half] : acc_t[nb][2 * half];
+            const float v1 = img_s[t + 1] ? acc_i[nb][2 * half + 1] : acc_t[nb][2 * half + 1];
+            *reinterpret_cast<float2*>(s_buf + h * lds + t) =
+                make_float2(t < n_valid ? v0 * a.score_scale : -INFINITY, t + 1 < n_valid ? v1 * a.score_scale : -INFINITY);
+          }
       }
     }
     __syncthreads();
@@ -521,36 +549,40 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
     if (warp < lat_tiles) {
 #pragma unroll
       for (int rt = 0; rt < kHT; ++rt) {
-        float al[kElems];
-#pragma unroll
-        for (int e = 0; e < kElems; ++e) al[e] = alpha_s[rt * 16 + (map_code[e] >> 4)];
+        const float al_lo = alpha_s[rt * 16 + g], al_hi = alpha_s[rt * 16 + g + 8];
 #pragma unroll
         for (int cw = 0; cw < kCTW; ++cw)
 #pragma unroll
-          for (int e = 0; e < kElems; ++e) {
-            acc_o[cw][rt][0].x[e] *= al[e];
-            acc_o[cw][rt][1].x[e] *= al[e];
-          }
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int nb = 0; nb < 2; ++nb) {
+              acc_o[cw][rt][m][nb][0] *= al_lo;
+              acc_o[cw][rt][m][nb][1] *= al_lo;
+              acc_o[cw][rt][m][nb][2] *= al_hi;
+              acc_o[cw][rt][m][nb][3] *= al_hi;
+            }
       }
 #pragma unroll 1  // one k-step of P fragments live at a time keeps the kernel within 128 registers
       for (int k = 0; k < kTile / 16; ++k) {
-        FragA pt[kHT], pi[kHT];
+        uint32_t pa[kHT][2][4];  // P_text, P_img of each row tile, tokens 16k..16k+15
 #pragma unroll
         for (int rt = 0; rt < kHT; ++rt) {
-          wmma::load_matrix_sync(pt[rt], p_buf + rt * 16 * ldp + k * 16, ldp);
-          wmma::load_matrix_sync(pi[rt], p_buf + rt * 16 * ldp + kTile + k * 16, ldp);
+          ldmatrix_x4(pa[rt][0], p_buf + (rt * 16 + a_row) * ldp + k * 16 + a_col);
+          ldmatrix_x4(pa[rt][1], p_buf + (rt * 16 + a_row) * ldp + kTile + k * 16 + a_col);
         }
 #pragma unroll
         for (int cw = 0; cw < kCTW; ++cw) {
           const int ct = warp + kWarps * cw;
           if (ct < lat_tiles) {
-            FragBRow cb;
-            wmma::load_matrix_sync(cb, lat_op + k * 16 * ldl + ct * 16, ldl);
+            uint32_t cb[4];  // latent rows 16k.., columns 16ct..: n-block 0 in cb[0..1], n-block 1 in cb[2..3]
+            ldmatrix_x4_trans(cb, lat_op + (k * 16 + bk_row) * ldl + ct * 16 + bk_col);
 #pragma unroll
-            for (int rt = 0; rt < kHT; ++rt) {
-              wmma::mma_sync(acc_o[cw][rt][0], pt[rt], cb, acc_o[cw][rt][0]);
-              wmma::mma_sync(acc_o[cw][rt][1], pi[rt], cb, acc_o[cw][rt][1]);
-            }
+            for (int rt = 0; rt < kHT; ++rt)
+#pragma unroll
+              for (int m = 0; m < 2; ++m) {
+                mma_bf16_16816(acc_o[cw][rt][m][0], pa[rt][m], cb[0], cb[1]);
+                mma_bf16_16816(acc_o[cw][rt][m][1], pa[rt][m], cb[2], cb[3]);
+              }
           }
         }
       }
@@ -581,12 +613,18 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 #pragma unroll
       for (int rt = 0; rt < kHT; ++rt)
 #pragma unroll
-        for (int e = 0; e < kElems; ++e) {
-          const int h = rt * 16 + (map_code[e] >> 4), col = ct * 16 + (map_code[e] & 15);
+        for (int half = 0; half < 2; ++half) {
+          const int h = rt * 16 + g + 8 * half;
           if (h < H) {
-            const float inv_l = 1.f / l_s[h];  // >= 1: the row max contributes exp2(0)
-            dst.acc[(h * 2 + 0) * R + col] = acc_o[cw][rt][0].x[e] * inv_l;
-            dst.acc[(h * 2 + 1) * R + col] = acc_o[cw][rt][1].x[e] * inv_l;
+            const float inv_l = 1.f / l_s[h];  // l >= 1: the row max contributes exp2(0)
+#pragma unroll
+            for (int m = 0; m < 2; ++m)
+#pragma unroll
+              for (int nb = 0; nb < 2; ++nb) {
+                const int col = ct * 16 + nb * 8 + 2 * q4;  // even, and R is even: 8-byte aligned
+                *reinterpret_cast<float2*>(dst.acc + (h * 2 + m) * R + col) =
+                    make_float2(acc_o[cw][rt][m][nb][2 * half] * inv_l, acc_o[cw][rt][m][nb][2 * half + 1] * inv_l);
+              }
           }
         }
     }
