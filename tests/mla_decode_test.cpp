@@ -132,8 +132,10 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
           DecodeCase c{shape[0], shape[1], shape[2], shape[3], shape[4], rope, latent, dev};
           const double err = decode_error(c, 7);
           // The reference reads the same stored (quantized) values, so only arithmetic differs: float32
-          // in the kernels against float64.
-          EXPECT_LE(err, 1e-5) << dev << " rope " << kv_format_name(rope) << " latent " << kv_format_name(latent)
+          // in the kernels against float64. The CUDA kernel's tensor-core path for bf16 and quantized
+          // caches multiplies bf16-rounded queries and probabilities: the bf16 bound, 1e-2.
+          const bool bf16_math = dev.is_cuda() && !(rope == KvFormat::F32 && latent == KvFormat::F32);
+          EXPECT_LE(err, bf16_math ? 1e-2 : 1e-5) << dev << " rope " << kv_format_name(rope) << " latent " << kv_format_name(latent)
                                << " heads " << shape[0] << " kv " << shape[1];
         }
       }

@@ -16,6 +16,7 @@
 #include "eval/eval.h"
 #include "infer/bench.h"
 #include "infer/generate.h"
+#include "infer/latent_pool.h"
 #include "io/dataset.h"
 #include "train/finetune.h"
 #include "model/vlm.h"
@@ -80,6 +81,20 @@ int cmd_inspect(const std::string& model_dir) {
               "%.1f%% of before, %.2fx fewer\n",
               (long long)mla, (long long)t.num_layers, (long long)(t.num_kv_heads * 2 * a.rope_pairs),
               (long long)a.latent_dim, 100.0 * double(mla) / double(mha), double(mha) / double(mla));
+  if (a.latent_dim > 0) {
+    // What the paged pool allocates per token (all layers; scales and the modality byte included).
+    auto pool_bytes = [&](KvFormat latent, KvFormat rope) {
+      LatentPoolOptions o;
+      o.latent = latent;
+      o.rope = rope;
+      return LatentPool(t.num_layers, t.num_kv_heads, 2 * a.rope_pairs, a.latent_dim, 1, o, at::kCPU).bytes_per_token();
+    };
+    const double b16 = pool_bytes(KvFormat::BF16, KvFormat::BF16), i8 = pool_bytes(KvFormat::Int8, KvFormat::BF16),
+                 i4 = pool_bytes(KvFormat::Int4, KvFormat::BF16), i4r8 = pool_bytes(KvFormat::Int4, KvFormat::Int8);
+    std::printf("latent cache    bytes/token as allocated (scales, modality byte): bf16 %.0f, int8 %.0f, int4 %.0f, "
+                "int4 + int8 rotary %.0f (%.2fx, %.2fx, %.2fx, %.2fx fewer than bf16 before)\n",
+                b16, i8, i4, i4r8, double(mha) / b16, double(mha) / i8, double(mha) / i4, double(mha) / i4r8);
+  }
   return 0;
 }
 

@@ -278,7 +278,9 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
   const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
   reserve_positions(cache, valid, S);
   std::vector<at::Tensor>* hidden = taps.hidden;
-  auto [cos, sin] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh]
+  auto [cos_f, sin_f] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh] float32
+  // In the activations' dtype, as transformers applies them (bf16 models rotate in bf16).
+  at::Tensor cos = cos_f.to(x_in.scalar_type()), sin = sin_f.to(x_in.scalar_type());
   cache.key_valid.narrow(1, start, T).copy_(valid);
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
