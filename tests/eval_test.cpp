@@ -122,15 +122,7 @@ TEST(Generate, CompactionMatchesUncompactedAndAlone) {
 // converted model (paged latent cache, also int8).
 TEST(Generate, ContinuousBatchingMatchesAlone) {
   TempDir d("continuous");
-  ConvertOptions co;
-  co.model_dir = source_path("models/qwen2vl-shapes");
-  co.out_dir = d / "mla";
-  co.calib_path = source_path("data/shapes-mini/calib.jsonl");
-  co.calib_samples = 8;
-  co.rope_pairs = 8;
-  co.dkv = 16;
-  convert_model(co);
-  auto mla = Vlm::load(co.out_dir);
+  auto mla = Vlm::load(convert_quick(source_path("models/qwen2vl-shapes"), d / "mla", 8, 16));
   auto rows = mixed_rows(12);
   auto prompts = prompts_of(rows);
   for (auto [model, format] : {std::pair<const Vlm*, std::string>{&shapes_model(), "auto"}, {mla.get(), "auto"},

@@ -22,17 +22,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // tiny-a converted to MLA: 4 of 8 pairs kept, latent 8 (decoupled, whitened).
-std::string tiny_mla(const TempDir& d) {
-  ConvertOptions o;
-  o.model_dir = fixture("qwen2vl/tiny-a");
-  o.out_dir = d / "mla";
-  o.calib_path = source_path("data/shapes-mini/calib.jsonl");
-  o.calib_samples = 8;
-  o.rope_pairs = 4;
-  o.dkv = 4;
-  convert_model(o);
-  return o.out_dir;
-}
+std::string tiny_mla(const TempDir& d) { return convert_quick(fixture("qwen2vl/tiny-a"), d / "mla", 4, 4); }
 
 std::string read_file(const std::string& p) {
   std::ifstream in(p);

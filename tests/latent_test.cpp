@@ -16,16 +16,7 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string convert_to(const TempDir& d, const std::string& model, int64_t r, int64_t dkv, bool decoupled) {
-  ConvertOptions o;
-  o.model_dir = model;
-  o.out_dir = d / "mla";
-  o.calib_path = source_path("data/shapes-mini/calib.jsonl");
-  o.calib_samples = 8;
-  o.rope_pairs = r;
-  o.dkv = dkv;
-  o.decoupled = decoupled;
-  convert_model(o);
-  return o.out_dir;
+  return convert_quick(model, d / "mla", r, dkv, decoupled);
 }
 
 std::vector<Prompt> mixed_prompts() {

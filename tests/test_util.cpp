@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include "convert/convert.h"
+
 #include <unistd.h>
 
 #include <array>
@@ -33,6 +35,20 @@ CommandResult run_cli(const std::string& args) {
   int status = pclose(p);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+std::string convert_quick(const std::string& model, const std::string& out, int64_t rope_pairs, int64_t dkv,
+                          bool decoupled) {
+  ConvertOptions o;
+  o.model_dir = model;
+  o.out_dir = out;
+  o.calib_path = source_path("data/shapes-mini/calib.jsonl");
+  o.calib_samples = 8;
+  o.rope_pairs = rope_pairs;
+  o.dkv = dkv;
+  o.decoupled = decoupled;
+  convert_model(o);
+  return out;
 }
 
 }  // namespace mlaforge::test

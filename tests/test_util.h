@@ -37,4 +37,9 @@ struct CommandResult {
 // Runs the mlaforge binary with `args` (shell-quoted by the caller).
 CommandResult run_cli(const std::string& args);
 
+// Converts `model` to MLA in `out` (8 calibration rows of the bundled calib set, whitened, joint);
+// returns `out`.
+std::string convert_quick(const std::string& model, const std::string& out, int64_t rope_pairs, int64_t dkv,
+                          bool decoupled = true);
+
 }  // namespace mlaforge::test
