@@ -10,10 +10,14 @@
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
 //    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
 //    products run on tensor cores (ldmatrix + mma.sync m16n8k16 bf16, fp32 accumulation):
-//        S[Hpad x 64]      = Qrope_blockdiag[Hpad x KRpad] . Krope^T  +  Q_m[Hpad x R] . C^T  (m = modality of
-//                            the token's column; both Q_text.C^T and Q_image.C^T are computed)
-//        O_m[Hpad x R]    += P_m[Hpad x 64] . C[64 x R]   (P_m: P with the other modality's columns zeroed)
-//    Queries are rounded to bf16 here, so this kernel is for the bf16/quantised caches (~1e-3 relative).
+//        S[Hpad x 64]  = Qrope_blockdiag[Hpad x KRpad] . Krope^T + Q_m[Hpad x R] . C^T   (m = modality of the
+//                        token's column: Q_text.C^T and Q_image.C^T are both computed, except for a modality
+//                        absent from a 16-token group)
+//        O_m[Hpad x R] += P_m[Hpad x 64] . C[64 x R]   (P_m: P with the other modality's columns zeroed; skipped
+//                        per 16-token group where P_m is all zero)
+//    Hpad = heads rounded up to 16 (kHT row tiles); the rotary product only visits the column blocks of the KV
+//    heads a row tile uses. Queries are rounded to bf16 here, so this kernel serves the bf16/quantised caches
+//    (~2e-3 relative to float64); F32 caches go to the CUDA-core kernel.
 //  - CUDA-core kernel (everything else, and every F32 cache): fp32 throughout, generic shapes.
 //
 // Scores are kept in log2 units (scale * log2(e) folded in) so that exp2f does the softmax.
@@ -254,14 +258,14 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
     {
       const unsigned char* src = static_cast<const unsigned char*>(p.k_rope) + row * a.rope_row_bytes;
       unsigned char* d = st + a.st_rope + tok * a.rope_st_ld;
-      const int g = a.rope_granule;
-      for (int c = part * g; c < a.rope_row_bytes; c += 4 * g) cp_async(d + c, src + c, g, valid);
+      const int gran = a.rope_granule;
+      for (int c = part * gran; c < a.rope_row_bytes; c += 4 * gran) cp_async(d + c, src + c, gran, valid);
     }
     {
       const unsigned char* src = static_cast<const unsigned char*>(p.latent) + row * a.lat_row_bytes;
       unsigned char* d = st + a.st_lat + tok * a.lat_st_ld;
-      const int g = a.lat_granule;
-      for (int c = part * g; c < a.lat_row_bytes; c += 4 * g) cp_async(d + c, src + c, g, valid);
+      const int gran = a.lat_granule;
+      for (int c = part * gran; c < a.lat_row_bytes; c += 4 * gran) cp_async(d + c, src + c, gran, valid);
     }
   };
   auto load_side = [&](int64_t row, bool valid, SideRegs& s) {
@@ -390,19 +394,24 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
     const unsigned char* img_s = st + a.st_img;
     const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
 
-    // Dequantise into the bf16 operands (BF16 tiles are used in place).
+    // Dequantise into the bf16 operands (BF16 tiles are used in place): warp w takes token rows w, w+8, ...,
+    // lane l the 4 columns 4l.. (+128); pairs of values share a scale (rope_dim and latent_group are even),
+    // and a column's scale index is computed once for all its rows.
     const bf16* rope_op;
     const bf16* lat_op;
     if constexpr (kRopeQuant) {
-      const int8_t* raw = reinterpret_cast<const int8_t*>(st + a.st_rope);      // [kTile][kr]
+      const int8_t* raw = reinterpret_cast<const int8_t*>(st + a.st_rope);      // [kTile][kr], kr % 4 == 0
       const uint16_t* rsc = reinterpret_cast<const uint16_t*>(st + a.st_rsc);   // [kTile][kv]
       bf16* out = reinterpret_cast<bf16*>(smem + a.off_rope_op);
-      const int pairs = a.kr / 2;  // rope_dim is even, so a pair never straddles two KV heads
-      for (int i = tid; i < kTile * pairs; i += kThreads) {
-        const int t = i / pairs, c = 2 * (i - t * pairs);
-        const char2 v = *reinterpret_cast<const char2*>(raw + t * a.kr + c);
-        const float sc = half_bits_to_float(rsc[t * kv + c / p.rope_dim]);
-        *reinterpret_cast<uint32_t*>(out + t * ldr + c) = pack_bf16x2(v.x * sc, v.y * sc);
+      for (int c = lane * 4; c < a.kr; c += 128) {
+        const int head0 = c / p.rope_dim, head1 = (c + 2) / p.rope_dim;
+        for (int t = warp; t < kTile; t += kWarps) {
+          const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + t * a.kr + c);
+          const float s0 = half_bits_to_float(rsc[t * kv + head0]), s1 = half_bits_to_float(rsc[t * kv + head1]);
+          *reinterpret_cast<uint2*>(out + t * ldr + c) =
+              make_uint2(pack_bf16x2(sext_byte(w, 0) * s0, sext_byte(w, 1) * s0),
+                         pack_bf16x2(sext_byte(w, 2) * s1, sext_byte(w, 3) * s1));
+        }
       }
       rope_op = out;
     } else {
@@ -412,33 +421,24 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
       const unsigned char* raw = st + a.st_lat;                                 // [kTile][lat_row_bytes]
       const uint16_t* lsc = reinterpret_cast<const uint16_t*>(st + a.st_lsc);   // [kTile][ng]
       bf16* out = reinterpret_cast<bf16*>(smem + a.off_lat_op);
-      const int units = R / 8;  // 8 values per unit; R % 16 == 0 here
-      const int group = p.latent_group;
-      for (int i = tid; i < kTile * units; i += kThreads) {
-        const int t = i / units, c = 8 * (i - t * units);
-        float v[8];
-        if constexpr (LF == KvFormat::Int8) {
-          const uint2 w = *reinterpret_cast<const uint2*>(raw + t * R + c);
+      for (int c = lane * 4; c < R; c += 128) {
+        const int grp0 = c / p.latent_group, grp1 = (c + 2) / p.latent_group;
+        for (int t = warp; t < kTile; t += kWarps) {
+          int q[4];
+          if constexpr (LF == KvFormat::Int8) {
+            const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + t * R + c);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            v[e] = static_cast<float>(sext_byte(w.x, e));
-            v[e + 4] = static_cast<float>(sext_byte(w.y, e));
+            for (int e = 0; e < 4; ++e) q[e] = sext_byte(w, e);
+          } else {
+            // Element 2i in the low nibble of byte i: element e of the 16-bit word sits at bits 4e..4e+3.
+            const uint32_t w = *reinterpret_cast<const uint16_t*>(raw + t * (R / 2) + c / 2);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) q[e] = static_cast<int>((w >> (4 * e)) & 15u) - 8;
           }
-        } else {
-          // Element 2i in the low nibble of byte i: element e sits at bits 4e..4e+3 of the little-endian word.
-          const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + t * (R / 2) + c / 2);
-#pragma unroll
-          for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(static_cast<int>((w >> (4 * e)) & 15u) - 8);
+          const float s0 = half_bits_to_float(lsc[t * a.ng + grp0]), s1 = half_bits_to_float(lsc[t * a.ng + grp1]);
+          *reinterpret_cast<uint2*>(out + t * ldl + c) =
+              make_uint2(pack_bf16x2(q[0] * s0, q[1] * s0), pack_bf16x2(q[2] * s1, q[3] * s1));
         }
-        const uint16_t* sc_row = lsc + t * a.ng;
-        uint4 packed;
-        uint32_t* pw = reinterpret_cast<uint32_t*>(&packed);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {  // groups are even, so a pair shares its scale
-          const float sc = half_bits_to_float(sc_row[(c + 2 * e) / group]);
-          pw[e] = pack_bf16x2(v[2 * e] * sc, v[2 * e + 1] * sc);
-        }
-        *reinterpret_cast<uint4*>(out + t * ldl + c) = packed;
       }
       lat_op = out;
     } else {
@@ -448,9 +448,13 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 
     // Scores. Warp w: token tile w&3, row tiles (w>>2) + 2u. Rotary part first, then the accumulator is copied
     // so that the text and image latent products both start from it; each element then keeps the product of
-    // its token's modality.
+    // its token's modality. A modality absent from the warp's 16 tokens is skipped (images come in long runs).
     {
       const int tt = warp & 3;
+      const int my_t = tt * 16 + (lane & 15);
+      const unsigned present = __ballot_sync(
+          0xffffffffu, my_t < n_valid && (lane < 16 ? img_s[my_t] == 0 : img_s[my_t] != 0));
+      const bool any_text = (present & 0xffffu) != 0u, any_image = (present >> 16) != 0u;
 #pragma unroll
       for (int u = 0; u < kScoreUnits; ++u) {
         const int rt = (warp >> 2) + 2 * u;
@@ -475,12 +479,16 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
           for (int k = 0; k < lat_tiles; ++k) {
             uint32_t cb[4], qa[4];
             ldmatrix_x4(cb, lat_op + (tt * 16 + bn_row) * ldl + k * 16 + bn_col);
-            ldmatrix_x4(qa, q_lat_s + (rt * 16 + a_row) * ldl + k * 16 + a_col);
-            mma_bf16_16816(acc_t[0], qa, cb[0], cb[1]);
-            mma_bf16_16816(acc_t[1], qa, cb[2], cb[3]);
-            ldmatrix_x4(qa, q_lat_s + (kHpad + rt * 16 + a_row) * ldl + k * 16 + a_col);
-            mma_bf16_16816(acc_i[0], qa, cb[0], cb[1]);
-            mma_bf16_16816(acc_i[1], qa, cb[2], cb[3]);
+            if (any_text) {
+              ldmatrix_x4(qa, q_lat_s + (rt * 16 + a_row) * ldl + k * 16 + a_col);
+              mma_bf16_16816(acc_t[0], qa, cb[0], cb[1]);
+              mma_bf16_16816(acc_t[1], qa, cb[2], cb[3]);
+            }
+            if (any_image) {
+              ldmatrix_x4(qa, q_lat_s + (kHpad + rt * 16 + a_row) * ldl + k * 16 + a_col);
+              mma_bf16_16816(acc_i[0], qa, cb[0], cb[1]);
+              mma_bf16_16816(acc_i[1], qa, cb[2], cb[3]);
+            }
           }
         }
 #pragma unroll
@@ -564,11 +572,17 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
       }
 #pragma unroll 1  // one k-step of P fragments live at a time keeps the kernel within 128 registers
       for (int k = 0; k < kTile / 16; ++k) {
+        // Which modalities tokens 16k..16k+15 hold; P of an absent one is all zero and its MMAs are skipped.
+        const int my_t = k * 16 + (lane & 15);
+        const unsigned present = __ballot_sync(
+            0xffffffffu, my_t < n_valid && (lane < 16 ? img_s[my_t] == 0 : img_s[my_t] != 0));
+        if (present == 0u) break;  // past the last valid token (uniform over the CTA)
+        const bool need[2] = {(present & 0xffffu) != 0u, (present >> 16) != 0u};
         uint32_t pa[kHT][2][4];  // P_text, P_img of each row tile, tokens 16k..16k+15
 #pragma unroll
         for (int rt = 0; rt < kHT; ++rt) {
-          ldmatrix_x4(pa[rt][0], p_buf + (rt * 16 + a_row) * ldp + k * 16 + a_col);
-          ldmatrix_x4(pa[rt][1], p_buf + (rt * 16 + a_row) * ldp + kTile + k * 16 + a_col);
+          if (need[0]) ldmatrix_x4(pa[rt][0], p_buf + (rt * 16 + a_row) * ldp + k * 16 + a_col);
+          if (need[1]) ldmatrix_x4(pa[rt][1], p_buf + (rt * 16 + a_row) * ldp + kTile + k * 16 + a_col);
         }
 #pragma unroll
         for (int cw = 0; cw < kCTW; ++cw) {
@@ -579,10 +593,11 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 #pragma unroll
             for (int rt = 0; rt < kHT; ++rt)
 #pragma unroll
-              for (int m = 0; m < 2; ++m) {
-                mma_bf16_16816(acc_o[cw][rt][m][0], pa[rt][m], cb[0], cb[1]);
-                mma_bf16_16816(acc_o[cw][rt][m][1], pa[rt][m], cb[2], cb[3]);
-              }
+              for (int m = 0; m < 2; ++m)
+                if (need[m]) {
+                  mma_bf16_16816(acc_o[cw][rt][m][0], pa[rt][m], cb[0], cb[1]);
+                  mma_bf16_16816(acc_o[cw][rt][m][1], pa[rt][m], cb[2], cb[3]);
+                }
           }
         }
       }
@@ -974,7 +989,9 @@ struct DeviceInfo {
 
 // SM count and shared-memory limit of the current device, queried once per device. The first call on a
 // device also raises every kernel's dynamic shared-memory limit to that maximum (each launch then asks only
-// for what it needs), so no launch pays for cudaFuncSetAttribute.
+// for what it needs) and asks for the largest shared-memory carveout (the kernels stream through cp.async.cg
+// and barely use L1; two tensor-core CTAs of ~105 KB need the full 228 KB), so no launch pays for
+// cudaFuncSetAttribute.
 DeviceInfo device_info() {
   static cuda::std::atomic<int> sms_cache[kMaxDevices];
   static cuda::std::atomic<int> smem_cache[kMaxDevices];
@@ -994,11 +1011,15 @@ DeviceInfo device_info() {
   const int tiles[5][2] = {{1, 1}, {2, 1}, {4, 1}, {1, 2}, {2, 2}};
   for (KvFormat rf : all)
     for (KvFormat lf : all) {
-      if (CcKernel k = cc_kernel(rf, lf))
+      if (CcKernel k = cc_kernel(rf, lf)) {
         cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+        cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+      }
       for (const auto& t : tiles)
-        if (TcKernel k = tc_kernel(rf, lf, t[0], t[1]))
+        if (TcKernel k = tc_kernel(rf, lf, t[0], t[1])) {
           cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+          cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+        }
     }
   if (dev < kMaxDevices) {
     smem_cache[dev].store(info.max_smem, cuda::std::memory_order_release);
@@ -1042,7 +1063,7 @@ struct TcPlan {
 };
 
 // The tensor-core kernel's launch, or kernel == nullptr where it does not apply.
-TcPlan plan_tc(const MlaDecodeParams& p, const DeviceInfo& dev) {
+TcPlan plan_tc(const MlaDecodeParams& p, const DeviceInfo& dev, int num_splits) {
   TcPlan plan;
   const KvFormat rf = p.rope_format, lf = p.latent_format;
   if (!(rf == KvFormat::BF16 || rf == KvFormat::Int8)) return plan;
@@ -1116,9 +1137,11 @@ TcPlan plan_tc(const MlaDecodeParams& p, const DeviceInfo& dev) {
   a.stage_bytes = st;
   a.off_stage = off;
 
-  // Deepest ring that keeps two CTAs per SM; failing that, the deepest that fits at all.
+  // Deepest ring that keeps two CTAs per SM; failing that, or when the grid leaves SMs idle anyway (small
+  // batch, short context: each CTA then needs more bytes in flight), the deepest that fits at all.
+  const bool few_ctas = static_cast<int64_t>(num_splits) * p.batch <= dev.sms;
   int stages = 0;
-  for (int s = kMaxStages; s >= 2 && stages == 0; --s)
+  for (int s = kMaxStages; s >= 2 && stages == 0 && !few_ctas; --s)
     if (off + s * st <= kTwoCtaSmem) stages = s;
   for (int s = kMaxStages; s >= 2 && stages == 0; --s)
     if (off + s * st <= dev.max_smem) stages = s;
@@ -1227,7 +1250,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
 
   bool launched = false;
   if (!force_cuda_core()) {
-    TcPlan tc = plan_tc(p, dev);
+    TcPlan tc = plan_tc(p, dev, splits);
     if (tc.kernel != nullptr) {
       tc.args.num_splits = splits;
       tc.args.part_acc = part_acc;
