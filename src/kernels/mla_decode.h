@@ -49,8 +49,8 @@ struct MlaDecodeParams {
   float* out = nullptr;  // [batch, heads, 2, latent_dim]
 };
 
-// CPU kernel (kernels/cpu/mla_decode_cpu.cpp): multithreaded over sequences, heads and, for long
-// contexts, splits of the sequence.
+// CPU kernel (kernels/cpu/mla_decode_cpu.cpp): multithreaded over sequences and, for long contexts,
+// splits of the sequence (all heads of a sequence in one pass).
 void mla_decode_cpu(const MlaDecodeParams& p);
 
 #ifdef MLAFORGE_WITH_CUDA
