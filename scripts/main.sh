@@ -25,7 +25,7 @@ field() { sed -n "s/^ *\"$2\": \([0-9.e+-]*\),\{0,1\}$/\1/p" "$1" | head -1; }
 kv() { $mf inspect "$1" | sed -n 's/.* \([0-9][0-9]*\) bytes\/token in bf16.*/\1/p' | tail -1; }
 pool() { $mf inspect "$out/mla-ft" | sed -n "s/.*$1 \([0-9][0-9]*\).*/\1/p"; }
 echo
-echo "| model | KV cache bytes/token (bf16) | accuracy | KL(original \|\| model) per answer token |"
+echo "| model | KV cache bytes/token | accuracy | KL(original \|\| model) per answer token |"
 echo "| --- | --- | --- | --- |"
 printf "| original (GQA) | %s | %.3f | %.4f |\n" "$(kv models/qwen2vl-shapes)" "$(field $out/eval-original.json accuracy)" \
   "$(field $out/eval-original.json mean_kl)"
