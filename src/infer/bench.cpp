@@ -85,9 +85,12 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
   r.kv_slots = c.is_latent() ? c.pool->num_blocks() * c.pool->block_size() : B * cap;
   at::Tensor slots;  // [B*S] the pool slots of the cached positions
   if (c.is_latent()) {
-    const int64_t bs = c.pool->block_size();
-    at::Tensor p = at::arange(S, long_opts);
-    slots = (c.block_table.to(at::kLong).index_select(1, at::div(p, bs, "floor")) * bs + p.remainder(bs)).reshape({-1});
+    // Every row's blocks for positions [0, S) (rows own blocks only once they hold tokens).
+    const int64_t free_before = c.pool->free_blocks();
+    reserve_positions(c, at::ones({B, S}, flags), S);
+    check(free_before - c.pool->free_blocks() == B * ((S + c.pool->block_size() - 1) / c.pool->block_size()),
+          "bench", "the cache did not allocate a block per 64 positions of every row");
+    slots = c.all_slots.reshape({-1});
     c.pool->write_modality(slots, at::rand({B * S}, at::TensorOptions().device(dev)) < 0.25);
     for (int64_t l = 0; l < c.pool->layers(); ++l)
       c.pool->write(l, slots, at::randn({B * S, c.pool->kv_heads(), c.pool->rope_dim()}, at::TensorOptions().device(dev)),
