@@ -45,8 +45,7 @@ double decode_error(const DecodeCase& c, uint64_t seed) {
   for (int64_t b = 0; b < B; ++b) {
     const int64_t n = ends[size_t(b)];
     at::Tensor pos = at::arange(n, at::kLong);
-    at::Tensor slots = table[b].to(at::kLong).index_select(0, at::div(pos, c.block_size, "floor")) * c.block_size +
-                       pos.remainder(c.block_size);
+    at::Tensor slots = position_slots(table.narrow(0, b, 1), c.block_size, n).view({-1});
     slots = slots.to(c.device);
     at::Tensor img = ((pos >= n / 4) & (pos < n / 2 + 1)).to(c.device);
     pool.write_modality(slots, img);

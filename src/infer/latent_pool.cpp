@@ -137,25 +137,23 @@ void LatentPool::release(const std::vector<int32_t>& blocks) {
   for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) free_.push_back(*it);
 }
 
+namespace {
+// A pool tensor [NB, bs, rest...] viewed by flat slot: [NB*bs, rest...] (writes go to the pool).
+at::Tensor by_slot(const at::Tensor& t) { return t.flatten(0, 1); }
+}  // namespace
+
 void LatentPool::write(int64_t layer, const at::Tensor& slots, const at::Tensor& k_rope, const at::Tensor& latent) {
-  const int64_t NS = num_blocks_ * opt_.block_size, l = layer;
+  const int64_t l = layer;
   at::Tensor idx = slots.to(at::kLong);
   auto store = [&](at::Tensor& dst, at::Tensor* dst_scale, const at::Tensor& x, KvFormat f, int64_t group) {
-    std::vector<int64_t> flat(dst.sizes().begin() + 1, dst.sizes().end());
-    flat[0] = NS;  // [NB, bs, ...] -> [NB*bs, ...]
     if (!quantized(f)) {
-      dst.view(flat).index_put_({idx}, x.to(dst.scalar_type()));
+      by_slot(dst).index_put_({idx}, x.to(dst.scalar_type()));
       return;
     }
     QuantizedRows q = quantize_rows(x, f, group);
-    dst.view(flat).index_put_({idx}, q.values);
-    std::vector<int64_t> sflat(dst_scale->sizes().begin() + 1, dst_scale->sizes().end());
-    sflat[0] = NS;
-    dst_scale->view(sflat).index_put_({idx}, q.scales.reshape([&] {
-      std::vector<int64_t> s{x.size(0)};
-      s.insert(s.end(), sflat.begin() + 1, sflat.end());
-      return s;
-    }()));
+    by_slot(dst).index_put_({idx}, q.values);
+    at::Tensor scales = by_slot(*dst_scale);  // [NB*bs, scales per token]
+    scales.index_put_({idx}, q.scales.reshape({x.size(0), scales.size(1)}));
   };
   store(k_rope_[l], quantized(opt_.rope) ? &k_rope_scale_[l] : nullptr, k_rope, opt_.rope, rope_dim_);
   store(latent_[l], quantized(opt_.latent) ? &latent_scale_[l] : nullptr, latent, opt_.latent, opt_.latent_group);
@@ -168,11 +166,9 @@ void LatentPool::write_modality(const at::Tensor& slots, const at::Tensor& is_im
 namespace {
 // Rows `slots` [...] of a pool tensor [NB, bs, rest...] -> [..., rest...].
 at::Tensor gather(const at::Tensor& t, const at::Tensor& slots) {
-  std::vector<int64_t> flat(t.sizes().begin() + 1, t.sizes().end());
-  flat[0] = t.size(0) * t.size(1);
   std::vector<int64_t> out(slots.sizes().begin(), slots.sizes().end());
-  out.insert(out.end(), flat.begin() + 1, flat.end());
-  return t.view(flat).index_select(0, slots.reshape({-1}).to(at::kLong)).view(out);
+  out.insert(out.end(), t.sizes().begin() + 2, t.sizes().end());
+  return by_slot(t).index_select(0, slots.reshape({-1}).to(at::kLong)).view(out);
 }
 }  // namespace
 
@@ -195,13 +191,7 @@ void LatentPool::copy_slots(const LatentPool& src, const at::Tensor& src_slots, 
             src.latent_dim_ == latent_dim_ && src.rope_dim_ == rope_dim_ && src.layers() == layers(),
         "kv cache", "cannot copy between pools of different shapes or formats");
   at::Tensor from = src_slots.to(at::kLong), to = dst_slots.to(at::kLong);
-  auto copy = [&](at::Tensor& dst, const at::Tensor& s) {
-    std::vector<int64_t> flat(dst.sizes().begin() + 1, dst.sizes().end());
-    flat[0] = dst.size(0) * dst.size(1);  // [NB, bs, ...] -> [NB*bs, ...]
-    std::vector<int64_t> sflat = flat;
-    sflat[0] = s.size(0) * s.size(1);
-    dst.view(flat).index_put_({to}, s.view(sflat).index_select(0, from));
-  };
+  auto copy = [&](at::Tensor& dst, const at::Tensor& s) { by_slot(dst).index_put_({to}, by_slot(s).index_select(0, from)); };
   for (size_t l = 0; l < k_rope_.size(); ++l) {
     copy(k_rope_[l], src.k_rope_[l]);
     copy(latent_[l], src.latent_[l]);
@@ -235,14 +225,17 @@ int64_t LatentPool::bytes() const {
   return b;
 }
 
+at::Tensor position_slots(const at::Tensor& block_table, int64_t block_size, int64_t S) {
+  at::Tensor pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(block_table.device()));  // [S]
+  at::Tensor blk = block_table.to(at::kLong).index_select(1, at::div(pos, block_size, "floor"));     // [B, S]
+  return blk.clamp_min(0) * block_size + pos.remainder(block_size);
+}
+
 namespace {
 // Flat slots [B, S] of positions 0..S-1 through the block tables, and which are attended [B, S].
 std::pair<at::Tensor, at::Tensor> batch_slots(const PagedBatch& batch, int64_t block_size, int64_t S) {
-  auto dev = batch.block_table.device();
-  at::Tensor pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(dev));  // [S]
-  at::Tensor table = batch.block_table.to(at::kLong);                                   // [B, max_blocks]
-  at::Tensor blk = table.index_select(1, at::div(pos, block_size, "floor"));              // [B, S]
-  at::Tensor slots = blk.clamp_min(0) * block_size + pos.remainder(block_size).view({1, S});
+  at::Tensor pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(batch.block_table.device()));  // [S]
+  at::Tensor slots = position_slots(batch.block_table, block_size, S);
   at::Tensor valid = (pos.view({1, S}) >= batch.seq_begin.to(at::kLong).view({-1, 1})) &
                      (pos.view({1, S}) < batch.seq_end.to(at::kLong).view({-1, 1}));
   return {slots, valid};

@@ -90,6 +90,10 @@ struct PagedBatch {
   at::Tensor block_table, seq_begin, seq_end;
 };
 
+// Flat pool slots (block * block_size + offset) of positions 0..S-1 through block tables
+// [B, max_blocks] (entries < 0 read as block 0): [B, S] int64.
+at::Tensor position_slots(const at::Tensor& block_table, int64_t block_size, int64_t S);
+
 // Absorbed decode over one layer of the pool: q_rope [B, h, 2r], q_latent [B, h, 2, R] (absorbed
 // queries for text and image keys) -> [B, h, 2, R], the softmax-weighted latent sums over text and
 // image keys. The plain ATen reference: reads the cache back dequantized and computes in q's dtype

@@ -79,8 +79,7 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
   if (changed) upload_table(c);
   // Pool slots of positions [0, S): [B, S]; the new ones [B*T]; the attended range of each row.
   auto dev = c.block_table.device();
-  at::Tensor p = at::arange(S, at::TensorOptions().dtype(at::kLong).device(dev));
-  c.all_slots = c.block_table.to(at::kLong).index_select(1, at::div(p, bs, "floor")) * bs + p.remainder(bs);
+  c.all_slots = position_slots(c.block_table, bs, S);
   c.new_slots = c.all_slots.narrow(1, start, T).reshape({-1});
   std::vector<int32_t> begin(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) begin[size_t(b)] = int32_t(std::min(c.row_begin[size_t(b)], S - 1));
