@@ -13,6 +13,8 @@ Everything tiny runs on the CPU in float32 with eager attention, so the fixtures
   qwen2vl/<model>/                               tiny random Qwen2-VL checkpoints (two layouts)
   qwen2vl/<model>.cases.json + .safetensors      prompts, ids, pixel_values, logits, hidden states, greedy tokens
   llava/<model>/ and its .cases.json/.safetensors   the same for tiny LLaVA-1.5 checkpoints (MHA and GQA)
+  llava_next/<model>/ ...                        tiny LLaVA-NeXT (anyres, Llama-3 and Mistral text), also image_sizes
+  qwen25vl/tiny/ ...                             a tiny Qwen2.5-VL (window attention vision tower)
   shapes/                                        the bundled qwen2vl-shapes model: logits for a batch and
                                                  transformers' greedy answers for every eval row
 """
@@ -703,6 +705,192 @@ def make_llava(out_dir):
 
 
 # ----------------------------------------------------------------------------------------------
+# Tiny random LLaVA-NeXT checkpoints (anyres tiles + image_newline; Llama-3 and Mistral text)
+# ----------------------------------------------------------------------------------------------
+# Templates in the form of llava-hf's llama3-llava-next-8b-hf / llava-v1.6-mistral-7b-hf prompts.
+LLAMA3_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{{ '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+MISTRAL_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' ' }}"
+    "{% endfor %}{{ '[/INST]' }}{% elif message['role'] == 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ ' ' + content['text'] + '</s>' }}"
+    "{% endfor %}{% endif %}{% endfor %}")
+LLAMA3_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def llama3_style_tokenizer():
+    """The shapes model's byte-level BPE with Llama-3's pre-tokenizer regex, its header tokens and a
+    post-processor that prepends <|begin_of_text|>, as Meta-Llama-3's tokenizer.json does."""
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+    from tokenizers.processors import TemplateProcessing
+    tok = Tokenizer.from_file(os.path.join(SHAPES_MODEL, "tokenizer.json"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PAT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.add_special_tokens(["<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                            "<image>", "<pad>"])
+    bos = tok.token_to_id("<|begin_of_text|>")
+    tok.post_processor = TemplateProcessing(single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A $B",
+                                            special_tokens=[("<|begin_of_text|>", bos)])
+    return tok
+
+
+LLAVA_NEXT_VARIANTS = {
+    "llava-next-llama3": dict(text="llama", theta=500000.0, template=LLAMA3_TEMPLATE),
+    "llava-next-mistral": dict(text="mistral", theta=1000000.0, template=MISTRAL_TEMPLATE),
+}
+LLAVA_NEXT_TILE = 42
+LLAVA_NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126], [126, 42]]
+
+
+def make_llava_next(out_dir):
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextProcessor, MistralConfig, PreTrainedTokenizerFast)
+    try:
+        from transformers import LlavaNextImageProcessor as ImageProcessor  # PIL backend, like the CLIP fixtures
+    except ImportError:
+        from transformers import LlavaNextImageProcessorFast as ImageProcessor
+    d = os.path.join(out_dir, "llava_next")
+    os.makedirs(d, exist_ok=True)
+    images_dir = os.path.join(out_dir, "preprocess")
+    if not os.path.isdir(images_dir):
+        images_dir = os.path.join(ROOT, "tests", "fixtures", "preprocess")
+    S = LLAVA_NEXT_TILE
+    for vi, (name, v) in enumerate(LLAVA_NEXT_VARIANTS.items()):
+        torch.manual_seed(40 + vi)
+        if v["text"] == "llama":
+            tok = PreTrainedTokenizerFast(tokenizer_object=llama3_style_tokenizer(), bos_token="<|begin_of_text|>",
+                                          eos_token="<|eot_id|>", pad_token="<pad>")
+            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+            eos = tok.convert_tokens_to_ids("<|eot_id|>")
+            bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
+        else:
+            tok = PreTrainedTokenizerFast(
+                tokenizer_file=os.path.join(ROOT, "tests", "fixtures", "tokenizer", "llama-legacy", "tokenizer.json"),
+                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+            missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
+            if missing:
+                tok.add_special_tokens({"additional_special_tokens": missing})
+                tok.pad_token = "<pad>"
+            eos, bos = 2, 1
+        image_id = tok.convert_tokens_to_ids("<image>")
+        vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
+                                  image_size=S, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                                  projection_dim=32, initializer_range=0.08)
+        tk = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                  bos_token_id=bos, eos_token_id=eos, pad_token_id=tok.pad_token_id, initializer_range=0.08,
+                  tie_word_embeddings=False)
+        text = LlamaConfig(**tk) if v["text"] == "llama" else MistralConfig(sliding_window=None, **tk)
+        text.rope_parameters = {"rope_type": "default", "rope_theta": v["theta"]}
+        cfg = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                              image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2,
+                              vision_feature_select_strategy="default", projector_hidden_act="gelu",
+                              image_seq_length=(S // 14) ** 2, tie_word_embeddings=False)
+        model = LlavaNextForConditionalGeneration(cfg).eval()
+        perturb_(model, 50 + vi)
+        mdir = os.path.join(d, name)
+        model.save_pretrained(mdir)
+        ip = ImageProcessor(size={"shortest_edge": S}, crop_size={"height": S, "width": S},
+                            image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, do_center_crop=True, resample=3, do_pad=True)
+        proc = LlavaNextProcessor(image_processor=ip, tokenizer=tok, patch_size=14,
+                                  vision_feature_select_strategy="default", chat_template=v["template"],
+                                  num_additional_image_tokens=1, image_token="<image>")
+        proc.save_pretrained(mdir)
+        with open(os.path.join(mdir, "generation_config.json"), "w") as f:
+            json.dump({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}, f)
+        model = LlavaNextForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager",
+                                                                  dtype=torch.float32).eval()
+        processor = proc
+        processor.tokenizer.padding_side = "left"
+        log(name, "files", sorted(os.listdir(mdir)), "image token", image_id)
+        tensors, meta = {}, {"model": name, "cases": [], "processor": type(processor).__name__,
+                             "image_processor": type(processor.image_processor).__name__,
+                             "tokenizer": type(processor.tokenizer).__name__}
+        for cname, samples in qwen_cases():
+            texts, imgs, inputs = case_inputs(processor, samples, images_dir)
+            mask = inputs["attention_mask"]
+            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            with torch.no_grad():
+                out = model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
+                gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+            tensors[f"{cname}.input_ids"] = inputs["input_ids"]
+            tensors[f"{cname}.attention_mask"] = mask
+            if imgs:
+                tensors[f"{cname}.pixel_values"] = inputs["pixel_values"].float()
+                tensors[f"{cname}.image_sizes"] = inputs["image_sizes"]
+                try:
+                    with torch.no_grad():
+                        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                               image_sizes=inputs["image_sizes"])
+                    if hasattr(feats, "pooler_output"):
+                        feats = feats.pooler_output
+                    feats = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+                    if feats[0].dim() == 3:  # per-image tiles, not yet packed
+                        feats, _ = model.model.pack_image_features(feats, inputs["image_sizes"], "default",
+                                                                   image_newline=model.model.image_newline)
+                        feats = [feats]
+                    tensors[f"{cname}.image_embeds"] = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float()
+                except Exception as e:
+                    log("image features failed:", repr(e))
+            tensors[f"{cname}.logits"] = out.logits.float()
+            tensors[f"{cname}.hidden_states"] = torch.stack([h.float() for h in out.hidden_states])
+            tensors[f"{cname}.generated"] = gen[:, inputs["input_ids"].shape[1]:]
+            meta["cases"].append({"name": cname, "prompts": texts, "images": [list(s[0]) for s in samples],
+                                  "questions": [s[1] for s in samples], "n_hidden_states": len(out.hidden_states),
+                                  "image_tokens": int((inputs["input_ids"] == image_id).sum())})
+        save_tensors(os.path.join(d, name + ".safetensors"), tensors)
+        with open(os.path.join(d, name + ".cases.json"), "w") as f:
+            json.dump(meta, f, indent=1, ensure_ascii=False)
+        log(name, "done:", meta["processor"], meta["image_processor"], meta["tokenizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny random Qwen2.5-VL checkpoint (RMSNorm + SwiGLU vision tower, window attention)
+# ----------------------------------------------------------------------------------------------
+def make_qwen25vl(out_dir):
+    from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    d = os.path.join(out_dir, "qwen25vl")
+    os.makedirs(d, exist_ok=True)
+    images_dir = os.path.join(out_dir, "preprocess")
+    if not os.path.isdir(images_dir):
+        images_dir = os.path.join(ROOT, "tests", "fixtures", "preprocess")
+    torch.manual_seed(60)
+    text = dict(vocab_size=523, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=4096,
+                tie_word_embeddings=False, initializer_range=0.08, eos_token_id=2, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+    # window_size 56: 56/14/2 = 2 merged tokens (4x4 patches) per window side, so the fixture images'
+    # grids (4..16 patches a side) get full and partial windows.
+    vision = dict(depth=4, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                  temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="silu",
+                  window_size=56, fullatt_block_indexes=[1, 3], initializer_range=0.08)
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=5, video_token_id=6,
+                           vision_start_token_id=3, vision_end_token_id=4, tie_word_embeddings=False)
+    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
+    perturb_(model, 61)
+    mdir = os.path.join(d, "tiny")
+    model.save_pretrained(mdir, max_shard_size="300KB")
+    copy_text_assets(mdir)
+    pc = qwen_preprocessor_config(56 * 56, 12544, "size")
+    pc["processor_class"] = "Qwen2_5_VLProcessor"
+    with open(os.path.join(mdir, "preprocessor_config.json"), "w") as f:
+        json.dump(pc, f, indent=1)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager",
+                                                               dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(mdir)
+    run_qwen_cases(model, processor, mdir, os.path.join(d, "tiny"), images_dir)
+    log("qwen25vl tiny done; processor", type(processor).__name__, type(processor.image_processor).__name__)
+
+
+# ----------------------------------------------------------------------------------------------
 # The bundled qwen2vl-shapes model
 # ----------------------------------------------------------------------------------------------
 def shapes_rows(path):
@@ -774,7 +962,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "tests", "fixtures"))
     ap.add_argument("--data", default=os.path.join(ROOT, "data", "shapes"), help="folder with eval.jsonl and images")
-    ap.add_argument("--only", default="tokenizer,preprocess,qwen2vl,llava,shapes")
+    ap.add_argument("--only", default="tokenizer,preprocess,qwen2vl,llava,llava_next,qwen25vl,shapes")
     args = ap.parse_args()
     torch.set_num_threads(min(8, os.cpu_count() or 1))
     import transformers
@@ -782,6 +970,7 @@ def main():
     parts = args.only.split(",")
     steps = [("tokenizer", lambda: make_tokenizers(args.out)), ("preprocess", lambda: make_preprocess(args.out)),
              ("qwen2vl", lambda: make_qwen2vl(args.out)), ("llava", lambda: make_llava(args.out)),
+             ("llava_next", lambda: make_llava_next(args.out)), ("qwen25vl", lambda: make_qwen25vl(args.out)),
              ("shapes", lambda: make_shapes(args.out, args.data, "cuda" if torch.cuda.is_available() else "cpu"))]
     failed = []
     for name, fn in steps:
