@@ -8,8 +8,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data/shapes}
-bash scripts/build.sh >/dev/null
-mf=./build/mlaforge
+# MLAFORGE_BIN: a copy of the binary to use (so a rebuild meanwhile does not disturb a long run).
+[ -n "${MLAFORGE_BIN:-}" ] || bash scripts/build.sh >/dev/null
+mf=${MLAFORGE_BIN:-./build/mlaforge}
 out=build/ablation
 mkdir -p "$out"
 orig=models/qwen2vl-shapes

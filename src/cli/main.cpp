@@ -132,13 +132,18 @@ int cmd_convert(const ConvertOptions& o) {
   std::printf("calibration: %lld samples (%lld text, %lld image tokens) in %.1f s; factorisation %.1f s; total %.1f s\n",
               (long long)r.calib_samples, (long long)r.calib_tokens[0], (long long)r.calib_tokens[1], r.calib_seconds,
               r.factor_seconds, r.total_seconds);
-  std::printf("%-6s %-34s %12s %12s\n", "layer", "kept pairs (KV head 0)", "err image", "err text");
+  std::printf("%-6s %-34s %12s %12s %9s %9s\n", "layer", "kept pairs (KV head 0)", "err image", "err text",
+              "calib s", "factor s");
   for (size_t l = 0; l < r.layers.size(); ++l) {
     std::string kept;
     for (int64_t k : r.layers[l].kept[0]) kept += (kept.empty() ? "" : ",") + std::to_string(k);
     if (kept.size() > 34) kept = kept.substr(0, 31) + "...";
-    std::printf("%-6zu %-34s %12.3e %12.3e\n", l, kept.c_str(), r.layers[l].rel_error_image, r.layers[l].rel_error_text);
+    std::printf("%-6zu %-34s %12.3e %12.3e %9.2f %9.2f\n", l, kept.c_str(), r.layers[l].rel_error_image,
+                r.layers[l].rel_error_text, r.layers[l].calib_seconds, r.layers[l].factor_seconds);
   }
+  std::printf("peak memory: host %.2f GiB resident", double(r.peak_host_bytes) / double(1 << 30));
+  if (o.device == "cuda") std::printf(", GPU %.2f GiB allocated", double(r.peak_device_bytes) / double(1 << 30));
+  std::printf("\n");
   std::printf("KV cache: %lld -> %lld bytes/token in bf16 (%.1f%% smaller); report: %s/conversion_report.json\n",
               (long long)r.kv_bytes_before, (long long)r.kv_bytes_after,
               100.0 * (1.0 - double(r.kv_bytes_after) / double(r.kv_bytes_before)), o.out_dir.c_str());
@@ -245,6 +250,11 @@ int main(int argc, char** argv) {
   conv->add_option("--calib-samples", co.calib_samples, "Calibration conversations to use")->capture_default_str();
   conv->add_option("--batch", co.batch_size, "Calibration batch size")->capture_default_str();
   conv->add_option("--stats", co.stats_path, "Calibration statistics file: read if it exists, else written");
+  conv->add_option("--device", co.device,
+                   "cpu or cuda: where calibration and factorisation run (layers stream in one at a time)")
+      ->capture_default_str();
+  conv->add_option("--dtype", co.dtype, "Decoder weights and the new tensors: auto (f32 on cpu, bf16 on cuda), f32, bf16")
+      ->capture_default_str();
 
   auto* bn = app.add_subcommand(
       "bench", "Prefill/decode speed, attention-kernel bandwidth and KV bytes: an MLA model against its original, "

@@ -16,9 +16,9 @@ const char* kModalityName[2] = {"text", "image"};
 
 }  // namespace
 
-LayerStats empty_layer_stats(const TextConfig& t) {
+LayerStats empty_layer_stats(const TextConfig& t, const at::Device& device) {
   LayerStats s;
-  auto f64 = at::TensorOptions().dtype(at::kDouble);
+  auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
   const int64_t P = t.head_dim / 2;
   for (int m = 0; m < 2; ++m) {
     s.gram[m] = at::zeros({t.hidden_size, t.hidden_size}, f64);
@@ -47,8 +47,8 @@ void accumulate_trace(LayerStats& s, const AttentionTrace& tr, const at::Tensor&
     at::Tensor idx = sel[m].reshape({-1}).nonzero().squeeze(1);
     s.tokens[m] += idx.numel();
     if (idx.numel() == 0) continue;
-    at::Tensor X = tr.input.reshape({B * T, -1}).index_select(0, idx).to(at::kDouble).cpu();  // [n, d]
-    s.gram[m] += at::matmul(X.t(), X);
+    at::Tensor X = tr.input.reshape({B * T, -1}).index_select(0, idx).to(s.gram[m].device(), at::kDouble);  // [n, d]
+    s.gram[m].addmm_(X.t(), X);
   }
   // A converted model (stage 1 -> 2) has no per-pair q/k: only its Gram matrices are gathered.
   if (!tr.q.defined()) return;
@@ -56,8 +56,8 @@ void accumulate_trace(LayerStats& s, const AttentionTrace& tr, const at::Tensor&
   at::Tensor qn = pair_norms(tr.q.to(at::kDouble)), kn = pair_norms(tr.k.to(at::kDouble));  // [B, h|g, T, P]
   for (int m = 0; m < 2; ++m) {
     at::Tensor w = sel[m].to(at::kDouble).view({B, 1, T, 1});
-    s.q_norm[m] += (qn * w).sum(at::IntArrayRef{0, 2}).cpu();
-    s.k_norm[m] += (kn * w).sum(at::IntArrayRef{0, 2}).cpu();
+    s.q_norm[m] += (qn * w).sum(at::IntArrayRef{0, 2}).to(s.q_norm[m].device());
+    s.k_norm[m] += (kn * w).sum(at::IntArrayRef{0, 2}).to(s.k_norm[m].device());
   }
 
   // Logit change when pair k alone loses rotation:
@@ -84,16 +84,14 @@ void accumulate_trace(LayerStats& s, const AttentionTrace& tr, const at::Tensor&
     at::Tensor w = (p * sel[m].view({B, 1, 1, 1, S})).to(at::kFloat).view({B, g, group * T, S});
     at::Tensor M = at::matmul(w, Y).view({B, g, group, T, P, 4, 4});
     at::Tensor e = (at::matmul(M, z.unsqueeze(-1)).squeeze(-1) * z).sum(-1);  // [B, g, group, T, P]
-    s.rope_err[m] += (e.sum(at::IntArrayRef{0, 3}).reshape({h, P}) * scale2).to(at::kDouble).cpu();
+    s.rope_err[m] += (e.sum(at::IntArrayRef{0, 3}).reshape({h, P}) * scale2).to(s.rope_err[m].device(), at::kDouble);
   }
 }
 
-CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& rows, int64_t batch_size) {
-  const TextConfig& t = model.config().text;
-  CalibrationStats stats;
-  stats.model = model.dir();
-  for (int64_t l = 0; l < t.num_layers; ++l) stats.layers.push_back(empty_layer_stats(t));
-  Progress bar("calibrate", int64_t(rows.size()));
+LayerwiseCalibration::LayerwiseCalibration(const Vlm& model, const std::vector<Conversation>& rows,
+                                           int64_t batch_size)
+    : model_(model) {
+  Progress bar("embed calibration rows", int64_t(rows.size()));
   for (size_t start = 0; start < rows.size(); start += size_t(batch_size)) {
     size_t end = std::min(rows.size(), start + size_t(batch_size));
     std::vector<Prompt> prompts;
@@ -104,15 +102,45 @@ CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& ro
     } catch (const Error& e) {
       throw Error(rows[start].where + " (batch from here): " + e.what());
     }
-    KVCache cache = model.decoder().new_cache(batch.batch(), batch.length(), model.device());
-    AttentionObserver obs = [&](const AttentionTrace& tr) {
-      accumulate_trace(stats.layers[size_t(tr.layer)], tr, batch.valid, batch.is_image);
-    };
+    Piece p;
+    p.x = model.input_embeddings(batch);  // [B, T, d] on the decoder's device, in its dtype
+    p.pos = batch.pos;
+    p.valid = batch.valid;
+    p.is_image = batch.is_image;
+    pieces_.push_back(std::move(p));
+    samples_ += int64_t(end - start);
+    bar.advance(int64_t(end - start));
+  }
+  bar.finish();
+}
+
+LayerStats LayerwiseCalibration::next_layer(const DecoderLayer& L, int64_t layer) {
+  check(layer == next_, "calibration", "layers must come in order (expected layer ", next_, ", got ", layer, ")");
+  const DecoderLM& dec = model_.decoder();
+  LayerStats stats = empty_layer_stats(dec.config(), model_.device());
+  for (Piece& p : pieces_) {
+    // A fresh cache per batch: positions [0, T) of every layer's slot; only slot `layer` gets written.
+    KVCache cache = dec.new_cache(p.x.size(0), p.x.size(1), model_.device());
+    const LayerContext ctx = dec.begin_layers(p.x, p.pos, p.valid, cache);
+    AttentionObserver obs = [&](const AttentionTrace& tr) { accumulate_trace(stats, tr, p.valid, p.is_image); };
     ForwardTaps taps;
     taps.observer = &obs;
-    model.prefill(batch, cache, taps);
-    stats.samples += int64_t(end - start);
-    bar.advance(int64_t(end - start));
+    p.x = dec.run_layer(L, size_t(layer), p.x, ctx, p.is_image, cache, taps);
+  }
+  ++next_;
+  return stats;
+}
+
+CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& rows, int64_t batch_size) {
+  LayerwiseCalibration calib(model, rows, batch_size);
+  CalibrationStats stats;
+  stats.model = model.dir();
+  stats.samples = calib.samples();
+  const int64_t n = model.config().text.num_layers;
+  Progress bar("calibrate", n);
+  for (int64_t l = 0; l < n; ++l) {
+    stats.layers.push_back(calib.next_layer(model.load_layer(l), l));
+    bar.advance(1);
   }
   bar.finish();
   return stats;

@@ -35,11 +35,33 @@ struct CalibrationStats {
 };
 
 // A zeroed LayerStats for a model of this shape.
-LayerStats empty_layer_stats(const TextConfig& text);
+LayerStats empty_layer_stats(const TextConfig& text, const at::Device& device = at::kCPU);
 // Adds one layer's attention trace of a prefill batch (valid, is_image [B, T]) to its statistics.
 void accumulate_trace(LayerStats& stats, const AttentionTrace& trace, const at::Tensor& valid, const at::Tensor& is_image);
 
-// Runs rows (whole conversations, teacher-forced) through `model` in batches.
+// Calibration one layer at a time, so a model need never be held whole (streaming conversion):
+// every batch of rows (whole conversations, teacher-forced) is embedded once; next_layer runs one
+// layer over all batches, gathers its statistics, and keeps its outputs as the next layer's inputs.
+// Memory: the rows' hidden states (N x T x d in the decoder's dtype, 0.8 MB a 100-token row of a
+// 7B model in bf16) plus one layer and its statistics; the statistics live on the decoder's device.
+class LayerwiseCalibration {
+ public:
+  LayerwiseCalibration(const Vlm& model, const std::vector<Conversation>& rows, int64_t batch_size);
+  // Layer `layer`'s statistics; layers must come in order 0, 1, ... with their weights `L`.
+  LayerStats next_layer(const DecoderLayer& L, int64_t layer);
+  int64_t samples() const { return samples_; }
+
+ private:
+  struct Piece {
+    at::Tensor x;                    // [B, T, d] the next layer's input
+    at::Tensor pos, valid, is_image;  // [3, B, T], [B, T], [B, T]
+  };
+  const Vlm& model_;
+  std::vector<Piece> pieces_;
+  int64_t next_ = 0, samples_ = 0;
+};
+
+// All layers' statistics of rows run through `model` (its layers loaded or not).
 CalibrationStats calibrate(const Vlm& model, const std::vector<Conversation>& rows, int64_t batch_size);
 
 void save_stats(const std::string& path, const CalibrationStats& stats);

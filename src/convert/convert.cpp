@@ -6,10 +6,12 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 #include <set>
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/memory.h"
 #include "core/progress.h"
 #include "io/checkpoint.h"
 #include "io/json_file.h"
@@ -28,7 +30,7 @@ double since(std::chrono::steady_clock::time_point t0) {
 
 // Rows `idx` of w [rows, ...] (or undefined when w is).
 at::Tensor rows_of(const at::Tensor& w, const std::vector<int64_t>& idx) {
-  return w.defined() ? w.index_select(0, at::tensor(idx, at::kLong)) : at::Tensor();
+  return w.defined() ? w.index_select(0, at::tensor(idx, at::kLong).to(w.device())) : at::Tensor();
 }
 
 }  // namespace
@@ -39,7 +41,19 @@ ConvertReport convert_model(const ConvertOptions& o) {
   check(!o.out_dir.empty(), "--out", "an output directory is needed");
   check(fs::absolute(o.out_dir).lexically_normal() != fs::absolute(o.model_dir).lexically_normal(), o.out_dir,
         "the output directory must differ from the input model");
-  auto model = Vlm::load(o.model_dir);
+  check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda (got \"", o.device, "\")");
+  check(o.device == "cpu" || at::hasCUDA(), "--device cuda", "this build has no CUDA (see DEVELOPERS.md)");
+  check(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype", "choose auto, f32 or bf16 (got \"",
+        o.dtype, "\")");
+  reset_peak_device_bytes();
+  // Streaming: the decoder's layers are never all loaded; each comes from the checkpoint when its
+  // turn comes (calibration, then factorisation), in the compute dtype (bf16 on cuda by default).
+  LoadOptions lopt;
+  lopt.device = o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lopt.dtype = o.dtype == "bf16" || (o.dtype == "auto" && o.device == "cuda") ? at::kBFloat16 : at::kFloat;
+  lopt.decoder_layers = false;
+  const at::Device dev = lopt.device;
+  auto model = Vlm::load(o.model_dir, lopt);
   const ModelConfig& cfg = model->config();
   // A stage-1 checkpoint (partial RoPE, no latent) goes on to stage 2 with its own rotary pairs.
   const bool from_stage1 = cfg.mla.enabled && cfg.mla.latent_dim == 0;
@@ -76,28 +90,25 @@ ConvertReport convert_model(const ConvertOptions& o) {
   check(with_images > 0, o.calib_path, "calibration data has no images: a vision-language model needs image ",
         "tokens for its image statistics (use rows like ../shared/data/shapes/calib.jsonl)");
 
-  CalibrationStats stats;
   auto t0 = std::chrono::steady_clock::now();
   const bool data_free_pairs = o.strategy == RopeStrategy::High || o.strategy == RopeStrategy::Low ||
                                o.strategy == RopeStrategy::Uniform;
-  if (R == 0 && (data_free_pairs || from_stage1)) {
-    // Nothing to measure: no factorisation, pairs fixed by rule.
-  } else if (!o.stats_path.empty() && fs::exists(o.stats_path)) {
-    stats = load_stats(o.stats_path, t);
+  // Statistics are needed unless nothing is factorised and the pairs are fixed by rule.
+  const bool need_stats = !(R == 0 && (data_free_pairs || from_stage1));
+  CalibrationStats loaded, to_save;  // from --stats, or gathered here to be saved there
+  std::unique_ptr<LayerwiseCalibration> calib;
+  if (need_stats && !o.stats_path.empty() && fs::exists(o.stats_path)) {
+    loaded = load_stats(o.stats_path, t);
     std::fprintf(stderr, "calibration statistics from %s (%lld samples)\n", o.stats_path.c_str(),
-                 (long long)stats.samples);
-  } else {
-    stats = calibrate(*model, rows_data, o.batch_size);
-    if (!o.stats_path.empty()) save_stats(o.stats_path, stats);
+                 (long long)loaded.samples);
+    rep.calib_samples = loaded.samples;
+  } else if (need_stats) {
+    calib = std::make_unique<LayerwiseCalibration>(*model, rows_data, o.batch_size);
+    rep.calib_samples = calib->samples();
+    to_save.samples = calib->samples();
+    to_save.model = model->dir();
   }
   rep.calib_seconds = since(t0);
-  rep.calib_samples = stats.samples;
-  if (!stats.layers.empty()) {
-    rep.calib_tokens[0] = stats.layers[0].tokens[kText];
-    rep.calib_tokens[1] = stats.layers[0].tokens[kImage];
-  }
-
-  const auto kept = from_stage1 ? cfg.mla.kept_pairs : select_rope_pairs(o.strategy, r, t, &stats);
 
   // Output: every tensor that stays as it was, then the new attention tensors layer by layer.
   fs::create_directories(o.out_dir);
@@ -121,14 +132,41 @@ ConvertReport convert_model(const ConvertOptions& o) {
   lo.decoupled = o.decoupled;
   lo.ridge = o.ridge;
   lo.rank = R;
-  t0 = std::chrono::steady_clock::now();
-  Progress bar("factorise", t.num_layers);
-  auto f32 = [](const at::Tensor& x) { return x.to(at::kFloat); };
+  Progress bar(calib ? "calibrate + factorise" : "factorise", t.num_layers);
+  // New tensors are written in the compute dtype: float32 on the CPU (the identity holds to 1e-7),
+  // the checkpoint's bf16 on cuda.
+  auto emit = [&](const std::string& name, const at::Tensor& x) { out.add(name, x.to(at::kCPU, lopt.dtype)); };
+  std::vector<std::vector<std::vector<int64_t>>> kept;
   for (int64_t l = 0; l < t.num_layers; ++l) {
     const std::string a = attn(l);
-    const auto& kl = kept[size_t(l)];  // [g][r]
+    // This layer's statistics: run it over the calibration rows (whose hidden states then move on
+    // to the next layer), or take them from the --stats file.
+    auto tl = std::chrono::steady_clock::now();
+    LayerStats s;
+    if (calib) {
+      s = calib->next_layer(model->load_layer(l), l);
+      if (!o.stats_path.empty()) {
+        LayerStats c = s;
+        for (int m = 0; m < 2; ++m)
+          for (at::Tensor* x : {&c.gram[m], &c.q_norm[m], &c.k_norm[m], &c.rope_err[m]}) *x = x->cpu();
+        to_save.layers.push_back(std::move(c));
+      }
+    } else if (need_stats) {
+      s = loaded.layers[size_t(l)];
+      for (int m = 0; m < 2; ++m) s.gram[m] = s.gram[m].to(dev);
+    }
+    const double layer_calib_s = since(tl);
+    if (calib) rep.calib_seconds += layer_calib_s;
+    if (l == 0 && need_stats) {
+      rep.calib_tokens[0] = s.tokens[kText];
+      rep.calib_tokens[1] = s.tokens[kImage];
+    }
+    kept.push_back(from_stage1 ? cfg.mla.kept_pairs[size_t(l)]
+                               : select_layer_pairs(o.strategy, r, t, need_stats ? &s : nullptr));
+    tl = std::chrono::steady_clock::now();
+    const auto& kl = kept.back();  // [g][r]
     auto load = [&](const std::string& n, std::vector<int64_t> shape) {
-      return ws.has(a + n) ? ws.load(a + n, shape, at::kDouble) : at::Tensor();
+      return ws.has(a + n) ? ws.load(a + n, shape, at::kDouble).to(dev) : at::Tensor();
     };
     at::Tensor W;  // [k_nope; v] of every KV head: [rows, d]; its bias stays outside the latent
     if (from_stage1) {
@@ -149,38 +187,41 @@ ConvertReport convert_model(const ConvertOptions& o) {
       at::Tensor kw = load("k_proj.weight", {g * dh, d}), kb = load("k_proj.bias", {g * dh});
       at::Tensor vw = load("v_proj.weight", {g * dh, d}), vb = load("v_proj.bias", {g * dh});
       check(qw.defined() && kw.defined() && vw.defined(), ws.dir(), "layer ", l, " lacks q/k/v projections");
-      out.add(a + "q_proj.weight", f32(rows_of(qw, q_idx)));
-      if (qb.defined()) out.add(a + "q_proj.bias", f32(rows_of(qb, q_idx)));
-      out.add(a + mla_names::k_rope + ".weight", f32(rows_of(kw, kr_idx)));
-      if (kb.defined()) out.add(a + mla_names::k_rope + ".bias", f32(rows_of(kb, kr_idx)));
+      emit(a + "q_proj.weight", rows_of(qw, q_idx));
+      if (qb.defined()) emit(a + "q_proj.bias", rows_of(qb, q_idx));
+      emit(a + mla_names::k_rope + ".weight", rows_of(kw, kr_idx));
+      if (kb.defined()) emit(a + mla_names::k_rope + ".bias", rows_of(kb, kr_idx));
       W = k_rows > 0 ? at::cat({rows_of(kw, kn_idx), vw}, 0) : vw;
       if (kb.defined() || vb.defined()) {
-        at::Tensor kbn = kb.defined() ? rows_of(kb, kn_idx) : at::zeros({k_rows}, at::kDouble);
-        at::Tensor vbb = vb.defined() ? vb : at::zeros({g * dh}, at::kDouble);
-        out.add(a + mla_names::up_bias, f32(at::cat({kbn, vbb}, 0)));
+        auto f64 = at::TensorOptions().dtype(at::kDouble).device(dev);
+        at::Tensor kbn = kb.defined() ? rows_of(kb, kn_idx) : at::zeros({k_rows}, f64);
+        at::Tensor vbb = vb.defined() ? vb : at::zeros({g * dh}, f64);
+        emit(a + mla_names::up_bias, at::cat({kbn, vbb}, 0));
       }
     }
     check(W.defined(), ws.dir(), "layer ", l, " lacks ", a, mla_names::direct, ".weight");
     if (R == 0) {
-      out.add(a + mla_names::direct + ".weight", f32(W));
+      emit(a + mla_names::direct + ".weight", W);
       LayerReport lr;
       lr.kept = kl;
       lr.damping = "none (no latent)";
+      lr.calib_seconds = layer_calib_s;
+      lr.factor_seconds = since(tl);
+      rep.factor_seconds += lr.factor_seconds;
       rep.layers.push_back(lr);
       bar.advance(1);
       continue;
     }
-    const LayerStats& s = stats.layers[size_t(l)];
     LowRankResult f = factorize_kv(W, k_rows, {s.gram[kImage], s.tokens[kImage]}, {s.gram[kText], s.tokens[kText]},
                                    lo, str(cfg.path, ": layer ", l));
     if (o.decoupled) {
-      out.add(a + mla_names::down(true, true) + ".weight", f32(f.image.down));
-      out.add(a + mla_names::up(true, true) + ".weight", f32(f.image.up));
-      out.add(a + mla_names::down(true, false) + ".weight", f32(f.text.down));
-      out.add(a + mla_names::up(true, false) + ".weight", f32(f.text.up));
+      emit(a + mla_names::down(true, true) + ".weight", f.image.down);
+      emit(a + mla_names::up(true, true) + ".weight", f.image.up);
+      emit(a + mla_names::down(true, false) + ".weight", f.text.down);
+      emit(a + mla_names::up(true, false) + ".weight", f.text.up);
     } else {
-      out.add(a + mla_names::down(false, false) + ".weight", f32(f.text.down));
-      out.add(a + mla_names::up(false, false) + ".weight", f32(f.text.up));
+      emit(a + mla_names::down(false, false) + ".weight", f.text.down);
+      emit(a + mla_names::up(false, false) + ".weight", f.text.up);
     }
     LayerReport lr;
     lr.kept = kl;
@@ -191,12 +232,17 @@ ConvertReport convert_model(const ConvertOptions& o) {
     lr.value_error_image = f.value_error_image;
     lr.value_error_text = f.value_error_text;
     lr.damping = f.damping;
+    lr.calib_seconds = layer_calib_s;
+    lr.factor_seconds = since(tl);
+    rep.factor_seconds += lr.factor_seconds;
     rep.layers.push_back(lr);
     bar.advance(1, str("layer ", l, " err img ", f.rel_error_image, " txt ", f.rel_error_text));
   }
   bar.finish();
-  rep.factor_seconds = since(t0);
   out.finish();
+  if (calib && !o.stats_path.empty()) save_stats(o.stats_path, to_save);
+  rep.peak_host_bytes = peak_host_bytes();
+  rep.peak_device_bytes = peak_device_bytes();
 
   // config.json with the "mla" section; the other small files as they are.
   json config = read_json_file(cfg.path);
@@ -210,7 +256,7 @@ ConvertReport convert_model(const ConvertOptions& o) {
                    {"kv", o.kv == KvLatent::Joint ? "joint" : "split"},
                    {"modality", o.decoupled ? "decoupled" : "shared"},
                    {"ridge", o.ridge},
-                   {"calib_samples", stats.samples},
+                   {"calib_samples", rep.calib_samples},
                    {"source", from_stage1 ? cfg.mla.source : fs::absolute(o.model_dir).lexically_normal().string()},
                    {"kept_pairs", kept}};
   std::ofstream(o.out_dir + "/config.json") << config.dump(2) << "\n";
@@ -228,12 +274,16 @@ ConvertReport convert_model(const ConvertOptions& o) {
                       {"key_error_image", rep.layers[l].key_error_image},
                       {"key_error_text", rep.layers[l].key_error_text},
                       {"value_error_image", rep.layers[l].value_error_image},
-                      {"value_error_text", rep.layers[l].value_error_text}, {"damping", rep.layers[l].damping}});
+                      {"value_error_text", rep.layers[l].value_error_text}, {"damping", rep.layers[l].damping},
+                      {"seconds", {{"calibration", rep.layers[l].calib_seconds},
+                                   {"factorisation", rep.layers[l].factor_seconds}}}});
   json report = {{"source", o.model_dir}, {"calib", o.calib_path}, {"mla", config["mla"]},
                  {"kv_bytes_per_token_bf16", {{"before", rep.kv_bytes_before}, {"after", rep.kv_bytes_after}}},
                  {"calib_tokens", {{"text", rep.calib_tokens[0]}, {"image", rep.calib_tokens[1]}}},
                  {"seconds", {{"calibration", rep.calib_seconds}, {"factorisation", rep.factor_seconds},
                               {"total", rep.total_seconds}}},
+                 {"device", o.device}, {"dtype", lopt.dtype == at::kBFloat16 ? "bf16" : "f32"},
+                 {"peak_bytes", {{"host_rss", rep.peak_host_bytes}, {"device_allocated", rep.peak_device_bytes}}},
                  {"layers", layers}};
   report["mla"].erase("kept_pairs");
   std::ofstream(o.out_dir + "/conversion_report.json") << report.dump(1) << "\n";

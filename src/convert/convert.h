@@ -27,6 +27,8 @@ struct ConvertOptions {
   int64_t calib_samples = 512;
   int64_t batch_size = 8;
   std::string stats_path;  // when set: load calibration statistics from here if present, else save them here
+  std::string device = "cpu";  // cpu or cuda: where calibration and the factorisations run
+  std::string dtype = "auto";  // decoder weights and new tensors: auto (f32 on cpu, bf16 on cuda), f32, bf16
 };
 
 struct LayerReport {
@@ -34,6 +36,7 @@ struct LayerReport {
   double rel_error_image = 0, rel_error_text = 0;
   double key_error_image = 0, key_error_text = 0, value_error_image = 0, value_error_text = 0;
   std::string damping;
+  double calib_seconds = 0, factor_seconds = 0;  // this layer's share
 };
 
 struct ConvertReport {
@@ -41,6 +44,7 @@ struct ConvertReport {
   int64_t kv_bytes_before = 0, kv_bytes_after = 0;  // per token, bf16
   double calib_seconds = 0, factor_seconds = 0, total_seconds = 0;
   int64_t calib_samples = 0, calib_tokens[2] = {0, 0};
+  int64_t peak_host_bytes = 0, peak_device_bytes = 0;  // resident set; CUDA allocator (0 on cpu)
   std::vector<LayerReport> layers;
 };
 

@@ -54,10 +54,9 @@ std::vector<std::vector<double>> pair_scores(const LayerStats& s, RopeStrategy s
   return out;
 }
 
-std::vector<std::vector<std::vector<int64_t>>> select_rope_pairs(RopeStrategy strategy, int64_t r,
-                                                                 const TextConfig& text,
-                                                                 const CalibrationStats* stats) {
-  const int64_t P = text.head_dim / 2, g = text.num_kv_heads, L = text.num_layers;
+std::vector<std::vector<int64_t>> select_layer_pairs(RopeStrategy strategy, int64_t r, const TextConfig& text,
+                                                    const LayerStats* stats) {
+  const int64_t P = text.head_dim / 2, g = text.num_kv_heads;
   check(r >= 0 && r <= P, "--rope-pairs", r, " is outside 0..", P, " (head_dim ", text.head_dim, " has ", P,
         " rotary pairs)");
   std::vector<int64_t> fixed;  // the data-free strategies pick the same pairs everywhere
@@ -69,25 +68,30 @@ std::vector<std::vector<std::vector<int64_t>>> select_rope_pairs(RopeStrategy st
     // r pairs spread evenly from the highest frequency: k = floor(i * P / r).
     for (int64_t i = 0; i < r; ++i) fixed.push_back(i * P / r);
   }
-  std::vector<std::vector<std::vector<int64_t>>> kept(static_cast<size_t>(L));
-  for (int64_t l = 0; l < L; ++l) {
-    if (strategy == RopeStrategy::High || strategy == RopeStrategy::Low || strategy == RopeStrategy::Uniform) {
-      kept[size_t(l)].assign(size_t(g), fixed);
-      continue;
-    }
-    check(stats != nullptr, "rope selection", "strategy ", rope_strategy_name(strategy), " needs calibration statistics");
-    auto scores = pair_scores(stats->layers[size_t(l)], strategy, g);
-    for (int64_t j = 0; j < g; ++j) {
-      std::vector<int64_t> order(static_cast<size_t>(P));
-      std::iota(order.begin(), order.end(), 0);
-      // Highest score first; ties to the higher frequency (lower k) for determinism.
-      std::stable_sort(order.begin(), order.end(),
-                       [&](int64_t a, int64_t b) { return scores[size_t(j)][size_t(a)] > scores[size_t(j)][size_t(b)]; });
-      std::vector<int64_t> pick(order.begin(), order.begin() + r);
-      std::sort(pick.begin(), pick.end());
-      kept[size_t(l)].push_back(pick);
-    }
+  if (strategy == RopeStrategy::High || strategy == RopeStrategy::Low || strategy == RopeStrategy::Uniform)
+    return std::vector<std::vector<int64_t>>(size_t(g), fixed);
+  check(stats != nullptr, "rope selection", "strategy ", rope_strategy_name(strategy), " needs calibration statistics");
+  auto scores = pair_scores(*stats, strategy, g);
+  std::vector<std::vector<int64_t>> kept;
+  for (int64_t j = 0; j < g; ++j) {
+    std::vector<int64_t> order(static_cast<size_t>(P));
+    std::iota(order.begin(), order.end(), 0);
+    // Highest score first; ties to the higher frequency (lower k) for determinism.
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return scores[size_t(j)][size_t(a)] > scores[size_t(j)][size_t(b)]; });
+    std::vector<int64_t> pick(order.begin(), order.begin() + r);
+    std::sort(pick.begin(), pick.end());
+    kept.push_back(pick);
   }
+  return kept;
+}
+
+std::vector<std::vector<std::vector<int64_t>>> select_rope_pairs(RopeStrategy strategy, int64_t r,
+                                                                 const TextConfig& text,
+                                                                 const CalibrationStats* stats) {
+  std::vector<std::vector<std::vector<int64_t>>> kept;
+  for (int64_t l = 0; l < text.num_layers; ++l)
+    kept.push_back(select_layer_pairs(strategy, r, text, stats ? &stats->layers.at(size_t(l)) : nullptr));
   return kept;
 }
 

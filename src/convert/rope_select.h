@@ -21,6 +21,10 @@ std::string rope_strategy_name(RopeStrategy s);
 // Per-pair scores [g][P] of a layer for the data-driven strategies (higher = keep).
 std::vector<std::vector<double>> pair_scores(const LayerStats& s, RopeStrategy strategy, int64_t num_kv_heads);
 
+// Kept pairs of one layer [kv head][r], each list ascending; `stats` (the layer's) is needed for
+// 2norm and adaptive.
+std::vector<std::vector<int64_t>> select_layer_pairs(RopeStrategy strategy, int64_t r, const TextConfig& text,
+                                                    const LayerStats* stats);
 // Kept pairs [layer][kv head][r], each list ascending. `stats` is needed for 2norm and adaptive.
 std::vector<std::vector<std::vector<int64_t>>> select_rope_pairs(RopeStrategy strategy, int64_t r,
                                                                  const TextConfig& text,

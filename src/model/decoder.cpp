@@ -28,18 +28,6 @@ std::vector<int64_t> nope_dims(const std::vector<int64_t>& kept, int64_t head_di
   return rotary_dims(rest, head_dim);
 }
 
-DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store,
-                     const std::string& lm_prefix, const std::string& head_name)
-    : DecoderLM(cfg, mla, [&](const std::string& name, const std::vector<int64_t>& shape, bool required) {
-        if (name == kHeadName) {
-          if (store.has(head_name)) return store.load(head_name, shape);
-          check(cfg.tie_word_embeddings, store.dir(), "missing tensor ", head_name, " (and tie_word_embeddings is false)");
-          return at::Tensor();
-        }
-        WeightLoader w(store, lm_prefix);
-        return required ? w.get(name, shape) : w.maybe(name, shape);
-      }) {}
-
 DecoderLM DecoderLM::random(const TextConfig& cfg, const MlaConfig& mla, at::ScalarType dtype,
                             const at::Device& device, uint64_t seed) {
   at::manual_seed(int64_t(seed));
@@ -51,65 +39,75 @@ DecoderLM DecoderLM::random(const TextConfig& cfg, const MlaConfig& mla, at::Sca
   });
 }
 
-DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get) : cfg_(cfg), mla_(mla) {
-  const int64_t d = cfg.hidden_size, h = cfg.num_heads, g = cfg.num_kv_heads, dh = cfg.head_dim,
-                f = cfg.intermediate_size, V = cfg.vocab_size, r = mla.rope_pairs, R = mla.latent_dim;
-  struct Loader {  // WeightLoader's interface over `get`, under a name prefix
-    const WeightFn& get;
-    std::string prefix;
-    Loader sub(const std::string& more) const { return Loader{get, prefix + more}; }
-    at::Tensor get_required(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, true); }
-    at::Tensor maybe(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, false); }
-  };
-  Loader w{get, ""};
+namespace {
+// WeightLoader's interface over a WeightFn, under a name prefix.
+struct FnLoader {
+  const DecoderLM::WeightFn& get;
+  std::string prefix;
+  FnLoader sub(const std::string& more) const { return FnLoader{get, prefix + more}; }
+  at::Tensor get_required(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, true); }
+  at::Tensor maybe(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, false); }
+};
+}  // namespace
+
+DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get, bool with_layers)
+    : cfg_(cfg), mla_(mla) {
+  const int64_t d = cfg.hidden_size, V = cfg.vocab_size;
+  FnLoader w{get, ""};
   embed_w_ = w.get_required("embed_tokens.weight", {V, d});
   final_norm_ = w.get_required("norm.weight", {d});
   head_w_ = get(kHeadName, {V, d}, false);
   if (!head_w_.defined()) head_w_ = embed_w_;
-  for (int64_t i = 0; i < cfg.num_layers; ++i) {
-    Loader l = w.sub("layers." + std::to_string(i) + ".");
-    Loader a = l.sub("self_attn.");
-    DecoderLayer L;
-    L.q_w = a.get_required("q_proj.weight", {h * dh, d});
-    L.q_b = a.maybe("q_proj.bias", {h * dh});
-    L.o_w = a.get_required("o_proj.weight", {d, h * dh});
-    L.o_b = a.maybe("o_proj.bias", {d});
-    if (!mla.enabled) {
-      L.k_w = a.get_required("k_proj.weight", {g * dh, d});
-      L.k_b = a.maybe("k_proj.bias", {g * dh});
-      L.v_w = a.get_required("v_proj.weight", {g * dh, d});
-      L.v_b = a.maybe("v_proj.bias", {g * dh});
-    } else {
-      const int64_t rows = g * (dh - 2 * r) + g * dh;
-      L.k_rope_w = a.get_required(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
-      L.k_rope_b = a.maybe(std::string(mla_names::k_rope) + ".bias", {g * 2 * r});
-      if (R == 0) {
-        L.kv_w = a.get_required(std::string(mla_names::direct) + ".weight", {rows, d});
-      } else if (mla.decoupled) {
-        for (int m = 0; m < 2; ++m) {
-          L.kv_down[m] = a.get_required(mla_names::down(true, m == 1) + ".weight", {R, d});
-          L.kv_up[m] = a.get_required(mla_names::up(true, m == 1) + ".weight", {rows, R});
-        }
-      } else {  // one pair for both modalities: the same tensors, so training keeps them tied
-        L.kv_down[0] = L.kv_down[1] = a.get_required(mla_names::down(false, false) + ".weight", {R, d});
-        L.kv_up[0] = L.kv_up[1] = a.get_required(mla_names::up(false, false) + ".weight", {rows, R});
+  if (with_layers)
+    for (int64_t i = 0; i < cfg.num_layers; ++i) layers_.push_back(load_layer(i, get));
+  inv_freq_ = rope_inv_freq(cfg.head_dim, cfg.rope_theta).to(embed_w_.device());
+}
+
+DecoderLayer DecoderLM::load_layer(int64_t i, const WeightFn& get) const {
+  const TextConfig& cfg = cfg_;
+  const int64_t d = cfg.hidden_size, h = cfg.num_heads, g = cfg.num_kv_heads, dh = cfg.head_dim,
+                f = cfg.intermediate_size, r = mla_.rope_pairs, R = mla_.latent_dim;
+  FnLoader l = FnLoader{get, ""}.sub("layers." + std::to_string(i) + ".");
+  FnLoader a = l.sub("self_attn.");
+  DecoderLayer L;
+  L.q_w = a.get_required("q_proj.weight", {h * dh, d});
+  L.q_b = a.maybe("q_proj.bias", {h * dh});
+  L.o_w = a.get_required("o_proj.weight", {d, h * dh});
+  L.o_b = a.maybe("o_proj.bias", {d});
+  if (!mla_.enabled) {
+    L.k_w = a.get_required("k_proj.weight", {g * dh, d});
+    L.k_b = a.maybe("k_proj.bias", {g * dh});
+    L.v_w = a.get_required("v_proj.weight", {g * dh, d});
+    L.v_b = a.maybe("v_proj.bias", {g * dh});
+  } else {
+    const int64_t rows = g * (dh - 2 * r) + g * dh;
+    L.k_rope_w = a.get_required(std::string(mla_names::k_rope) + ".weight", {g * 2 * r, d});
+    L.k_rope_b = a.maybe(std::string(mla_names::k_rope) + ".bias", {g * 2 * r});
+    if (R == 0) {
+      L.kv_w = a.get_required(std::string(mla_names::direct) + ".weight", {rows, d});
+    } else if (mla_.decoupled) {
+      for (int m = 0; m < 2; ++m) {
+        L.kv_down[m] = a.get_required(mla_names::down(true, m == 1) + ".weight", {R, d});
+        L.kv_up[m] = a.get_required(mla_names::up(true, m == 1) + ".weight", {rows, R});
       }
-      L.kv_up_b = a.maybe(std::string(mla_names::up_bias), {rows});
-      std::vector<int64_t> dims;
-      for (const auto& kept : mla.kept_pairs[size_t(i)]) {
-        auto rd = rotary_dims(kept, dh);
-        dims.insert(dims.end(), rd.begin(), rd.end());
-      }
-      L.rope_dims = at::tensor(dims, at::kLong).view({g, 2 * r});
+    } else {  // one pair for both modalities: the same tensors, so training keeps them tied
+      L.kv_down[0] = L.kv_down[1] = a.get_required(mla_names::down(false, false) + ".weight", {R, d});
+      L.kv_up[0] = L.kv_up[1] = a.get_required(mla_names::up(false, false) + ".weight", {rows, R});
     }
-    L.input_norm = l.get_required("input_layernorm.weight", {d});
-    L.post_norm = l.get_required("post_attention_layernorm.weight", {d});
-    L.gate_w = l.get_required("mlp.gate_proj.weight", {f, d});
-    L.up_w = l.get_required("mlp.up_proj.weight", {f, d});
-    L.down_w = l.get_required("mlp.down_proj.weight", {d, f});
-    layers_.push_back(std::move(L));
+    L.kv_up_b = a.maybe(std::string(mla_names::up_bias), {rows});
+    std::vector<int64_t> dims;
+    for (const auto& kept : mla_.kept_pairs[size_t(i)]) {
+      auto rd = rotary_dims(kept, dh);
+      dims.insert(dims.end(), rd.begin(), rd.end());
+    }
+    L.rope_dims = at::tensor(dims, at::kLong).view({g, 2 * r}).to(L.q_w.device());
   }
-  inv_freq_ = rope_inv_freq(dh, cfg.rope_theta);
+  L.input_norm = l.get_required("input_layernorm.weight", {d});
+  L.post_norm = l.get_required("post_attention_layernorm.weight", {d});
+  L.gate_w = l.get_required("mlp.gate_proj.weight", {f, d});
+  L.up_w = l.get_required("mlp.up_proj.weight", {f, d});
+  L.down_w = l.get_required("mlp.down_proj.weight", {d, f});
+  return L;
 }
 
 at::Tensor DecoderLM::embed(const at::Tensor& ids) const { return at::embedding(embed_w_, ids); }
@@ -273,14 +271,17 @@ at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const a
   return dense(out, L.o_w, L.o_b);
 }
 
-at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
-                              const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
+LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
+                                     KVCache& cache) const {
   const int64_t B = x_in.size(0), T = x_in.size(1), start = cache.len, S = start + T;
   reserve_positions(cache, valid, S);
-  std::vector<at::Tensor>* hidden = taps.hidden;
+  LayerContext ctx;
+  ctx.start = start;
+  ctx.end = S;
   auto [cos_f, sin_f] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh] float32
   // In the activations' dtype, as transformers applies them (bf16 models rotate in bf16).
-  at::Tensor cos = cos_f.to(x_in.scalar_type()), sin = sin_f.to(x_in.scalar_type());
+  ctx.cos = cos_f.to(x_in.scalar_type());
+  ctx.sin = sin_f.to(x_in.scalar_type());
   cache.key_valid.narrow(1, start, T).copy_(valid);
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
@@ -289,20 +290,32 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
   at::Tensor self = key_pos.view({1, S}) == query_pos.view({T, 1});       // [T, S]
   at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
   at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
-  mask = mask.view({B, 1, 1, T, S});
+  ctx.mask = mask.view({B, 1, 1, T, S});
+  return ctx;
+}
 
+at::Tensor DecoderLM::run_layer(const DecoderLayer& L, size_t i, const at::Tensor& x, const LayerContext& ctx,
+                                const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
+  at::Tensor a = attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), ctx.cos, ctx.sin, ctx.mask, is_image,
+                           cache, i, taps);
+  if (taps.attention) taps.attention->push_back(a);
+  at::Tensor y = x + a;
+  at::Tensor h2 = rms_norm(y, L.post_norm, cfg_.rms_norm_eps);
+  return y + dense(at::silu(dense(h2, L.gate_w)) * dense(h2, L.up_w), L.down_w);
+}
+
+at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, const at::Tensor& valid,
+                              const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
+  check(layers_.size() == size_t(cfg_.num_layers), "decoder", "loaded without its layers (streaming conversion)");
+  const LayerContext ctx = begin_layers(x_in, pos, valid, cache);
+  std::vector<at::Tensor>* hidden = taps.hidden;
   at::Tensor x = x_in;
   if (hidden) hidden->push_back(x);
   for (size_t i = 0; i < layers_.size(); ++i) {
-    const DecoderLayer& L = layers_[i];
-    at::Tensor a = attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), cos, sin, mask, is_image, cache, i, taps);
-    if (taps.attention) taps.attention->push_back(a);
-    x = x + a;
-    at::Tensor h2 = rms_norm(x, L.post_norm, cfg_.rms_norm_eps);
-    x = x + dense(at::silu(dense(h2, L.gate_w)) * dense(h2, L.up_w), L.down_w);
+    x = run_layer(layers_[i], i, x, ctx, is_image, cache, taps);
     if (hidden && i + 1 < layers_.size()) hidden->push_back(x);
   }
-  cache.len = S;
+  cache.len = ctx.end;
   x = rms_norm(x, final_norm_, cfg_.rms_norm_eps);
   if (hidden) hidden->push_back(x);
   return x;

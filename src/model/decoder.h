@@ -16,8 +16,6 @@
 
 namespace mlaforge {
 
-class WeightStore;
-
 struct DecoderLayer {
   at::Tensor q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b;  // [h*dh, d], [g*dh, d], ..., [d, h*dh]
   at::Tensor input_norm, post_norm;                    // [d]
@@ -53,18 +51,25 @@ struct ForwardTaps {
   const AttentionObserver* observer = nullptr;
 };
 
+// What every layer of one forward pass shares (DecoderLM::begin_layers).
+struct LayerContext {
+  at::Tensor cos, sin;  // [B, T, dh] in the activations' dtype
+  at::Tensor mask;      // [B, 1, 1, T, S] bool: causal, padding keys hidden
+  int64_t start = 0, end = 0;  // cache positions [start, end) the pass writes
+};
+
 class DecoderLM {
  public:
-  // lm_prefix: e.g. "model." or "model.language_model."; head: "lm_head.weight" (falls back to
-  // the embedding when tie_word_embeddings). `mla` describes a converted checkpoint (or is disabled).
-  DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightStore& store, const std::string& lm_prefix,
-            const std::string& head_name);
+  // `mla` describes a converted checkpoint (or is disabled).
   // Where weights come from: (name under the language model's prefix, or kHeadName for lm_head;
   // expected shape; required) -> the tensor, undefined for an absent optional one (or an absent
   // lm_head of tied embeddings).
   using WeightFn = std::function<at::Tensor(const std::string&, const std::vector<int64_t>&, bool)>;
   static constexpr const char* kHeadName = "<lm_head>";
-  DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get);
+  // with_layers false loads the embeddings, final norm and head only; layers then come one at a time
+  // from load_layer (streaming conversion of models too large to hold twice).
+  DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get, bool with_layers = true);
+  DecoderLayer load_layer(int64_t layer, const WeightFn& get) const;
   // Random weights of the configuration's shapes (no biases), for benchmarks of full-size models.
   static DecoderLM random(const TextConfig& cfg, const MlaConfig& mla, at::ScalarType dtype, const at::Device& device,
                           uint64_t seed);
@@ -83,6 +88,13 @@ class DecoderLM {
   at::Tensor forward(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& valid, const at::Tensor& is_image,
                      KVCache& cache, const ForwardTaps& taps = {}) const;
   at::Tensor logits(const at::Tensor& h) const;  // [..., d] -> [..., vocab]
+
+  // forward() one layer at a time: begin_layers reserves cache positions [cache.len, cache.len + T)
+  // and builds the rotary tables and mask; run_layer maps layer `i`'s input x [B, T, d] to its
+  // output. The caller sets cache.len = ctx.end after the last layer.
+  LayerContext begin_layers(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& valid, KVCache& cache) const;
+  at::Tensor run_layer(const DecoderLayer& L, size_t i, const at::Tensor& x, const LayerContext& ctx,
+                       const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps = {}) const;
 
   // Every weight of the decoder layers and the final norm, by checkpoint name relative to the
   // language model's prefix ("layers.3.self_attn.q_proj.weight", "norm.weight"), for training and

@@ -49,9 +49,10 @@ std::string hash_vision_weights(const WeightStore& ws) {
 
 }  // namespace
 
-std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
+std::unique_ptr<Vlm> Vlm::load(const std::string& dir, const LoadOptions& options) {
   std::unique_ptr<Vlm> m(new Vlm());
   m->dir_ = dir;
+  m->load_options_ = options;
   m->cfg_ = load_model_config(dir);
   m->store_ = std::make_unique<WeightStore>(WeightStore::open_dir(dir));
   fs::path tok = fs::path(dir) / "tokenizer.json";
@@ -90,12 +91,32 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir) {
                                    "multimodal projector");
     m->clip_vision_ = std::make_unique<ClipVisionEncoder>(c.clip, c.llava, c.text.hidden_size, ws, tower, proj);
   }
-  m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, ws, lm, head);
   m->lm_prefix_ = lm;
+  m->head_name_ = head;
+  m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, m->decoder_weights(), options.decoder_layers);
+  m->device_ = options.device;
   m->vision_hash_ = hash_vision_weights(ws);
   m->pad_id_ = c.pad_token_id >= 0 ? c.pad_token_id : 0;
   return m;
 }
+
+DecoderLM::WeightFn Vlm::decoder_weights() const {
+  return [this](const std::string& name, const std::vector<int64_t>& shape, bool required) -> at::Tensor {
+    const WeightStore& ws = *store_;
+    const bool head = name == DecoderLM::kHeadName;
+    const std::string full = head ? head_name_ : lm_prefix_ + name;
+    if (!ws.has(full)) {
+      if (head) {
+        check(cfg_.text.tie_word_embeddings, ws.dir(), "missing tensor ", full, " (and tie_word_embeddings is false)");
+        return at::Tensor();
+      }
+      if (!required) return at::Tensor();
+    }
+    return ws.load(full, shape, load_options_.dtype).to(load_options_.device);  // a missing one: Error naming the file
+  };
+}
+
+DecoderLayer Vlm::load_layer(int64_t i) const { return decoder_->load_layer(i, decoder_weights()); }
 
 void Vlm::to(const at::Device& device, at::ScalarType dtype) {
   decoder_->to(device, dtype);

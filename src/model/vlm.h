@@ -37,10 +37,20 @@ struct Batch {
   int64_t length() const { return ids.size(1); }
 };
 
+// Where and how Vlm::load puts the decoder (the vision tower always loads in float32 on the CPU).
+struct LoadOptions {
+  at::Device device = at::kCPU;
+  at::ScalarType dtype = at::kFloat;  // floating decoder weights, converted tensor by tensor as they load
+  // false: embeddings, final norm and head only; the layers come one at a time from load_layer.
+  bool decoder_layers = true;
+};
+
 class Vlm {
  public:
   // Loads everything from `dir`; every problem is an Error naming the file.
-  static std::unique_ptr<Vlm> load(const std::string& dir);
+  static std::unique_ptr<Vlm> load(const std::string& dir, const LoadOptions& options = LoadOptions());
+  // Decoder layer `i` from the checkpoint, on the load options' device and dtype.
+  DecoderLayer load_layer(int64_t i) const;
 
   const std::string& dir() const { return dir_; }
   const ModelConfig& config() const { return cfg_; }
@@ -93,7 +103,9 @@ class Vlm {
   std::unique_ptr<ClipVisionEncoder> clip_vision_;
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
-  std::string lm_prefix_;
+  std::string lm_prefix_, head_name_;
+  LoadOptions load_options_;
+  DecoderLM::WeightFn decoder_weights() const;  // checkpoint tensors by decoder name, per load_options_
   std::string vision_hash_;  // of the vision tower's and projector's weights
   at::Device device_ = at::kCPU;
 };
