@@ -26,7 +26,7 @@ if [ -n "$conv" ]; then
                           tail -2 "$out/make-$conv.log"; }
   OMP_WAIT_POLICY=PASSIVE build-cuda/mlaforge convert --model "$fs/$conv" --out "$fs/$conv-mla" --device cuda \
     --calib .fixture-data/shapes/calib.jsonl --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs 32 --dkv 32 > "$out/convert-$conv.log" 2>&1
-  echo "convert rc=$?"; grep -v "^\s*$" "$out/convert-$conv.log" | tail -40
+  echo "convert rc=$?"; tr "\r" "\n" < "$out/convert-$conv.log" | grep -v "^\s*$" | cut -c1-200 | tail -42
   cp "$fs/$conv-mla/conversion_report.json" "$out/conversion_report-$conv.json" 2>/dev/null
   build-cuda/mlaforge inspect --model "$fs/$conv-mla" 2>&1 | tail -12
   rm -rf "$fs/$conv-mla" "$fs/$conv"  # disk: each 7B checkpoint is ~16 GB
