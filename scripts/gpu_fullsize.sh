@@ -28,6 +28,6 @@ if [ -n "$conv" ]; then
     --calib .fixture-data/shapes/calib.jsonl --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs 32 --dkv 32 > "$out/convert-$conv.log" 2>&1
   echo "convert rc=$?"; tr "\r" "\n" < "$out/convert-$conv.log" | grep -v "^\s*$" | cut -c1-200 | tail -42
   cp "$fs/$conv-mla/conversion_report.json" "$out/conversion_report-$conv.json" 2>/dev/null
-  build-cuda/mlaforge inspect --model "$fs/$conv-mla" 2>&1 | tail -12
+  build-cuda/mlaforge inspect "$fs/$conv-mla" 2>&1 | tail -12
   rm -rf "$fs/$conv-mla" "$fs/$conv"  # disk: each 7B checkpoint is ~16 GB
 fi

@@ -8,7 +8,8 @@ outputs for them (issues 4 and 6). Run on the GPU machine from the repository ro
 Writes <out>/<model>/ (bf16 safetensors as save_pretrained writes them, the processor's files, and
 the small tokenizer of the bundled model or of the tiny fixtures: the vocabulary size is the real
 one, but only the tokenizer's first ids occur). With --reference also <out>/<model>.reference.safetensors
-(one image prompt: input ids, pixel values, the first step's logits, 32 greedy tokens) and
+(one image prompt: input ids, pixel values, the first step's logits in bf16 and with the same
+weights in float32, 32 greedy tokens in bf16) and
 <out>/<model>.timing.json (load time, prefill and decode tokens/s under transformers, bf16, sdpa).
 """
 import argparse
@@ -172,9 +173,16 @@ def make(name, out, reference):
         sync()
         t32 = time.time()
     decode_tok_s = 31.0 / max(1e-9, (t32 - t1) - (t1 - t0))
+    # The same weights in float32 (no TF32): the exactness reference; its distance to the bf16 logits
+    # is the size of bf16's own rounding on this random network.
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    model = model.float()
+    with torch.no_grad():
+        logits_f32 = model(**inputs).logits[0, -1].float()
     tensors = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                "pixel_values": inputs["pixel_values"].float(), "logits": out1.logits[0, -1].float(),
-               "generated": gen[0, T:]}
+               "logits_f32": logits_f32, "generated": gen[0, T:]}
     for k in ("image_grid_thw", "image_sizes"):
         if k in inputs:
             tensors[k] = inputs[k]

@@ -3,6 +3,7 @@
 #include <sys/resource.h>
 
 #ifdef MLAFORGE_WITH_CUDA
+#include <ATen/ATen.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #endif
@@ -22,12 +23,15 @@ bool have_cuda_device() { return c10::cuda::device_count() > 0; }
 
 int64_t peak_device_bytes() {
   if (!have_cuda_device()) return 0;
+  at::empty({1}, at::TensorOptions().device(at::kCUDA));
   const auto stats = c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device());
   return stats.allocated_bytes[0].peak;  // index 0: all pools together
 }
 
 void reset_peak_device_bytes() {
-  if (have_cuda_device()) c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  if (!have_cuda_device()) return;
+  at::empty({1}, at::TensorOptions().device(at::kCUDA));  // the allocator knows no device before its first use
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
 }
 #else
 int64_t peak_device_bytes() { return 0; }
