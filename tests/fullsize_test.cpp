@@ -1,10 +1,11 @@
 // Full-size checkpoints against transformers (issue 6), on the GPU machine. Skipped unless
 // MLAFORGE_FULLSIZE names a folder made by tools/make_fullsize.py --reference: for each
 // <model>.reference.safetensors there, <model>/ is loaded on cuda in bf16, fed the reference's own
-// input ids and pixel values, and compared with transformers' first-step logits (relative error
-// <= 2e-2) and its 32 greedy tokens (most agree, teacher-forced). The same weights in float32 on both
-// sides must agree to 1e-4 (the exactness check; bf16 differs by rounding, which on a random
-// network is large: transformers' own bf16 logits are printed against its float32 ones). Load time,
+// input ids and pixel values, and compared with transformers' first-step logits and its 32 greedy
+// tokens (most agree, teacher-forced). The same weights in float32 on both sides must agree to 1e-4:
+// the exactness check. In bf16 the bound is 2e-2, unless rounding alone moves transformers' own bf16
+// logits farther than that from its float32 ones (as it does on these random networks: ~4e-2); then
+// ours must be no farther from the float32 logits than transformers' bf16 are (within 25%). Load time,
 // prefill and decode tokens/s are printed beside transformers' (from <model>.timing.json) for the
 // notes; they are not asserted.
 #include <gtest/gtest.h>
@@ -113,11 +114,18 @@ TEST(FullSize, MatchesTransformers) {
                 "prefill %.0f tok/s, decode %.1f tok/s\n",
                 name.c_str(), load_s, double(T) / prefill_s, double(steps) / decode_s, hf.value("load_s", 0.0),
                 hf.value("prefill_tok_s", 0.0), hf.value("decode_tok_s", 0.0));
-    EXPECT_LE(err, 2e-2);
+    // bf16 against bf16: 2e-2 unless transformers' own bf16 rounding is larger than that on this
+    // network, in which case ours must be no farther from the float32 result than transformers' is.
+    const bool have32 = ref->entries().count("logits_f32") > 0;
+    at::Tensor ref32 = have32 ? ref->load("logits_f32", at::kFloat) : at::Tensor();
+    const double hf_noise = have32 ? test::rel_err(ref_logits, ref32) : 0.0;
+    if (have32 && hf_noise > 2e-2)
+      EXPECT_LE(test::rel_err(first, ref32), 1.25 * hf_noise) << "bf16 logits farther from float32 than transformers'";
+    else
+      EXPECT_LE(err, 2e-2);
     EXPECT_GT(2 * agree, steps);
 
-    if (ref->entries().count("logits_f32")) {
-      at::Tensor ref32 = ref->load("logits_f32", at::kFloat);
+    if (have32) {
       m.reset();
       lo.dtype = at::kFloat;
       auto m32 = Vlm::load(std::string(dir) + "/" + name, lo);
@@ -127,7 +135,7 @@ TEST(FullSize, MatchesTransformers) {
       const double err32 = test::rel_err(l32, ref32);
       std::printf("[fullsize] %s: float32 logits rel err %.3e (transformers bf16 vs its float32: %.3e; mlaforge bf16 "
                   "vs transformers float32: %.3e)\n",
-                  name.c_str(), err32, test::rel_err(ref_logits, ref32), test::rel_err(first, ref32));
+                  name.c_str(), err32, hf_noise, test::rel_err(first, ref32));
       EXPECT_LE(err32, 1e-4);
     }
     ++compared;

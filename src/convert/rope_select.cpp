@@ -29,7 +29,15 @@ std::string rope_strategy_name(RopeStrategy s) {
   return "?";
 }
 
-std::vector<std::vector<double>> pair_scores(const LayerStats& s, RopeStrategy strategy, int64_t g) {
+std::vector<std::vector<double>> pair_scores(const LayerStats& stats, RopeStrategy strategy, int64_t g) {
+  // Small [h|g, P] sums: scored on the CPU wherever calibration ran.
+  LayerStats s;
+  for (int m = 0; m < 2; ++m) {
+    s.q_norm[m] = stats.q_norm[m].cpu();
+    s.k_norm[m] = stats.k_norm[m].cpu();
+    s.rope_err[m] = stats.rope_err[m].cpu();
+    s.tokens[m] = stats.tokens[m];
+  }
   const int64_t h = s.q_norm[0].size(0), P = s.q_norm[0].size(1), group = h / g;
   at::Tensor score;  // [g, P]
   if (strategy == RopeStrategy::TwoNorm) {
