@@ -51,8 +51,12 @@ int cmd_inspect(const std::string& model_dir) {
   const TextConfig& t = c.text;
   std::printf("model           %s\n", model_dir.c_str());
   const std::string vision =
-      c.family == Family::Qwen2VL
-          ? str("Qwen2-VL ViT depth ", c.vision.depth, " width ", c.vision.embed_dim)
+      c.qwen_vl()
+          ? str(c.family == Family::Qwen25VL ? "Qwen2.5-VL" : "Qwen2-VL", " ViT depth ", c.vision.depth, " width ",
+                c.vision.embed_dim,
+                c.vision.windowed ? str(", windows of ", c.vision.window_size, " px, ",
+                                        c.vision.fullatt_block_indexes.size(), " full-attention blocks")
+                                  : std::string())
           : str("CLIP ViT ", c.clip.num_layers, " layers width ", c.clip.hidden_size, " at ", c.clip.image_size,
                 " px, ", c.llava.tokens_per_image(c.clip), " tokens per image");
   std::printf("architecture    %s (vision: %s; decoder: %lld layers, hidden %lld)\n", c.model_type.c_str(),
@@ -184,7 +188,7 @@ int main(int argc, char** argv) {
     setenv("OMP_WAIT_POLICY", "PASSIVE", 1);
     execv("/proc/self/exe", argv);  // returns only on failure: then carry on as we are
   }
-  CLI::App app{"mlaforge: convert vision-language models (Qwen2-VL, LLaVA) to Multi-head Latent Attention,\n"
+  CLI::App app{"mlaforge: convert vision-language models (Qwen2-VL, Qwen2.5-VL, LLaVA) to Multi-head Latent Attention,\n"
                "recover accuracy with a short fine-tune, and serve them with a small KV cache."};
   app.require_subcommand(1);
   int threads = 0;

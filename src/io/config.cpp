@@ -133,6 +133,59 @@ void read_qwen2_vision(const json& vc, const std::string& path, Qwen2VisionConfi
         ") must equal the language model's hidden_size (", text_hidden, ")");
 }
 
+// Qwen2.5-VL's vision_config: "hidden_size" is the ViT width and "out_hidden_size" the LLM width
+// (Qwen2-VL used "embed_dim" and "hidden_size"). Omitted optional keys take transformers'
+// Qwen2_5_VLVisionConfig defaults; "tokens_per_second" only scales video time indices and is ignored.
+void read_qwen25_vision(const json& vc, const std::string& path, Qwen2VisionConfig& v, int64_t text_hidden) {
+  const json none = json::object();
+  // A Qwen2-VL vision_config under model_type qwen2_5_vl would be read with its widths swapped.
+  check(!vc.contains("embed_dim") || vc.contains("out_hidden_size"), path,
+        "vision_config has Qwen2-VL's \"embed_dim\" but no \"out_hidden_size\": qwen2_5_vl names the ViT width ",
+        "\"hidden_size\" and the LLM width \"out_hidden_size\" (is model_type meant to be qwen2_vl?)");
+  v.windowed = true;
+  v.depth = require<int64_t>(vc, none, "depth", path);
+  v.embed_dim = require<int64_t>(vc, none, "hidden_size", path);
+  v.mlp_hidden = require<int64_t>(vc, none, "intermediate_size", path);
+  v.num_heads = require<int64_t>(vc, none, "num_heads", path);
+  v.out_hidden_size = require<int64_t>(vc, none, "out_hidden_size", path);
+  v.patch_size = get_or<int64_t>(vc, none, "patch_size", 14);
+  v.temporal_patch_size = get_or<int64_t>(vc, none, "temporal_patch_size", 2);
+  v.spatial_merge_size = get_or<int64_t>(vc, none, "spatial_merge_size", 2);
+  // Hub files say "in_chans", transformers "in_channels".
+  v.in_channels = get_or<int64_t>(vc, none, "in_channels", get_or<int64_t>(vc, none, "in_chans", 3));
+  v.hidden_act = get_or<std::string>(vc, none, "hidden_act", "silu");
+  v.window_size = get_or<int64_t>(vc, none, "window_size", 112);
+  // transformers 5 records the 2-D rotary's theta (10000, its only value) in rope_parameters.
+  if (vc.contains("rope_parameters") && vc["rope_parameters"].is_object())
+    v.rope_theta = vc["rope_parameters"].value("rope_theta", v.rope_theta);
+  const json* full = lookup(vc, none, "fullatt_block_indexes");
+  if (!full) {
+    v.fullatt_block_indexes = {7, 15, 23, 31};
+  } else {
+    try {
+      v.fullatt_block_indexes = full->get<std::vector<int64_t>>();
+    } catch (const json::exception&) {
+      fail(path, "vision_config.fullatt_block_indexes must be a list of block indices");
+    }
+  }
+  check(v.depth > 0, path, "vision_config.depth must be positive, got ", v.depth);
+  check(v.num_heads > 0 && v.embed_dim % v.num_heads == 0, path, "vision hidden_size ", v.embed_dim,
+        " is not divisible by num_heads ", v.num_heads);
+  check((v.embed_dim / v.num_heads) % 4 == 0, path, "vision head dim must be a multiple of 4 for its 2-D RoPE");
+  check(v.hidden_act == "silu" || v.hidden_act == "gelu" || v.hidden_act == "quick_gelu", path,
+        "unsupported vision hidden_act \"", v.hidden_act, "\" (supported: silu, gelu, quick_gelu)");
+  check(v.patch_size > 0 && v.spatial_merge_size > 0, path, "vision patch_size and spatial_merge_size must be positive");
+  const int64_t unit = v.patch_size * v.spatial_merge_size;
+  check(v.window_size >= unit && v.window_size % unit == 0, path, "vision_config.window_size ", v.window_size,
+        " must be a positive multiple of patch_size * spatial_merge_size = ", unit,
+        " (a window is a square of whole merged tokens)");
+  for (int64_t b : v.fullatt_block_indexes)
+    check(b >= 0 && b < v.depth, path, "vision_config.fullatt_block_indexes lists block ", b,
+          ", outside the ", v.depth, " blocks");
+  check(v.out_hidden_size == text_hidden, path, "vision_config.out_hidden_size (", v.out_hidden_size,
+        ") must equal the language model's hidden_size (", text_hidden, ")");
+}
+
 // generation_config.json's stop and pad tokens override config.json's.
 void read_generation_config(const std::string& dir, ModelConfig& c) {
   fs::path gen = fs::path(dir) / "generation_config.json";
@@ -262,12 +315,14 @@ ModelConfig load_model_config(const std::string& dir) {
   c.model_type = top.value("model_type", std::string());
   if (c.model_type == "qwen2_vl") {
     c.family = Family::Qwen2VL;
+  } else if (c.model_type == "qwen2_5_vl") {
+    c.family = Family::Qwen25VL;
   } else if (c.model_type == "llava") {
     c.family = Family::Llava;
   } else if (c.model_type.empty()) {
     fail(c.path, "no \"model_type\"");
   } else {
-    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl, llava)");
+    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl, qwen2_5_vl, llava)");
   }
   if (c.family == Family::Llava) {
     read_llava(top, c);
@@ -280,8 +335,12 @@ ModelConfig load_model_config(const std::string& dir) {
   const json tc = top.contains("text_config") && top["text_config"].is_object() ? top["text_config"] : json::object();
   read_text(tc, top, c.path, c.text, nullptr);
   if (!top.contains("vision_config") || !top["vision_config"].is_object()) fail(c.path, "missing \"vision_config\"");
-  read_qwen2_vision(top["vision_config"], c.path, c.vision, c.text.hidden_size);
-  check(!c.text.mrope_section.empty(), c.path, "qwen2_vl needs an mrope_section in rope_scaling or rope_parameters");
+  if (c.family == Family::Qwen25VL)
+    read_qwen25_vision(top["vision_config"], c.path, c.vision, c.text.hidden_size);
+  else
+    read_qwen2_vision(top["vision_config"], c.path, c.vision, c.text.hidden_size);
+  check(!c.text.mrope_section.empty(), c.path, c.model_type,
+        " needs an mrope_section in rope_scaling or rope_parameters");
 
   c.image_token_id = get_or<int64_t>(top, tc, "image_token_id", -1);
   c.video_token_id = get_or<int64_t>(top, tc, "video_token_id", -1);

@@ -2,6 +2,8 @@
 //
 // Both layouts are accepted: text keys flat at the top level (Hub files) or nested in "text_config"
 // (transformers 5), and RoPE given as "rope_parameters" or as "rope_theta" + "rope_scaling".
+// Qwen2-VL and Qwen2.5-VL share the decoder, the prompt format and the preprocessing; they differ in
+// the vision tower (Qwen2VisionConfig) and in the temporal M-RoPE index of images.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -9,7 +11,7 @@
 
 namespace mlaforge {
 
-enum class Family { Qwen2VL, Llava };
+enum class Family { Qwen2VL, Qwen25VL, Llava };
 
 struct TextConfig {
   int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_layers = 0;
@@ -22,11 +24,22 @@ struct TextConfig {
   std::string hidden_act = "silu";
 };
 
+// The vision tower of Qwen2-VL and of Qwen2.5-VL (windowed = true). embed_dim is the ViT width
+// (Qwen2-VL's "embed_dim", Qwen2.5-VL's "hidden_size"), out_hidden_size the LLM width (Qwen2-VL's
+// "hidden_size", Qwen2.5-VL's "out_hidden_size"), mlp_hidden the MLP width (embed_dim * mlp_ratio or
+// "intermediate_size").
 struct Qwen2VisionConfig {
   int64_t depth = 0, embed_dim = 0, num_heads = 0, out_hidden_size = 0, mlp_hidden = 0;
   int64_t patch_size = 14, temporal_patch_size = 2, spatial_merge_size = 2, in_channels = 3;
   double rope_theta = 10000.0;
   std::string hidden_act = "quick_gelu";
+  // Qwen2.5-VL: RMSNorm (norm1, norm2, merger.ln_q), SwiGLU MLP with biases, and window attention:
+  // every block but those in fullatt_block_indexes attends within windows of window_size pixels
+  // (window_size / patch_size / spatial_merge_size merged tokens per side).
+  bool windowed = false;
+  int64_t window_size = 0;
+  std::vector<int64_t> fullatt_block_indexes;
+  int64_t window_merged_tokens() const { return window_size / patch_size / spatial_merge_size; }
 };
 
 // CLIP vision tower of LLaVA (transformers' CLIPVisionConfig; omitted keys take its class defaults).
@@ -65,16 +78,19 @@ struct MlaConfig {
 
 struct ModelConfig {
   std::string path;        // config.json path, for error messages
-  std::string model_type;  // "qwen2_vl", "llava"
+  std::string model_type;  // "qwen2_vl", "qwen2_5_vl", "llava"
   Family family = Family::Qwen2VL;
   TextConfig text;
-  Qwen2VisionConfig vision;  // Family::Qwen2VL
+  Qwen2VisionConfig vision;  // Family::Qwen2VL and Family::Qwen25VL
   ClipVisionConfig clip;      // Family::Llava
   LlavaConfig llava;          // Family::Llava
   int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1, vision_end_token_id = -1;
   int64_t pad_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation stops at any of these
   MlaConfig mla;                       // enabled for converted checkpoints
+
+  // Qwen2-VL or Qwen2.5-VL: the same decoder, prompts and preprocessing, the Qwen vision tower.
+  bool qwen_vl() const { return family == Family::Qwen2VL || family == Family::Qwen25VL; }
 
   // KV-cache bytes per token over all layers for an element size in bytes (2 for bf16): keys and
   // values of the original attention, or the rotary keys and the latent of MLA (the modality bit not

@@ -34,7 +34,8 @@ std::pair<at::Tensor, at::Tensor> rope_cos_sin(const at::Tensor& pos, const at::
 }
 
 at::Tensor mrope_positions(const std::vector<int64_t>& ids, int64_t image_token_id,
-                           const std::vector<std::array<int64_t, 3>>& llm_grids, int64_t* next_position) {
+                           const std::vector<std::array<int64_t, 3>>& llm_grids, int64_t* next_position,
+                           int64_t time_step) {
   const int64_t L = int64_t(ids.size());
   at::Tensor pos = at::empty({3, L}, at::kLong);
   auto p = pos.accessor<int64_t, 2>();
@@ -56,10 +57,10 @@ at::Tensor mrope_positions(const std::vector<int64_t>& ids, int64_t image_token_
     for (int64_t t = 0; t < g[0]; ++t)
       for (int64_t h = 0; h < g[1]; ++h)
         for (int64_t w = 0; w < g[2]; ++w, ++i) {
-          p[0][i] = next + t;
+          p[0][i] = next + t * time_step;
           p[1][i] = next + h;
           p[2][i] = next + w;
-          mx = std::max({mx, t, h, w});
+          mx = std::max({mx, t * time_step, h, w});
         }
     next += mx + 1;
   }

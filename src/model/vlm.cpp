@@ -62,7 +62,7 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir, const LoadOptions& option
   const WeightStore& ws = *m->store_;
   const ModelConfig& c = m->cfg_;
   std::string lm, head;
-  if (c.family == Family::Qwen2VL) {
+  if (c.qwen_vl()) {
     m->qwen_image_cfg_ = load_qwen2vl_image_config(pre);
     const auto& v = c.vision;
     check(m->qwen_image_cfg_.patch_size == v.patch_size && m->qwen_image_cfg_.temporal_patch_size == v.temporal_patch_size &&
@@ -156,7 +156,7 @@ Batch Vlm::prepare(const std::vector<Prompt>& prompts, bool add_generation_promp
     std::vector<int64_t> counts;  // prompt tokens per image
     for (const auto& path : p.image_paths) {
       Image img = load_image(path);
-      if (cfg_.family == Family::Qwen2VL) {
+      if (cfg_.qwen_vl()) {
         PatchedImage pi = qwen2vl_preprocess(img, qwen_image_cfg_);
         pixels.push_back(at::from_blob(pi.values.data(), {pi.rows, pi.cols}, at::kFloat).clone());
         grids.push_back({pi.grid_t, pi.grid_h, pi.grid_w});
@@ -210,7 +210,12 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
     const int64_t L = int64_t(s.size()), off = T - L;
     // The images this row uses: as many as its image tokens account for.
     int64_t n_image_tokens = 0, taken = 0;
-    for (int64_t id : s) n_image_tokens += (id == cfg_.image_token_id);
+    for (int64_t id : s) {
+      n_image_tokens += (id == cfg_.image_token_id);
+      // A video token would need video features, which this runtime does not compute.
+      if (cfg_.video_token_id >= 0 && id == cfg_.video_token_id)
+        throw Error(str("row ", r, " has a video token (id ", id, "): videos are not supported, only images"));
+    }
     std::vector<std::array<int64_t, 3>> llm_grids;  // (t, h/merge, w/merge) for M-RoPE
     while (taken < n_image_tokens) {
       if (image >= grids.size())
@@ -228,7 +233,7 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
     if (cfg_.text.mrope_section.empty())
       pos = at::arange(L, at::kLong).unsqueeze(0).expand({3, L});
     else
-      pos = mrope_positions(s, cfg_.image_token_id, llm_grids, &next);
+      pos = mrope_positions(s, cfg_.image_token_id, llm_grids, &next, cfg_.family == Family::Qwen25VL ? 0 : 1);
     b.next_position.push_back(next);
     if (L > 0) {
       b.ids[r].narrow(0, off, L).copy_(at::tensor(s, at::kLong));
@@ -257,7 +262,7 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
 
 at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const {
   at::NoGradGuard no_grad;  // the vision tower is frozen in every use
-  if (cfg_.family == Family::Qwen2VL) return qwen_vision_->forward(pixel_values, grids);
+  if (cfg_.qwen_vl()) return qwen_vision_->forward(pixel_values, grids);
   at::Tensor f = clip_vision_->forward(pixel_values);  // [n, tokens, d]
   return f.reshape({-1, f.size(-1)});
 }
@@ -266,7 +271,7 @@ at::Tensor Vlm::image_features_cached(const Batch& batch) const {
   if (batch.image_keys.size() != batch.grids.size()) return image_features(batch.pixel_values, batch.grids);
   // Rows of pixel_values per image: Qwen2-VL patches t*h*w rows, LLaVA one [C, S, S] image.
   std::vector<int64_t> offset = {0};
-  for (const auto& g : batch.grids) offset.push_back(offset.back() + (cfg_.family == Family::Qwen2VL ? g[0] * g[1] * g[2] : 1));
+  for (const auto& g : batch.grids) offset.push_back(offset.back() + (cfg_.qwen_vl() ? g[0] * g[1] * g[2] : 1));
   FeatureCache& cache = feature_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
   auto key = [&](size_t i) { return vision_hash_ + "|" + batch.image_keys[i]; };

@@ -28,7 +28,7 @@ struct Batch {
   at::Tensor is_image;  // [B, T] bool: image tokens and the vision start/end markers (MLA's modality)
   at::Tensor pos;    // [3, B, T] int64 positions: M-RoPE axes (t, h, w), all equal for text and 1-D RoPE
   // Images of all rows in order, or undefined without images:
-  // Qwen2-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
+  // Qwen2-VL and Qwen2.5-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
   at::Tensor pixel_values;
   std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image (LLaVA: (1, S/P, S/P))
   std::vector<std::string> image_keys;        // per image: its file, when known (keys the feature cache)
@@ -97,7 +97,7 @@ class Vlm {
   std::unique_ptr<ChatFormat> chat_;
   // Tokens an image of this patch grid becomes in the prompt.
   int64_t image_tokens(const std::array<int64_t, 3>& grid) const;
-  Qwen2VLImageConfig qwen_image_cfg_;      // Family::Qwen2VL
+  Qwen2VLImageConfig qwen_image_cfg_;      // Qwen2-VL and Qwen2.5-VL
   std::unique_ptr<Qwen2VisionTower> qwen_vision_;
   ClipImageConfig clip_image_cfg_;         // Family::Llava
   std::unique_ptr<ClipVisionEncoder> clip_vision_;
