@@ -887,6 +887,18 @@ def make_qwen25vl(out_dir):
                                                                dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(mdir)
     run_qwen_cases(model, processor, mdir, os.path.join(d, "tiny"), images_dir)
+    # transformers 5.17's get_rope_index needs the processor's mm_token_type_ids (run_qwen_cases' call
+    # without them fails): the 3-D positions and rope deltas go to their own file.
+    processor.tokenizer.padding_side = "left"
+    pos = {}
+    for cname, samples in qwen_cases():
+        _, _, inputs = case_inputs(processor, samples, images_dir)
+        p, deltas = model.model.get_rope_index(input_ids=inputs["input_ids"], image_grid_thw=inputs.get("image_grid_thw"),
+                                               attention_mask=inputs["attention_mask"],
+                                               mm_token_type_ids=inputs.get("mm_token_type_ids"))
+        pos.update({f"{cname}.input_ids": inputs["input_ids"], f"{cname}.attention_mask": inputs["attention_mask"],
+                    f"{cname}.position_ids": p, f"{cname}.rope_deltas": deltas})
+    save_tensors(os.path.join(d, "tiny.positions.safetensors"), pos)
     log("qwen25vl tiny done; processor", type(processor).__name__, type(processor.image_processor).__name__)
 
 

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 5's hardest criterion: at --rope-pairs 8 --dkv 8 (KV -81.25%) the text-only kinds must keep 95%
+# of their original accuracy (text_add: 22/30 -> at least 21/30). Tries longer training and text-only
+# rows seen more often (the 386 text-only rows of train.jsonl repeated; no other data), each fine-tune
+# from the same conversion; prints accuracy, KL and the text kinds after each.
+#
+#   bash scripts/finetune_r8d8.sh [SHAPES_DATA_DIR] [cpu|cuda] [MLAFORGE_BINARY]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+data=${1:-../shared/data/shapes}
+dev=${2:-cpu}
+mf=${3:-./build/mlaforge}
+out=build/ft-r8d8
+orig=models/qwen2vl-shapes
+mkdir -p "$out"
+[ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
+  --device "$dev" --dtype f32 >/dev/null
+# train.jsonl with its text-only rows (no "image") four times; images resolve against the data folder.
+text4=$data/train-text4.jsonl
+{ cat "$data/train.jsonl"; for i in 1 2 3; do grep -v '"image"' "$data/train.jsonl"; done; } > "$text4"
+run() {  # NAME DATA EPOCHS [extra finetune options]
+  local name=$1 train=$2 epochs=$3; shift 3
+  [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$out/r8-d8" --teacher $orig --data "$train" \
+    --out "$out/$name" --epochs "$epochs" --batch 16 --lr 2e-4 --loss ce+kl --kl-weight 10 --device "$dev" "$@" >/dev/null
+  [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
+    --device "$dev" --report "$out/$name.eval.json" >/dev/null
+  printf "%-28s " "$name"
+  grep -o '"accuracy": [0-9.]*\|"mean_kl": [0-9.e-]*' "$out/$name.eval.json" | head -2 | tr '\n' ' '
+  for k in text_add text_day text_letters text_month; do
+    tr -d '\n ' < "$out/$name.eval.json" | grep -o "\"by_kind_counts\":{.*" | grep -o "\"$k\":{\"correct\":[0-9]*,\"total\":[0-9]*" \
+      | sed 's/"\([a-z_]*\)":{"correct":\([0-9]*\),"total":\([0-9]*\)/\1 \2\/\3 /' | tr '\n' ' '
+  done
+  echo
+}
+run epochs2 "$data/train.jsonl" 2
+run text4 "$text4" 1
+run text4-epochs2 "$text4" 2
