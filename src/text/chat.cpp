@@ -2,6 +2,7 @@
 #include "text/chat.h"
 
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -23,6 +24,14 @@ bool read_file(const std::string& path, std::string* out) {
 }
 
 bool contains(const std::string& s, const char* needle) { return s.find(needle) != std::string::npos; }
+
+// Jinja's trim filter: surrounding whitespace removed.
+std::string trim(const std::string& s) {
+  const char* ws = " \t\n\r\f\v";
+  const size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
 
 // The system text a ChatML template injects when the conversation has none, as in Qwen2-VL's
 // "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful
@@ -72,8 +81,21 @@ ChatFormat ChatFormat::from_template(const std::string& t, const std::string& wh
     if (contains(t, "<|vision_start|><|image_pad|><|vision_end|>"))
       f.image_placeholder_ = "<|vision_start|><|image_pad|><|vision_end|>";
     f.default_system_ = default_system_text(t);
+  } else if (contains(t, "<|start_header_id|>")) {
+    f.family_ = Family::kLlama3;
+    f.bos_ = contains(t, "<|begin_of_text|>");
+    f.trim_text_ = contains(t, "| trim");
+  } else if (contains(t, "[INST]")) {
+    f.family_ = Family::kMistral;
+    // "content['text'] + ' '": each text of a user turn is followed by a space.
+    if (contains(t, "['text'] + ' '") || contains(t, "[\"text\"] + ' '")) f.text_suffix_ = " ";
   } else if (contains(t, "ASSISTANT:") && (contains(t, "USER:") || contains(t, ".upper()"))) {
     f.family_ = Family::kLlava;
+  } else {
+    fail(where, "unrecognised chat template: neither ChatML (\"<|im_start|>\"), Llama-3 (\"<|start_header_id|>\"), ",
+         "Mistral (\"[INST]\") nor LLaVA-1.5 (\"USER:\" ... \"ASSISTANT:\")");
+  }
+  if (f.family_ != Family::kChatML) {
     // llava-hf writes {{ '<image>\n' }} (a Jinja escape); accept a literal newline too.
     size_t at = t.find("<image>");
     if (at != std::string::npos) {
@@ -82,9 +104,6 @@ ChatFormat ChatFormat::from_template(const std::string& t, const std::string& wh
     }
     // "selectattr('type', 'equalto', 'image')": a turn's images are rendered before its texts.
     f.images_first_ = contains(t, "selectattr");
-  } else {
-    fail(where, "unrecognised chat template: neither ChatML (\"<|im_start|>\") nor LLaVA-1.5 "
-                "(\"USER:\" ... \"ASSISTANT:\")");
   }
   return f;
 }
@@ -147,20 +166,45 @@ std::string ChatFormat::render(const std::vector<ChatTurn>& turns, bool add_gene
     if (add_generation_prompt) out += "<|im_start|>assistant\n";
     return out;
   }
+  // A turn's items, images first where the template renders them so; `text` formats each text.
+  auto items = [&](const ChatTurn& turn, const std::function<std::string(const std::string&)>& text) {
+    std::string r;
+    if (images_first_) {
+      for (const auto& item : turn.items)
+        if (item.is_image) r += image();
+      for (const auto& item : turn.items)
+        if (!item.is_image) r += text(item.text);
+    } else {
+      for (const auto& item : turn.items) r += item.is_image ? image() : text(item.text);
+    }
+    return r;
+  };
+  if (family_ == Family::kLlama3) {
+    if (bos_) out += "<|begin_of_text|>";
+    for (const auto& turn : turns)
+      out += "<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n" +
+             items(turn, [&](const std::string& x) { return trim_text_ ? trim(x) : x; }) + "<|eot_id|>";
+    if (add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+    return out;
+  }
+  if (family_ == Family::kMistral) {
+    for (const auto& turn : turns) {
+      if (turn.role == "user") {
+        out += "[INST] " + items(turn, [&](const std::string& x) { return x + text_suffix_; }) + "[/INST]";
+      } else if (turn.role == "assistant") {
+        for (const auto& item : turn.items)
+          if (!item.is_image) out += " " + item.text + "</s>";
+      }
+    }
+    return out;
+  }
   // LLaVA-1.5.
   for (const auto& turn : turns) {
     if (turn.role != "system") {
       for (char c : turn.role) out += static_cast<char>(c >= 'a' && c <= 'z' ? c - 'a' + 'A' : c);
       out += ": ";
     }
-    if (images_first_) {
-      for (const auto& item : turn.items)
-        if (item.is_image) out += image();
-      for (const auto& item : turn.items)
-        if (!item.is_image) out += item.text + " ";
-    } else {
-      for (const auto& item : turn.items) out += item.is_image ? image() : item.text + " ";
-    }
+    out += items(turn, [](const std::string& x) { return x + " "; });
   }
   if (add_generation_prompt) out += "ASSISTANT:";
   return out;

@@ -15,9 +15,21 @@
 //                                                   a turn before its texts; each text + " "
 //     ASSISTANT:                                     generation prompt
 //   e.g. "USER: <image>\nWhat is this? ASSISTANT:".
-// Neither family writes a BOS: encode the rendered prompt with add_special_tokens=true, so the
-// tokenizer's post-processor adds what the checkpoint expects (Llama's "<s>"; nothing for Qwen),
-// as transformers' processors do.
+//   Llama-3 (LLaVA-NeXT llama3; template contains "<|start_header_id|>"):
+//     [<|begin_of_text|>]                             only if the template writes it literally
+//     <|start_header_id|>{role}<|end_header_id|>\n\n  per turn, then its images ("<image>\n" each)
+//     {texts}<|eot_id|>                               and its texts, back to back (trimmed if the
+//                                                     template says "| trim")
+//     <|start_header_id|>assistant<|end_header_id|>\n\n generation prompt
+//   Mistral [INST] (LLaVA-NeXT mistral; template contains "[INST]"):
+//     [INST] {images}{text + " " ...}[/INST]          per user turn, images first
+//      {text}</s>                                     per text of an assistant turn (a space before)
+//   System turns are not rendered (the template has no branch for them) and there is no
+//   generation prompt, as with the template.
+// The families write no BOS of their own (Llama-3 only where its template does): encode the
+// rendered prompt with add_special_tokens=true, so the tokenizer's post-processor adds what the
+// checkpoint expects (Llama's "<s>" or "<|begin_of_text|>"; nothing for Qwen), as transformers'
+// processors do.
 #pragma once
 #include <string>
 #include <vector>
@@ -35,7 +47,7 @@ struct ChatTurn {
 
 class ChatFormat {
  public:
-  enum class Family { kChatML, kLlava };
+  enum class Family { kChatML, kLlava, kLlama3, kMistral };
 
   // Reads the chat template from <dir>/chat_template.jinja, else <dir>/chat_template.json
   // {"chat_template": ...}, else tokenizer_config.json's "chat_template" (a string, or a list of
@@ -56,7 +68,10 @@ class ChatFormat {
   Family family_ = Family::kChatML;
   std::string image_placeholder_;
   std::string default_system_;
-  bool images_first_ = false;  // LLaVA: a turn's images are rendered before its texts
+  bool images_first_ = false;  // LLaVA, Llama-3, Mistral: a turn's images are rendered before its texts
+  bool bos_ = false;           // Llama-3: the template writes <|begin_of_text|> itself
+  bool trim_text_ = false;     // Llama-3: texts are stripped of surrounding whitespace
+  std::string text_suffix_;    // Mistral: after each text of a user turn (" ")
   std::string source_;
 };
 
