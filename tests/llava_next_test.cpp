@@ -209,6 +209,19 @@ TEST_P(LlavaNextModels, MatchTransformers) {
       std::printf("%s/%s: pixel_values max diff %.4f grey levels over %lld tiles\n", variant.c_str(), name.c_str(), grey,
                   (long long)want.size(0));
       EXPECT_LE(grey, 1.0 + 1e-3);
+      // Pillow's bicubic (the processor's pil backend) stays within one grey level of the same values.
+      ClipImageConfig pil = load_clip_image_config(image_processor_config_path(dir));
+      pil.backend = ResizeBackend::Pil;
+      std::vector<at::Tensor> pil_tiles;
+      for (const Prompt& p : prompts)
+        for (const std::string& path : p.image_paths) {
+          int64_t n = 0;
+          std::vector<float> v = llava_next_preprocess(load_image(path), pil, &n);
+          pil_tiles.push_back(at::from_blob(v.data(), {n, 3, want.size(2), want.size(3)}, at::kFloat).clone());
+        }
+      const double pil_grey = ((at::cat(pil_tiles, 0) - want).abs() * std_ * 255.0).max().item<double>();
+      std::printf("%s/%s: pil backend max diff %.4f grey levels\n", variant.c_str(), name.c_str(), pil_grey);
+      EXPECT_LE(pil_grey, 1.0 + 1e-3);
     }
 
     // The model fed the processor's ids and pixel values.
