@@ -426,6 +426,43 @@ TEST(LlavaNextChat, TemplatesRecognised) {
             "<|start_header_id|>assistant<|end_header_id|>\n\n");
 }
 
+// llava-hf's own LLaVA-NeXT templates (as stored in JSON: "\\n" is the Jinja escape).
+const char* kHubLlama3Template =
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] + '<|eot_id|>' }}{% endfor %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}";
+const char* kHubMistralTemplate =
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{ '<<SYS>>\\n' + "
+    "message['content'][0]['text'] + '\\n<</SYS>>\\n\\n' }}{% elif message['role'] == 'user' %}{{ '[INST] ' }}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\\n' }}{% endfor %}{# Render all text next #}{% for content in message['content'] | "
+    "selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}{{' [/INST]' }}{% elif "
+    "message['role'] == 'assistant' %}{{ ' ' + message['content'][0]['text'] + '</s> '}}{% else %}"
+    "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}";
+
+TEST(LlavaNextChat, HubTemplates) {
+  const std::vector<ChatTurn> conv = {{"system", {{false, "Be brief."}}},
+                                      {"user", {{true, ""}, {false, "Hi?"}}},
+                                      {"assistant", {{false, "Hello."}}},
+                                      {"user", {{false, "And?"}}}};
+  const ChatFormat llama = ChatFormat::from_template(kHubLlama3Template, "llama3.json");
+  EXPECT_EQ(llama.family(), ChatFormat::Family::kLlama3);
+  EXPECT_EQ(llama.image_placeholder(), "<image>");
+  EXPECT_EQ(llama.render(conv, true),
+            "<|start_header_id|>system<|end_header_id|>\n\n\nBe brief.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n<image>\nHi?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n\nHello.<|eot_id|>"
+            "<|start_header_id|>user<|end_header_id|>\n\n\nAnd?<|eot_id|>"
+            "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  const ChatFormat mistral = ChatFormat::from_template(kHubMistralTemplate, "mistral.json");
+  EXPECT_EQ(mistral.family(), ChatFormat::Family::kMistral);
+  EXPECT_EQ(mistral.image_placeholder(), "<image>\n");
+  EXPECT_EQ(mistral.render(conv, true),
+            "<<SYS>>\nBe brief.\n<</SYS>>\n\n[INST] <image>\nHi? [/INST] Hello.</s> [INST] And? [/INST]");
+}
+
 TEST(LlavaNextCli, GenerateAndEval) {
   // `mlaforge generate` renders, tiles and expands the prompt itself: its answer is the fixture's
   // greedy tokens for the same question and image.

@@ -84,11 +84,23 @@ ChatFormat ChatFormat::from_template(const std::string& t, const std::string& wh
   } else if (contains(t, "<|start_header_id|>")) {
     f.family_ = Family::kLlama3;
     f.bos_ = contains(t, "<|begin_of_text|>");
-    f.trim_text_ = contains(t, "| trim");
+    f.trim_text_ = contains(t, "| trim") || contains(t, "|trim");
+    // '\n' + content['text'] (a Jinja escape or a literal newline) puts a newline before each text.
+    if (contains(t, "'\\n' + content['text']") || contains(t, "'\n' + content['text']")) f.text_prefix_ = "\n";
+    if (contains(t, "content['text'] + '<|eot_id|>'")) {
+      f.text_suffix_ = "<|eot_id|>";  // each text ends with it, the turn itself does not
+    } else {
+      f.turn_end_ = "<|eot_id|>";
+    }
   } else if (contains(t, "[INST]")) {
     f.family_ = Family::kMistral;
     // "content['text'] + ' '": each text of a user turn is followed by a space.
-    if (contains(t, "['text'] + ' '") || contains(t, "[\"text\"] + ' '")) f.text_suffix_ = " ";
+    if (contains(t, "content['text'] + ' '")) f.text_suffix_ = " ";
+    f.inst_close_ = contains(t, "' [/INST]'") ? " [/INST]" : "[/INST]";
+    f.system_block_ = contains(t, "<<SYS>>");
+    // llava-hf: ' ' + message['content'][0]['text'] + '</s> ' for an assistant turn.
+    f.assistant_first_text_ = contains(t, "message['content'][0]['text'] + '</s>");
+    f.assistant_end_ = contains(t, "+ '</s> '") ? "</s> " : "</s>";
   } else if (contains(t, "ASSISTANT:") && (contains(t, "USER:") || contains(t, ".upper()"))) {
     f.family_ = Family::kLlava;
   } else {
@@ -182,18 +194,29 @@ std::string ChatFormat::render(const std::vector<ChatTurn>& turns, bool add_gene
   if (family_ == Family::kLlama3) {
     if (bos_) out += "<|begin_of_text|>";
     for (const auto& turn : turns)
-      out += "<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n" +
-             items(turn, [&](const std::string& x) { return trim_text_ ? trim(x) : x; }) + "<|eot_id|>";
+      out += "<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n" + items(turn, [&](const std::string& x) {
+               return text_prefix_ + (trim_text_ ? trim(x) : x) + text_suffix_;
+             }) + turn_end_;
     if (add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
     return out;
   }
   if (family_ == Family::kMistral) {
+    auto texts = [](const ChatTurn& turn) {
+      std::vector<std::string> r;
+      for (const auto& item : turn.items)
+        if (!item.is_image) r.push_back(item.text);
+      return r;
+    };
     for (const auto& turn : turns) {
       if (turn.role == "user") {
-        out += "[INST] " + items(turn, [&](const std::string& x) { return x + text_suffix_; }) + "[/INST]";
+        out += "[INST] " + items(turn, [&](const std::string& x) { return x + text_suffix_; }) + inst_close_;
       } else if (turn.role == "assistant") {
-        for (const auto& item : turn.items)
-          if (!item.is_image) out += " " + item.text + "</s>";
+        std::vector<std::string> t = texts(turn);
+        if (assistant_first_text_ && t.size() > 1) t.resize(1);
+        for (const auto& x : t) out += " " + x + assistant_end_;
+      } else if (turn.role == "system" && system_block_) {
+        std::vector<std::string> t = texts(turn);  // the template takes the first item's text
+        out += "<<SYS>>\n" + (t.empty() ? std::string() : t[0]) + "\n<</SYS>>\n\n";
       }
     }
     return out;

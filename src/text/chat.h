@@ -17,15 +17,23 @@
 //   e.g. "USER: <image>\nWhat is this? ASSISTANT:".
 //   Llama-3 (LLaVA-NeXT llama3; template contains "<|start_header_id|>"):
 //     [<|begin_of_text|>]                             only if the template writes it literally
-//     <|start_header_id|>{role}<|end_header_id|>\n\n  per turn, then its images ("<image>\n" each)
-//     {texts}<|eot_id|>                               and its texts, back to back (trimmed if the
-//                                                     template says "| trim")
+//     <|start_header_id|>{role}<|end_header_id|>\n\n  per turn, then its images (the placeholder
+//                                                     each: "<image>\n" or "<image>") and its texts,
+//     {texts}<|eot_id|>                               back to back, then <|eot_id|> (trimmed if the
+//                                                     template says "| trim"); templates writing
+//                                                     '\n' + content['text'] + '<|eot_id|>' (llava-hf's
+//                                                     llama3-llava-next) give each text that form and
+//                                                     no <|eot_id|> of the turn's own
 //     <|start_header_id|>assistant<|end_header_id|>\n\n generation prompt
-//   Mistral [INST] (LLaVA-NeXT mistral; template contains "[INST]"):
-//     [INST] {images}{text + " " ...}[/INST]          per user turn, images first
-//      {text}</s>                                     per text of an assistant turn (a space before)
-//   System turns are not rendered (the template has no branch for them) and there is no
-//   generation prompt, as with the template.
+//   Mistral [INST] (LLaVA-NeXT mistral; template contains "[INST]"), in two forms:
+//     the fixtures' template:
+//       [INST] {images}{text + " " ...}[/INST]        per user turn, images first
+//        {text}</s>                                   per text of an assistant turn; no system turns
+//     llava-hf's llava-v1.6-mistral (the template has "<<SYS>>" and ' [/INST]'):
+//       <<SYS>>\n{text}\n<</SYS>>\n\n                  a system turn
+//       [INST] {images}{texts} [/INST]                per user turn
+//        {first text}</s>{" " if the template has '</s> '}   per assistant turn
+//     Neither has a generation prompt.
 // The families write no BOS of their own (Llama-3 only where its template does): encode the
 // rendered prompt with add_special_tokens=true, so the tokenizer's post-processor adds what the
 // checkpoint expects (Llama's "<s>" or "<|begin_of_text|>"; nothing for Qwen), as transformers'
@@ -71,7 +79,13 @@ class ChatFormat {
   bool images_first_ = false;  // LLaVA, Llama-3, Mistral: a turn's images are rendered before its texts
   bool bos_ = false;           // Llama-3: the template writes <|begin_of_text|> itself
   bool trim_text_ = false;     // Llama-3: texts are stripped of surrounding whitespace
-  std::string text_suffix_;    // Mistral: after each text of a user turn (" ")
+  std::string text_prefix_;    // before each text (Llama-3 of llava-hf: "\n")
+  std::string text_suffix_;    // after each text (Mistral fixtures: " "; Llama-3 of llava-hf: "<|eot_id|>")
+  std::string turn_end_;       // Llama-3: after a turn's texts ("<|eot_id|>", or "" when each text has it)
+  std::string inst_close_;     // Mistral: "[/INST]" or " [/INST]"
+  bool system_block_ = false;  // Mistral: system turns as <<SYS>> blocks (else not rendered)
+  bool assistant_first_text_ = false;  // Mistral: an assistant turn renders its first text only
+  std::string assistant_end_;  // Mistral: after an assistant text ("</s>" or "</s> ")
   std::string source_;
 };
 
