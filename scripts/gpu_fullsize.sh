@@ -15,6 +15,15 @@ mkdir -p "$out" "$fs"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ( time bash scripts/cuda_build.sh ) > "$out/build.log" 2>&1 || { tail -60 "$out/build.log"; exit 1; }
 tail -3 "$out/build.log"
+convert_one() {  # the streaming bf16 conversion on the GPU, peak memory and per-layer times
+  OMP_WAIT_POLICY=PASSIVE build-cuda/mlaforge convert --model "$fs/$conv" --out "$fs/$conv-mla" --device cuda \
+    --calib .fixture-data/shapes/calib.jsonl --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs ${ROPE_PAIRS:-16} \
+    --dkv ${DKV:-32} > "$out/convert-$conv.log" 2>&1
+  echo "convert rc=$?"; tr "\r" "\n" < "$out/convert-$conv.log" | grep -v "^\s*$" | cut -c1-200 | tail -40
+  cp "$fs/$conv-mla/conversion_report.json" "$out/conversion_report-$conv.json" 2>/dev/null
+  build-cuda/mlaforge inspect "$fs/$conv-mla" 2>&1 | tail -8
+  rm -rf "$fs/$conv-mla" "$fs/$conv"
+}
 # One model at a time (disk: each 7B checkpoint is ~16 GB): make it and transformers' reference, compare.
 for m in ${refs//,/ }; do
   d=$fs/ref-$m
@@ -23,17 +32,10 @@ for m in ${refs//,/ }; do
   echo "make $m rc=$?"; grep -E "^\{|Error|error|FAILED" "$log" | cut -c1-300 | tail -6
   MLAFORGE_FULLSIZE="$d" OMP_WAIT_POLICY=PASSIVE build-cuda/mlaforge_tests --gtest_filter='FullSize.*' >> "$log" 2>&1
   echo "fullsize $m rc=$?"; grep -E "\[fullsize\]|Failure|FAILED|Expected|Which is" "$log" | head -12
-  [ "$m" = "$conv" ] && mv "$d/$m" "$fs/$m"
+  if [ "$m" = "$conv" ]; then mv "$d/$m" "$fs/$m"; convert_one; fi
   rm -rf "$d/$m"
 done
-if [ -n "$conv" ]; then
-  [ -d "$fs/$conv" ] || { python3 tools/make_fullsize.py --model "$conv" --out "$fs" > "$out/make-$conv.log" 2>&1;
-                          tail -2 "$out/make-$conv.log"; }
-  OMP_WAIT_POLICY=PASSIVE build-cuda/mlaforge convert --model "$fs/$conv" --out "$fs/$conv-mla" --device cuda \
-    --calib .fixture-data/shapes/calib.jsonl --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs ${ROPE_PAIRS:-16} \
-    --dkv ${DKV:-32} > "$out/convert-$conv.log" 2>&1
-  echo "convert rc=$?"; tr "\r" "\n" < "$out/convert-$conv.log" | grep -v "^\s*$" | cut -c1-200 | tail -42
-  cp "$fs/$conv-mla/conversion_report.json" "$out/conversion_report-$conv.json" 2>/dev/null
-  build-cuda/mlaforge inspect "$fs/$conv-mla" 2>&1 | tail -12
-  rm -rf "$fs/$conv-mla" "$fs/$conv"
+if [ -n "$conv" ] && [ -z "$(echo ",$refs," | grep ",$conv,")" ]; then
+  python3 tools/make_fullsize.py --model "$conv" --out "$fs" > "$out/make-$conv.log" 2>&1; tail -2 "$out/make-$conv.log"
+  convert_one
 fi

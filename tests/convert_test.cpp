@@ -105,7 +105,8 @@ TEST_P(Identity, FullRankAllPairsReproducesOriginal) {
 
 INSTANTIATE_TEST_SUITE_P(Models, Identity,
                          ::testing::Values("shapes", "qwen2vl/tiny-a", "qwen2vl/tiny-b", "llava/llava-mha",
-                                           "llava/llava-gqa"),
+                                           "llava/llava-gqa", "llava_next/llava-next-llama3",
+                                           "llava_next/llava-next-mistral"),
                          [](const auto& info) {
                            std::string n = info.param.substr(info.param.find('/') + 1);
                            std::replace(n.begin(), n.end(), '-', '_');

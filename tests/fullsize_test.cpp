@@ -53,7 +53,9 @@ TEST(FullSize, MatchesTransformers) {
     const int64_t T = int64_t(ids.size());
     at::Tensor pixels = ref->load("pixel_values", at::kFloat);
     std::vector<std::array<int64_t, 3>> grids;
-    if (ref->entries().count("image_grid_thw")) {
+    if (ref->entries().count("image_sizes")) {  // LLaVA-NeXT: [n, max_tiles, C, S, S] and (h, w) per image
+      grids = test::grids_from_sizes(ref->load("image_sizes", at::kLong), m->config());
+    } else if (ref->entries().count("image_grid_thw")) {
       at::Tensor g = ref->load("image_grid_thw", at::kLong);
       for (int64_t i = 0; i < g.size(0); ++i)
         grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});

@@ -1,6 +1,7 @@
 #include "test_util.h"
 
 #include "convert/convert.h"
+#include "vision/preprocess.h"
 
 #include <unistd.h>
 
@@ -49,6 +50,18 @@ std::string convert_quick(const std::string& model, const std::string& out, int6
   o.decoupled = decoupled;
   convert_model(o);
   return out;
+}
+
+
+std::vector<std::array<int64_t, 3>> grids_from_sizes(const at::Tensor& sizes, const ModelConfig& cfg) {
+  std::vector<std::array<int64_t, 3>> grids;
+  const int64_t S = cfg.clip.image_size;
+  for (int64_t i = 0; i < sizes.size(0); ++i) {
+    const int64_t h = sizes[i][0].item<int64_t>(), w = sizes[i][1].item<int64_t>();
+    const auto [bh, bw] = select_best_resolution(h, w, cfg.llava.grid_pinpoints);
+    grids.push_back({1 + (bh / S) * (bw / S), h, w});
+  }
+  return grids;
 }
 
 }  // namespace mlaforge::test

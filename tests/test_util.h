@@ -2,9 +2,11 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <array>
 #include <filesystem>
 #include <string>
 
+#include "io/config.h"
 #include "test_paths.h"
 
 namespace mlaforge::test {
@@ -34,6 +36,9 @@ struct CommandResult {
   int exit_code = 0;
   std::string output;  // stdout and stderr together
 };
+// LLaVA-NeXT: per image (tiles, height, width) from the processor's image_sizes [n, 2], the batch's grids.
+std::vector<std::array<int64_t, 3>> grids_from_sizes(const at::Tensor& sizes, const ModelConfig& cfg);
+
 // Runs the mlaforge binary with `args` (shell-quoted by the caller).
 CommandResult run_cli(const std::string& args);
 

@@ -58,7 +58,9 @@ int cmd_inspect(const std::string& model_dir) {
                                         c.vision.fullatt_block_indexes.size(), " full-attention blocks")
                                   : std::string())
           : str("CLIP ViT ", c.clip.num_layers, " layers width ", c.clip.hidden_size, " at ", c.clip.image_size,
-                " px, ", c.llava.tokens_per_image(c.clip), " tokens per image");
+                " px, ", c.llava.tokens_per_image(c.clip), " tokens per ",
+                c.llava.anyres() ? str("tile, anyres over ", c.llava.grid_pinpoints.size(), " grid pinpoints")
+                                 : std::string("image"));
   std::printf("architecture    %s (vision: %s; decoder: %lld layers, hidden %lld)\n", c.model_type.c_str(),
               vision.c_str(), (long long)t.num_layers, (long long)t.hidden_size);
   std::printf("attention       %lld query heads, %lld KV heads (%s), head_dim %lld, %s\n", (long long)t.num_heads,

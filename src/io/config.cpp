@@ -217,6 +217,31 @@ void read_clip_vision(const json& vc, const std::string& path, ClipVisionConfig&
         v.hidden_act, "\"");
 }
 
+// LLaVA-NeXT's extras over LLaVA-1.5: the anyres tile grids. The packing of tile features
+// (transformers' pack_image_features) assumes a square token grid per tile, so the CLS token must be
+// dropped ("default" strategy), and a grid of whole tiles, so every pinpoint is a multiple of the
+// tower's image_size.
+void read_llava_next(const json& top, ModelConfig& c) {
+  const std::string& path = c.path;
+  LlavaConfig& l = c.llava;
+  check(!l.keep_cls, path, "vision_feature_select_strategy \"full\" is not supported for llava_next (the tile ",
+        "features must form a square grid; use \"default\")");
+  if (!top.contains("image_grid_pinpoints") || top["image_grid_pinpoints"].is_null())
+    fail(path, "llava_next needs \"image_grid_pinpoints\" (a list of [height, width])");
+  const json& pp = top["image_grid_pinpoints"];
+  check(pp.is_array() && !pp.empty(), path, "image_grid_pinpoints must be a non-empty list of [height, width], got ",
+        pp.dump());
+  const int64_t S = c.clip.image_size;
+  for (const json& p : pp) {
+    check(p.is_array() && p.size() == 2 && p[0].is_number_integer() && p[1].is_number_integer(), path,
+          "image_grid_pinpoints entries must be [height, width] integer pairs, got ", p.dump());
+    const int64_t h = p[0].get<int64_t>(), w = p[1].get<int64_t>();
+    check(h > 0 && w > 0 && h % S == 0 && w % S == 0, path, "image_grid_pinpoints entry [", h, ", ", w,
+          "] is not a positive multiple of the vision tower's image_size ", S);
+    l.grid_pinpoints.push_back({h, w});
+  }
+}
+
 void read_llava(const json& top, ModelConfig& c) {
   const json none = json::object();
   const std::string& path = c.path;
@@ -227,6 +252,16 @@ void read_llava(const json& top, ModelConfig& c) {
   TextConfig defaults = llama_defaults();
   read_text(tc, none, path, c.text, &defaults);
   check(c.text.mrope_section.empty(), path, "llava text models use 1-D RoPE, found an mrope_section");
+  // Mistral's sliding-window attention is not implemented; a window at least as long as the longest
+  // sequence the model takes (max_position_embeddings) is plain causal attention.
+  if (text_type == "mistral") {
+    const json* win = lookup(tc, none, "sliding_window");
+    if (win && win->is_number_integer()) {
+      const int64_t max_pos = get_or<int64_t>(tc, none, "max_position_embeddings", 32768);
+      check(win->get<int64_t>() >= max_pos, path, "text_config.sliding_window ", win->get<int64_t>(),
+            " is shorter than max_position_embeddings ", max_pos, ": sliding-window attention is not supported");
+    }
+  }
   // LlavaConfig's own default vision tower is CLIP ViT-L/14 at 336 px; a given dict falls back to
   // CLIPVisionConfig's class defaults instead.
   if (top.contains("vision_config") && top["vision_config"].is_object()) {
@@ -256,9 +291,12 @@ void read_llava(const json& top, ModelConfig& c) {
   check(l.projector_act == "gelu" || l.projector_act == "silu" || l.projector_act == "quick_gelu", path,
         "unsupported projector_hidden_act \"", l.projector_act, "\"");
   l.image_seq_length = get_or<int64_t>(top, none, "image_seq_length", l.tokens_per_image(c.clip));
+  // LLaVA-NeXT's token count depends on the image size (its image_seq_length, default 576, is unused).
+  if (c.model_type == "llava_next") l.image_seq_length = l.tokens_per_image(c.clip);
   check(l.image_seq_length == l.tokens_per_image(c.clip), path, "image_seq_length ", l.image_seq_length,
         " does not match the vision features: ", c.clip.num_patches(), " patches",
         l.keep_cls ? " + CLS" : "", " = ", l.tokens_per_image(c.clip), " tokens per image");
+  if (c.model_type == "llava_next") read_llava_next(top, c);
   c.image_token_id = get_or<int64_t>(top, none, "image_token_index", get_or<int64_t>(top, none, "image_token_id", 32000));
   c.pad_token_id = get_or<int64_t>(tc, top, "pad_token_id", -1);
   c.eos_token_ids = id_list(lookup(tc, top, "eos_token_id"));
@@ -317,12 +355,15 @@ ModelConfig load_model_config(const std::string& dir) {
     c.family = Family::Qwen2VL;
   } else if (c.model_type == "qwen2_5_vl") {
     c.family = Family::Qwen25VL;
-  } else if (c.model_type == "llava") {
+  } else if (c.model_type == "llava" || c.model_type == "llava_next") {
     c.family = Family::Llava;
   } else if (c.model_type.empty()) {
     fail(c.path, "no \"model_type\"");
+  } else if (c.model_type == "llava_next_video" || c.model_type == "llava_onevision") {
+    fail(c.path, "unsupported architecture \"", c.model_type, "\" (video inputs are not supported; supported: ",
+         "qwen2_vl, llava, llava_next)");
   } else {
-    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl, qwen2_5_vl, llava)");
+    fail(c.path, "unsupported architecture \"", c.model_type, "\" (supported: qwen2_vl, qwen2_5_vl, llava, llava_next)");
   }
   if (c.family == Family::Llava) {
     read_llava(top, c);

@@ -5,6 +5,7 @@
 // Qwen2-VL and Qwen2.5-VL share the decoder, the prompt format and the preprocessing; they differ in
 // the vision tower (Qwen2VisionConfig) and in the temporal M-RoPE index of images.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -51,7 +52,7 @@ struct ClipVisionConfig {
   int64_t num_patches() const { return (image_size / patch_size) * (image_size / patch_size); }
 };
 
-// LLaVA-1.5: which CLIP hidden states feed the projector and how.
+// LLaVA-1.5 and LLaVA-NeXT: which CLIP hidden states feed the projector and how.
 struct LlavaConfig {
   // Indices into (embeddings, layer 1, ..., layer L), Python-style (negative from the end); several
   // are concatenated along features.
@@ -59,6 +60,11 @@ struct LlavaConfig {
   bool keep_cls = false;  // select strategy "full" (true) or "default" (drops CLS)
   std::string projector_act = "gelu";
   int64_t image_seq_length = 576;
+  // LLaVA-NeXT ("anyres"): the tile grids an image may be cut into, as (height, width) in pixels,
+  // multiples of the tower's image_size. Empty for LLaVA-1.5 (one tile per image).
+  std::vector<std::array<int64_t, 2>> grid_pinpoints;
+  bool anyres() const { return !grid_pinpoints.empty(); }
+  // Tokens of one tile (for LLaVA-1.5 of one image; for LLaVA-NeXT of the base tile).
   int64_t tokens_per_image(const ClipVisionConfig& v) const { return v.num_patches() + (keep_cls ? 1 : 0); }
 };
 
@@ -78,12 +84,12 @@ struct MlaConfig {
 
 struct ModelConfig {
   std::string path;        // config.json path, for error messages
-  std::string model_type;  // "qwen2_vl", "qwen2_5_vl", "llava"
+  std::string model_type;  // "qwen2_vl", "qwen2_5_vl", "llava", "llava_next"
   Family family = Family::Qwen2VL;
   TextConfig text;
   Qwen2VisionConfig vision;  // Family::Qwen2VL and Family::Qwen25VL
-  ClipVisionConfig clip;      // Family::Llava
-  LlavaConfig llava;          // Family::Llava
+  ClipVisionConfig clip;      // Family::Llava (llava and llava_next)
+  LlavaConfig llava;          // Family::Llava (llava and llava_next)
   int64_t image_token_id = -1, video_token_id = -1, vision_start_token_id = -1, vision_end_token_id = -1;
   int64_t pad_token_id = -1;
   std::vector<int64_t> eos_token_ids;  // generation stops at any of these

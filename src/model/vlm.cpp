@@ -29,6 +29,12 @@ FeatureCache& feature_cache() {
   return c;
 }
 
+// Weights that make image features: the vision tower, the projector and LLaVA-NeXT's row newline.
+bool is_vision_weight(const std::string& name) {
+  return name.find("visual.") != std::string::npos || name.find("vision_tower.") != std::string::npos ||
+         name.find("multi_modal_projector.") != std::string::npos || name.find("image_newline") != std::string::npos;
+}
+
 // FNV-1a over the names and bytes of the vision weights.
 std::string hash_vision_weights(const WeightStore& ws) {
   uint64_t h = 1469598103934665603ull;
@@ -37,9 +43,7 @@ std::string hash_vision_weights(const WeightStore& ws) {
     for (size_t i = 0; i < n; ++i) h = (h ^ b[i]) * 1099511628211ull;
   };
   for (const auto& name : ws.names()) {
-    if (name.find("visual.") == std::string::npos && name.find("vision_tower.") == std::string::npos &&
-        name.find("multi_modal_projector.") == std::string::npos)
-      continue;
+    if (!is_vision_weight(name)) continue;
     at::Tensor t = ws.load_stored(name).contiguous();  // the stored bytes, no conversion
     mix(name.data(), name.size());
     mix(t.data_ptr(), size_t(t.numel()) * t.element_size());
@@ -90,6 +94,16 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir, const LoadOptions& option
     std::string proj = find_prefix(ws, {"multi_modal_projector.", "model.multi_modal_projector."}, "linear_1.weight",
                                    "multimodal projector");
     m->clip_vision_ = std::make_unique<ClipVisionEncoder>(c.clip, c.llava, c.text.hidden_size, ws, tower, proj);
+    if (c.llava.anyres()) {
+      // The processor tiles with its own pinpoints and the model unpacks with config.json's: they
+      // must agree (a file without them gets the model's).
+      if (m->clip_image_cfg_.grid_pinpoints.empty()) m->clip_image_cfg_.grid_pinpoints = c.llava.grid_pinpoints;
+      check(m->clip_image_cfg_.grid_pinpoints == c.llava.grid_pinpoints, pre,
+            "image_grid_pinpoints differ from config.json's");
+      // Hub name "image_newline", transformers' in-memory "model.image_newline".
+      const std::string nl = find_prefix(ws, {"", "model."}, "image_newline", "LLaVA-NeXT image_newline");
+      m->image_newline_ = WeightLoader(ws, nl).get("image_newline", {c.text.hidden_size});
+    }
   }
   m->lm_prefix_ = lm;
   m->head_name_ = head;
@@ -126,8 +140,7 @@ void Vlm::to(const at::Device& device, at::ScalarType dtype) {
 int64_t Vlm::parameter_count(const std::string& part) const {
   int64_t n = 0;
   for (const auto& name : store_->names()) {
-    bool vision = name.find("visual.") != std::string::npos || name.find("vision_tower.") != std::string::npos ||
-                  name.find("multi_modal_projector.") != std::string::npos;
+    const bool vision = is_vision_weight(name);
     if (part == "all" || (part == "vision") == vision) {
       int64_t c = 1;
       for (int64_t d : store_->entry(name).shape) c *= d;
@@ -138,6 +151,8 @@ int64_t Vlm::parameter_count(const std::string& part) const {
 }
 
 int64_t Vlm::image_tokens(const std::array<int64_t, 3>& g) const {
+  if (cfg_.family == Family::Llava && cfg_.llava.anyres())
+    return llava_next_image_tokens(g[1], g[2], cfg_.llava.grid_pinpoints, cfg_.clip.image_size, cfg_.clip.patch_size);
   if (cfg_.family == Family::Llava) return cfg_.llava.tokens_per_image(cfg_.clip);
   const int64_t m = cfg_.vision.spatial_merge_size;
   return g[0] * (g[1] / m) * (g[2] / m);
@@ -160,6 +175,12 @@ Batch Vlm::prepare(const std::vector<Prompt>& prompts, bool add_generation_promp
         PatchedImage pi = qwen2vl_preprocess(img, qwen_image_cfg_);
         pixels.push_back(at::from_blob(pi.values.data(), {pi.rows, pi.cols}, at::kFloat).clone());
         grids.push_back({pi.grid_t, pi.grid_h, pi.grid_w});
+      } else if (cfg_.llava.anyres()) {
+        int64_t tiles = 0;
+        std::vector<float> v = llava_next_preprocess(img, clip_image_cfg_, &tiles);
+        const int64_t S = cfg_.clip.image_size;
+        pixels.push_back(at::from_blob(v.data(), {tiles, 3, S, S}, at::kFloat).clone());
+        grids.push_back({tiles, img.height, img.width});
       } else {
         std::vector<float> v = clip_preprocess(img, clip_image_cfg_);
         const int64_t S = cfg_.clip.image_size;
@@ -202,6 +223,18 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
   b.is_image = at::zeros({B, T}, at::kBool);
   b.pos = at::zeros({3, B, T}, at::kLong);
   b.pixel_values = pixel_values;
+  if (pixel_values.defined() && pixel_values.dim() == 5 && cfg_.llava.anyres()) {
+    // The processor's [n, max_tiles, C, S, S]: keep each image's own tiles.
+    check(pixel_values.size(0) == int64_t(grids.size()), "pixel_values", "has ", pixel_values.size(0),
+          " images for ", grids.size(), " image sizes");
+    std::vector<at::Tensor> own;
+    for (size_t i = 0; i < grids.size(); ++i) {
+      check(grids[i][0] <= pixel_values.size(1), "pixel_values", "image ", i, " needs ", grids[i][0],
+            " tiles, the tensor holds ", pixel_values.size(1));
+      own.push_back(pixel_values[int64_t(i)].narrow(0, 0, grids[i][0]));
+    }
+    b.pixel_values = at::cat(own, 0);
+  }
   b.grids = grids;
   const int64_t m = cfg_.vision.spatial_merge_size;
   size_t image = 0;
@@ -263,15 +296,33 @@ Batch Vlm::make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Te
 at::Tensor Vlm::image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const {
   at::NoGradGuard no_grad;  // the vision tower is frozen in every use
   if (cfg_.qwen_vl()) return qwen_vision_->forward(pixel_values, grids);
-  at::Tensor f = clip_vision_->forward(pixel_values);  // [n, tokens, d]
-  return f.reshape({-1, f.size(-1)});
+  if (!cfg_.llava.anyres()) {
+    at::Tensor f = clip_vision_->forward(pixel_values);  // [n, tokens, d]
+    return f.reshape({-1, f.size(-1)});
+  }
+  // LLaVA-NeXT: every tile of every image through the tower at once, then each image packed.
+  int64_t total = 0;
+  for (const auto& g : grids) total += g[0];
+  check(pixel_values.dim() == 4 && pixel_values.size(0) == total, "pixel_values", "expected the ", total,
+        " tiles of ", grids.size(), " images as [tiles, C, S, S], got ", shape_str(pixel_values.sizes().vec()));
+  at::Tensor f = clip_vision_->forward(pixel_values);  // [tiles, (S/P)^2, d]
+  std::vector<at::Tensor> packed;
+  int64_t row = 0;
+  for (const auto& g : grids) {
+    packed.push_back(llava_next_pack_features(f.narrow(0, row, g[0]), g[1], g[2], cfg_.llava.grid_pinpoints,
+                                              cfg_.clip.image_size, cfg_.clip.patch_size, image_newline_));
+    row += g[0];
+  }
+  return at::cat(packed, 0);
 }
 
 at::Tensor Vlm::image_features_cached(const Batch& batch) const {
   if (batch.image_keys.size() != batch.grids.size()) return image_features(batch.pixel_values, batch.grids);
-  // Rows of pixel_values per image: Qwen2-VL patches t*h*w rows, LLaVA one [C, S, S] image.
+  // Rows of pixel_values per image: Qwen2-VL patches t*h*w rows, LLaVA one [C, S, S] image,
+  // LLaVA-NeXT its tiles.
   std::vector<int64_t> offset = {0};
-  for (const auto& g : batch.grids) offset.push_back(offset.back() + (cfg_.qwen_vl() ? g[0] * g[1] * g[2] : 1));
+  for (const auto& g : batch.grids)
+    offset.push_back(offset.back() + (cfg_.qwen_vl() ? g[0] * g[1] * g[2] : cfg_.llava.anyres() ? g[0] : 1));
   FeatureCache& cache = feature_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
   auto key = [&](size_t i) { return vision_hash_ + "|" + batch.image_keys[i]; };

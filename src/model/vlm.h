@@ -28,9 +28,13 @@ struct Batch {
   at::Tensor is_image;  // [B, T] bool: image tokens and the vision start/end markers (MLA's modality)
   at::Tensor pos;    // [3, B, T] int64 positions: M-RoPE axes (t, h, w), all equal for text and 1-D RoPE
   // Images of all rows in order, or undefined without images:
-  // Qwen2-VL and Qwen2.5-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S].
+  // Qwen2-VL and Qwen2.5-VL [N, C*tps*ps*ps] patches of all images; LLaVA [n, C, S, S]; LLaVA-NeXT
+  // [tiles of all images, C, S, S].
   at::Tensor pixel_values;
-  std::vector<std::array<int64_t, 3>> grids;  // patch grid (t, h, w) per image (LLaVA: (1, S/P, S/P))
+  // Per image, what its rows of pixel_values are: Qwen2-VL the patch grid (t, h, w); LLaVA
+  // (1, S/P, S/P); LLaVA-NeXT (tiles, height, width): its tile count and original size in pixels
+  // (the processor's image_sizes), which set its token count.
+  std::vector<std::array<int64_t, 3>> grids;
   std::vector<std::string> image_keys;        // per image: its file, when known (keys the feature cache)
   std::vector<int64_t> next_position;         // [B]: position of each row's first generated token
   int64_t batch() const { return ids.size(0); }
@@ -71,10 +75,13 @@ class Vlm {
   // calibration and training).
   Batch prepare(const std::vector<Prompt>& prompts, bool add_generation_prompt = true) const;
   // Builds a batch from token ids whose image tokens are already expanded, with given pixel values.
+  // LLaVA-NeXT also takes the processor's [n, max_tiles, C, S, S] (tiles past an image's own count
+  // are padding); the batch holds the images' tiles concatenated.
   Batch make_batch(const std::vector<std::vector<int64_t>>& ids, const at::Tensor& pixel_values,
                    const std::vector<std::array<int64_t, 3>>& grids) const;
 
-  // Image features [n_image_tokens, d] for a batch's images.
+  // Image features [n_image_tokens, d] for a batch's images (LLaVA-NeXT: each image's tiles packed,
+  // images concatenated).
   at::Tensor image_features(const at::Tensor& pixel_values, const std::vector<std::array<int64_t, 3>>& grids) const;
   // The same, reusing features of images seen before in this process (keyed by file and by a hash
   // of the vision weights, so models sharing a vision tower - an original and its conversions - share
@@ -101,6 +108,7 @@ class Vlm {
   std::unique_ptr<Qwen2VisionTower> qwen_vision_;
   ClipImageConfig clip_image_cfg_;         // Family::Llava
   std::unique_ptr<ClipVisionEncoder> clip_vision_;
+  at::Tensor image_newline_;               // LLaVA-NeXT [text hidden]: ends each row of tile features
   std::unique_ptr<DecoderLM> decoder_;
   int64_t pad_id_ = 0;
   std::string lm_prefix_, head_name_;

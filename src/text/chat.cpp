@@ -2,6 +2,7 @@
 #include "text/chat.h"
 
 #include <fstream>
+#include <functional>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
@@ -23,6 +24,14 @@ bool read_file(const std::string& path, std::string* out) {
 }
 
 bool contains(const std::string& s, const char* needle) { return s.find(needle) != std::string::npos; }
+
+// Jinja's trim filter: surrounding whitespace removed.
+std::string trim(const std::string& s) {
+  const char* ws = " \t\n\r\f\v";
+  const size_t b = s.find_first_not_of(ws);
+  if (b == std::string::npos) return "";
+  return s.substr(b, s.find_last_not_of(ws) - b + 1);
+}
 
 // The system text a ChatML template injects when the conversation has none, as in Qwen2-VL's
 // "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful
@@ -72,8 +81,33 @@ ChatFormat ChatFormat::from_template(const std::string& t, const std::string& wh
     if (contains(t, "<|vision_start|><|image_pad|><|vision_end|>"))
       f.image_placeholder_ = "<|vision_start|><|image_pad|><|vision_end|>";
     f.default_system_ = default_system_text(t);
+  } else if (contains(t, "<|start_header_id|>")) {
+    f.family_ = Family::kLlama3;
+    f.bos_ = contains(t, "<|begin_of_text|>");
+    f.trim_text_ = contains(t, "| trim") || contains(t, "|trim");
+    // '\n' + content['text'] (a Jinja escape or a literal newline) puts a newline before each text.
+    if (contains(t, "'\\n' + content['text']") || contains(t, "'\n' + content['text']")) f.text_prefix_ = "\n";
+    if (contains(t, "content['text'] + '<|eot_id|>'")) {
+      f.text_suffix_ = "<|eot_id|>";  // each text ends with it, the turn itself does not
+    } else {
+      f.turn_end_ = "<|eot_id|>";
+    }
+  } else if (contains(t, "[INST]")) {
+    f.family_ = Family::kMistral;
+    // "content['text'] + ' '": each text of a user turn is followed by a space.
+    if (contains(t, "content['text'] + ' '")) f.text_suffix_ = " ";
+    f.inst_close_ = contains(t, "' [/INST]'") ? " [/INST]" : "[/INST]";
+    f.system_block_ = contains(t, "<<SYS>>");
+    // llava-hf: ' ' + message['content'][0]['text'] + '</s> ' for an assistant turn.
+    f.assistant_first_text_ = contains(t, "message['content'][0]['text'] + '</s>");
+    f.assistant_end_ = contains(t, "+ '</s> '") ? "</s> " : "</s>";
   } else if (contains(t, "ASSISTANT:") && (contains(t, "USER:") || contains(t, ".upper()"))) {
     f.family_ = Family::kLlava;
+  } else {
+    fail(where, "unrecognised chat template: neither ChatML (\"<|im_start|>\"), Llama-3 (\"<|start_header_id|>\"), ",
+         "Mistral (\"[INST]\") nor LLaVA-1.5 (\"USER:\" ... \"ASSISTANT:\")");
+  }
+  if (f.family_ != Family::kChatML) {
     // llava-hf writes {{ '<image>\n' }} (a Jinja escape); accept a literal newline too.
     size_t at = t.find("<image>");
     if (at != std::string::npos) {
@@ -82,9 +116,6 @@ ChatFormat ChatFormat::from_template(const std::string& t, const std::string& wh
     }
     // "selectattr('type', 'equalto', 'image')": a turn's images are rendered before its texts.
     f.images_first_ = contains(t, "selectattr");
-  } else {
-    fail(where, "unrecognised chat template: neither ChatML (\"<|im_start|>\") nor LLaVA-1.5 "
-                "(\"USER:\" ... \"ASSISTANT:\")");
   }
   return f;
 }
@@ -147,20 +178,56 @@ std::string ChatFormat::render(const std::vector<ChatTurn>& turns, bool add_gene
     if (add_generation_prompt) out += "<|im_start|>assistant\n";
     return out;
   }
+  // A turn's items, images first where the template renders them so; `text` formats each text.
+  auto items = [&](const ChatTurn& turn, const std::function<std::string(const std::string&)>& text) {
+    std::string r;
+    if (images_first_) {
+      for (const auto& item : turn.items)
+        if (item.is_image) r += image();
+      for (const auto& item : turn.items)
+        if (!item.is_image) r += text(item.text);
+    } else {
+      for (const auto& item : turn.items) r += item.is_image ? image() : text(item.text);
+    }
+    return r;
+  };
+  if (family_ == Family::kLlama3) {
+    if (bos_) out += "<|begin_of_text|>";
+    for (const auto& turn : turns)
+      out += "<|start_header_id|>" + turn.role + "<|end_header_id|>\n\n" + items(turn, [&](const std::string& x) {
+               return text_prefix_ + (trim_text_ ? trim(x) : x) + text_suffix_;
+             }) + turn_end_;
+    if (add_generation_prompt) out += "<|start_header_id|>assistant<|end_header_id|>\n\n";
+    return out;
+  }
+  if (family_ == Family::kMistral) {
+    auto texts = [](const ChatTurn& turn) {
+      std::vector<std::string> r;
+      for (const auto& item : turn.items)
+        if (!item.is_image) r.push_back(item.text);
+      return r;
+    };
+    for (const auto& turn : turns) {
+      if (turn.role == "user") {
+        out += "[INST] " + items(turn, [&](const std::string& x) { return x + text_suffix_; }) + inst_close_;
+      } else if (turn.role == "assistant") {
+        std::vector<std::string> t = texts(turn);
+        if (assistant_first_text_ && t.size() > 1) t.resize(1);
+        for (const auto& x : t) out += " " + x + assistant_end_;
+      } else if (turn.role == "system" && system_block_) {
+        std::vector<std::string> t = texts(turn);  // the template takes the first item's text
+        out += "<<SYS>>\n" + (t.empty() ? std::string() : t[0]) + "\n<</SYS>>\n\n";
+      }
+    }
+    return out;
+  }
   // LLaVA-1.5.
   for (const auto& turn : turns) {
     if (turn.role != "system") {
       for (char c : turn.role) out += static_cast<char>(c >= 'a' && c <= 'z' ? c - 'a' + 'A' : c);
       out += ": ";
     }
-    if (images_first_) {
-      for (const auto& item : turn.items)
-        if (item.is_image) out += image();
-      for (const auto& item : turn.items)
-        if (!item.is_image) out += item.text + " ";
-    } else {
-      for (const auto& item : turn.items) out += item.is_image ? image() : item.text + " ";
-    }
+    out += items(turn, [](const std::string& x) { return x + " "; });
   }
   if (add_generation_prompt) out += "ASSISTANT:";
   return out;

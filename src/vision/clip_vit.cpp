@@ -8,6 +8,7 @@
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/ops.h"
+#include "vision/preprocess.h"
 
 namespace mlaforge {
 
@@ -91,6 +92,29 @@ at::Tensor ClipVisionEncoder::forward(const at::Tensor& pixels) const {
   }
   at::Tensor feats = picked.size() == 1 ? picked[0] : at::cat(picked, -1);
   return dense(activation(dense(feats, proj1_w_, proj1_b_), lcfg_.projector_act), proj2_w_, proj2_b_);
+}
+
+at::Tensor llava_next_pack_features(const at::Tensor& tiles, int64_t height, int64_t width,
+                                    const std::vector<std::array<int64_t, 2>>& pinpoints, int64_t tile_size,
+                                    int64_t patch_size, const at::Tensor& newline) {
+  const int64_t G = tile_size / patch_size, d = tiles.size(-1);
+  const auto [best_h, best_w] = select_best_resolution(height, width, pinpoints);
+  const int64_t rows = best_h / tile_size, cols = best_w / tile_size;
+  check(tiles.dim() == 3 && tiles.size(0) == 1 + rows * cols && tiles.size(1) == G * G, "pixel_values",
+        "an image of ", height, "x", width, " needs 1 + ", rows, "x", cols, " tiles of ", G * G,
+        " features (best resolution ", best_h, "x", best_w, "), got ", shape_str(tiles.sizes().vec()));
+  at::Tensor base = tiles[0];  // [G*G, d]
+  // (rows, cols, G, G, d) -> (d, rows, G, cols, G) -> [d, rows*G, cols*G]: tile rows stacked, each
+  // tile's own rows interleaved with its neighbours' as in the picture.
+  at::Tensor map = tiles.narrow(0, 1, rows * cols)
+                       .reshape({rows, cols, G, G, d})
+                       .permute({4, 0, 2, 1, 3})
+                       .reshape({d, rows * G, cols * G});
+  const auto [h, w] = anyres_unpadded_grid(height, width, rows * G, cols * G);
+  map = map.narrow(1, (rows * G - h) / 2, h).narrow(2, (cols * G - w) / 2, w);  // [d, h, w]
+  at::Tensor nl = newline.to(map.scalar_type()).view({d, 1, 1}).expand({d, h, 1});
+  at::Tensor grid = at::cat({map, nl}, 2).reshape({d, h * (w + 1)}).t();  // [h*(w+1), d]
+  return at::cat({base, grid}, 0);
 }
 
 }  // namespace mlaforge

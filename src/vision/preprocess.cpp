@@ -325,6 +325,16 @@ ClipImageConfig load_clip_image_config(const std::string& path) {
   get_triple(j, "image_mean", cfg.mean, path);
   get_triple(j, "image_std", cfg.std, path);
   if (present(j, "rescale_factor")) cfg.rescale_factor = get_number(j.at("rescale_factor"), "\"rescale_factor\"", path);
+  if (present(j, "image_grid_pinpoints")) {
+    const json& pp = j.at("image_grid_pinpoints");
+    check(pp.is_array() && !pp.empty(), path, "\"image_grid_pinpoints\" must be a non-empty list of [height, width], got ",
+          pp.dump());
+    for (const json& p : pp) {
+      check(p.is_array() && p.size() == 2, path, "\"image_grid_pinpoints\" entries must be [height, width], got ", p.dump());
+      cfg.grid_pinpoints.push_back({positive(p[0], "\"image_grid_pinpoints\" height"),
+                                    positive(p[1], "\"image_grid_pinpoints\" width")});
+    }
+  }
   check_resample(j, path);
   check_normalisation(cfg.mean, cfg.std, cfg.rescale_factor, cfg.do_rescale, path);
   return cfg;
@@ -384,6 +394,127 @@ std::vector<float> clip_preprocess(const Image& image, const ClipImageConfig& cf
   const Lut lut = make_lut(cfg.backend, cfg.do_rescale, cfg.rescale_factor, cfg.do_normalize, cfg.mean, cfg.std);
   std::vector<float> out(size_t(3) * img.width * img.height);
   to_planes(img, lut, out.data());
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+// LLaVA-NeXT
+// ---------------------------------------------------------------------------------------------
+std::pair<int64_t, int64_t> select_best_resolution(int64_t height, int64_t width,
+                                                   const std::vector<std::array<int64_t, 2>>& pinpoints) {
+  check(height > 0 && width > 0, "select_best_resolution", "image size must be positive, got ", height, "x", width);
+  check(!pinpoints.empty(), "select_best_resolution", "no image_grid_pinpoints");
+  // Python floats throughout, int() truncating, as image_processing_utils.select_best_resolution.
+  std::pair<int64_t, int64_t> best = {pinpoints[0][0], pinpoints[0][1]};
+  int64_t max_effective = 0, min_wasted = std::numeric_limits<int64_t>::max();
+  for (const auto& p : pinpoints) {
+    const int64_t h = p[0], w = p[1];
+    const double scale = std::min(double(w) / double(width), double(h) / double(height));
+    const int64_t dw = int64_t(double(width) * scale), dh = int64_t(double(height) * scale);
+    const int64_t effective = std::min(dw * dh, width * height);
+    const int64_t wasted = h * w - effective;
+    if (effective > max_effective || (effective == max_effective && wasted < min_wasted)) {
+      max_effective = effective;
+      min_wasted = wasted;
+      best = {h, w};
+    }
+  }
+  return best;
+}
+
+std::pair<int, int> anyres_resize_size(int height, int width, int target_h, int target_w) {
+  check(height > 0 && width > 0 && target_h > 0 && target_w > 0, "llava_next_preprocess", "sizes must be positive, got ",
+        height, "x", width, " into ", target_h, "x", target_w);
+  const double scale_w = double(target_w) / double(width), scale_h = double(target_h) / double(height);
+  if (scale_w < scale_h) return {std::min(int(std::ceil(double(height) * scale_w)), target_h), target_w};
+  return {target_h, std::min(int(std::ceil(double(width) * scale_h)), target_w)};
+}
+
+namespace {
+// int(round(x, 7)) for x >= 0: Python rounds to 7 decimals (correctly rounded) and then truncates,
+// so only a fraction within 5e-8 of the next integer moves up.
+int64_t int_round7(double x) {
+  const double whole = std::floor(x);
+  return int64_t(whole) + (x - whole >= 0.99999995 ? 1 : 0);
+}
+}  // namespace
+
+std::pair<int64_t, int64_t> anyres_unpadded_grid(int64_t height, int64_t width, int64_t grid_h, int64_t grid_w) {
+  check(height > 0 && width > 0 && grid_h > 0 && grid_w > 0, "anyres_unpadded_grid", "sizes must be positive");
+  // The same float operations as modeling_llava_next.unpad_image (and the processor's count).
+  const double original_aspect = double(width) / double(height), current_aspect = double(grid_w) / double(grid_h);
+  if (original_aspect > current_aspect) {
+    const double scale = double(grid_w) / double(width);
+    const int64_t new_h = int_round7(double(height) * scale);
+    const int64_t pad = (grid_h - new_h) / 2;  // new_h <= grid_h here, so C++ and Python division agree
+    return {grid_h - 2 * pad, grid_w};
+  }
+  const double scale = double(grid_h) / double(height);
+  const int64_t new_w = int_round7(double(width) * scale);
+  const int64_t pad = (grid_w - new_w) / 2;
+  return {grid_h, grid_w - 2 * pad};
+}
+
+int64_t llava_next_image_tokens(int64_t height, int64_t width, const std::vector<std::array<int64_t, 2>>& pinpoints,
+                                int64_t tile_size, int64_t patch_size) {
+  check(tile_size > 0 && patch_size > 0 && tile_size % patch_size == 0, "llava_next_image_tokens", "tile size ",
+        tile_size, " is not a multiple of the patch size ", patch_size);
+  const auto [best_h, best_w] = select_best_resolution(height, width, pinpoints);
+  const int64_t g = tile_size / patch_size;  // tokens per tile side
+  const auto [rows, cols] = anyres_unpadded_grid(height, width, best_h / tile_size * g, best_w / tile_size * g);
+  return g * g + rows * (cols + 1);  // base tile, then each unpadded row and its newline
+}
+
+std::vector<Image> llava_next_tiles(const Image& image, const ClipImageConfig& cfg) {
+  check_image(image, "llava_next_preprocess");
+  check(!cfg.grid_pinpoints.empty(), "llava_next_preprocess", "the image processor config has no image_grid_pinpoints");
+  // The base size: size's height x width, else shortest_edge squared; the tile side: crop_size's height.
+  const int base_h = cfg.resize_h > 0 ? cfg.resize_h : cfg.shortest_edge;
+  const int base_w = cfg.resize_w > 0 ? cfg.resize_w : cfg.shortest_edge;
+  const int tile = cfg.crop_h;
+  check(tile > 0 && base_h > 0 && base_w > 0, "llava_next_preprocess", "tile and base sizes must be positive");
+  const auto [best_h, best_w] = select_best_resolution(image.height, image.width, cfg.grid_pinpoints);
+  check(best_h % tile == 0 && best_w % tile == 0, "llava_next_preprocess", "image_grid_pinpoints entry [", best_h, ", ",
+        best_w, "] is not a multiple of the tile size (crop_size) ", tile);
+  const auto [new_h, new_w] = anyres_resize_size(image.height, image.width, int(best_h), int(best_w));
+  const Image resized = resize_bicubic(image, new_w, new_h, cfg.backend);
+
+  // Centred zero padding to the best resolution: (target - size) // 2 before, the rest after.
+  Image padded;
+  padded.height = int(best_h);
+  padded.width = int(best_w);
+  padded.rgb.assign(size_t(padded.width) * padded.height * 3, 0);
+  const int top = (padded.height - new_h) / 2, left = (padded.width - new_w) / 2;
+  for (int y = 0; y < new_h; ++y)
+    std::memcpy(&padded.rgb[(size_t(y + top) * padded.width + left) * 3], &resized.rgb[size_t(y) * new_w * 3],
+                size_t(new_w) * 3);
+
+  std::vector<Image> tiles;
+  tiles.push_back(clip_cropped_image(resize_bicubic(image, base_w, base_h, cfg.backend), cfg));
+  for (int y0 = 0; y0 < padded.height; y0 += tile)
+    for (int x0 = 0; x0 < padded.width; x0 += tile) {
+      Image t;
+      t.width = t.height = tile;
+      t.rgb.resize(size_t(tile) * tile * 3);
+      for (int y = 0; y < tile; ++y)
+        std::memcpy(&t.rgb[size_t(y) * tile * 3], &padded.rgb[(size_t(y0 + y) * padded.width + x0) * 3], size_t(tile) * 3);
+      tiles.push_back(clip_cropped_image(t, cfg));
+    }
+  return tiles;
+}
+
+std::vector<float> llava_next_preprocess(const Image& image, const ClipImageConfig& cfg, int64_t* n_tiles) {
+  const std::vector<Image> tiles = llava_next_tiles(image, cfg);
+  const Lut lut = make_lut(cfg.backend, cfg.do_rescale, cfg.rescale_factor, cfg.do_normalize, cfg.mean, cfg.std);
+  const size_t per_tile = size_t(3) * tiles[0].width * tiles[0].height;
+  std::vector<float> out(per_tile * tiles.size());
+  for (size_t i = 0; i < tiles.size(); ++i) {
+    check(tiles[i].width == tiles[0].width && tiles[i].height == tiles[0].height, "llava_next_preprocess",
+          "tiles differ in size (", tiles[i].width, "x", tiles[i].height, " vs ", tiles[0].width, "x", tiles[0].height,
+          "): size and crop_size disagree");
+    to_planes(tiles[i], lut, out.data() + i * per_tile);
+  }
+  if (n_tiles) *n_tiles = int64_t(tiles.size());
   return out;
 }
 

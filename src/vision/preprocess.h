@@ -1,5 +1,6 @@
-// Hugging Face image processors, ATen-free: Qwen2-VL (Qwen2VLImageProcessor) and CLIP
-// (CLIPImageProcessor, used by LLaVA-1.5), matching transformers 5's two backends.
+// Hugging Face image processors, ATen-free: Qwen2-VL (Qwen2VLImageProcessor), CLIP
+// (CLIPImageProcessor, used by LLaVA-1.5) and LLaVA-NeXT's anyres tiling (LlavaNextImageProcessor),
+// matching transformers 5's two backends.
 //
 // Backend differences reproduced (transformers 5 image_processing_backends.py):
 //   Torchvision (the default backend of AutoImageProcessor when torchvision is installed):
@@ -9,6 +10,7 @@
 //     normalise (x - mean) / std in float32.
 // Both give the same values within a few float32 ulps once the resized uint8 images agree.
 #pragma once
+#include <array>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -84,11 +86,15 @@ struct ClipImageConfig {
   float std[3] = {kClipStd[0], kClipStd[1], kClipStd[2]};
   double rescale_factor = 1 / 255.;
   ResizeBackend backend = ResizeBackend::Torchvision;
+  // LLaVA-NeXT only: "image_grid_pinpoints", the (height, width) resolutions an image may be tiled
+  // at; empty when the file has none (LLaVA-1.5).
+  std::vector<std::array<int64_t, 2>> grid_pinpoints;
 };
 
 // Reads preprocessor_config.json: "size" as {"shortest_edge": N}, {"height", "width"} or an int
-// (= shortest edge); "crop_size" as {"height", "width"} or an int. Missing keys take
-// CLIPImageProcessor's defaults (shortest_edge 224, crop 224x224, CLIP mean/std, 1/255).
+// (= shortest edge); "crop_size" as {"height", "width"} or an int; "image_grid_pinpoints" as a list
+// of [height, width]. Missing keys take CLIPImageProcessor's defaults (shortest_edge 224, crop
+// 224x224, CLIP mean/std, 1/255).
 ClipImageConfig load_clip_image_config(const std::string& preprocessor_config_json_path);
 
 // transformers' get_resize_output_image_size(default_to_square=False): the short side becomes
@@ -103,5 +109,41 @@ Image clip_cropped_image(const Image& image, const ClipImageConfig& cfg);
 // pixel_values of one image: [3, H, W] channel-first floats, H x W = the crop size (or the resized
 // size when do_center_crop is false).
 std::vector<float> clip_preprocess(const Image& image, const ClipImageConfig& cfg);
+
+// ---------------------------------------------------------------------------------------------
+// LLaVA-NeXT (anyres)
+// ---------------------------------------------------------------------------------------------
+// transformers' select_best_resolution: of the (height, width) pinpoints, the one keeping the most
+// of the image's pixels when it is scaled to fit (effective = min(int(w*s) * int(h*s), w*h),
+// s = min(pw/w, ph/h)); ties go to the one wasting the fewest pixels, then to the first listed.
+std::pair<int64_t, int64_t> select_best_resolution(int64_t height, int64_t width,
+                                                   const std::vector<std::array<int64_t, 2>>& pinpoints);
+
+// transformers' get_patch_output_size: the aspect-preserving size (h, w) that fits the target; the
+// side that limits the scale becomes the target's, the other ceil(side * scale) (at most the target's).
+std::pair<int, int> anyres_resize_size(int height, int width, int target_h, int target_w);
+
+// transformers' unpad_image applied to a feature grid of grid_h x grid_w cells covering the padded
+// best resolution: the rows (or columns) the centred padding took are cut, with its rounding
+// (int(round(side * scale, 7)), the padding (grid - side) // 2 taken off both ends). Returns the
+// (rows, cols) that remain for an original image of height x width.
+std::pair<int64_t, int64_t> anyres_unpadded_grid(int64_t height, int64_t width, int64_t grid_h, int64_t grid_w);
+
+// Image tokens one image of height x width becomes (LlavaNextProcessor's _get_number_of_features
+// with the CLS token dropped): the base tile's (tile/patch)^2, then the unpadded grid of the best
+// resolution's tiles, each of its rows followed by one newline token.
+int64_t llava_next_image_tokens(int64_t height, int64_t width, const std::vector<std::array<int64_t, 2>>& pinpoints,
+                                int64_t tile_size, int64_t patch_size);
+
+// The uint8 tiles LlavaNextImageProcessor normalises, in its order: the whole image resized to the
+// base size (size's height x width, or shortest_edge squared, aspect not kept), then the tiles of
+// the best resolution, row-major. The image is resized keeping its aspect to fit the best
+// resolution and padded with zeros (black, before normalisation) centred, the odd pixel after; tiles
+// are crop_size squares; each tile then goes through clip_cropped_image (resize, centre crop).
+std::vector<Image> llava_next_tiles(const Image& image, const ClipImageConfig& cfg);
+
+// pixel_values of one image: [tiles, 3, S, S] (S = crop size), the tiles of llava_next_tiles
+// normalised; the processor's image_sizes entry is the original (height, width).
+std::vector<float> llava_next_preprocess(const Image& image, const ClipImageConfig& cfg, int64_t* tiles);
 
 }  // namespace mlaforge
