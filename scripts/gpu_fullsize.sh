@@ -17,7 +17,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 tail -3 "$out/build.log"
 convert_one() {  # the streaming bf16 conversion on the GPU, peak memory and per-layer times
   OMP_WAIT_POLICY=PASSIVE build-cuda/mlaforge convert --model "$fs/$conv" --out "$fs/$conv-mla" --device cuda \
-    --calib .fixture-data/shapes/calib.jsonl --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs ${ROPE_PAIRS:-16} \
+    --calib ${CALIB:-.fixture-data/shapes/calib.jsonl} --calib-samples ${CALIB_SAMPLES:-64} --rope-pairs ${ROPE_PAIRS:-16} \
     --dkv ${DKV:-32} > "$out/convert-$conv.log" 2>&1
   echo "convert rc=$?"; tr "\r" "\n" < "$out/convert-$conv.log" | grep -v "^\s*$" | cut -c1-200 | tail -40
   cp "$fs/$conv-mla/conversion_report.json" "$out/conversion_report-$conv.json" 2>/dev/null
