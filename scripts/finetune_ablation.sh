@@ -21,7 +21,7 @@ convert() {  # NAME ROPE_PAIRS DKV [MODEL]
     --dkv "$3" $( [ -z "${4:-}" ] && echo "--stats $stats" ) >/dev/null
 }
 evaluate() {  # MODEL REPORT
-  [ -f "$2" ] || $mf eval --model "$1" --data "$data/eval.jsonl" --reference $orig --device "$dev" --report "$2" >/dev/null
+  [ -f "$2" ] || $mf eval --model "$1" --data "$data/eval.jsonl" --reference $orig --device "$dev" --dtype f32 --report "$2" >/dev/null
 }
 finetune() {  # NAME MODEL LOSS KL_WEIGHT [STAGE]
   [ -f "$out/$1/finetune_report.json" ] || $mf finetune --model "$2" --teacher $orig --data "$data/train.jsonl" \

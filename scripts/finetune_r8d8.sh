@@ -23,7 +23,7 @@ run() {  # NAME DATA EPOCHS [extra finetune options]
   [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$out/r8-d8" --teacher $orig --data "$train" \
     --out "$out/$name" --epochs "$epochs" --batch 16 --lr 2e-4 --loss ce+kl --kl-weight 10 --device "$dev" "$@" >/dev/null
   [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
-    --device "$dev" --report "$out/$name.eval.json" >/dev/null
+    --device "$dev" --dtype f32 --report "$out/$name.eval.json" >/dev/null
   printf "%-28s " "$name"
   grep -o '"accuracy": [0-9.]*\|"mean_kl": [0-9.e-]*' "$out/$name.eval.json" | head -2 | tr '\n' ' '
   for k in text_add text_day text_letters text_month; do

@@ -36,13 +36,21 @@ std::string human_count(int64_t n) {
   return buf;
 }
 
-// --device: where the decoder runs (the vision tower stays on the CPU).
-std::unique_ptr<Vlm> load_on(const std::string& dir, const std::string& device) {
+const char* kDtypeHelp =
+    "Decoder weights and activations: auto (on cuda a bf16/f16 checkpoint stays bf16/f16, else f32), f32, bf16";
+
+// --device: where the decoder runs (the vision tower stays on the CPU); --dtype: its weights and
+// activations (auto: a bf16 or f16 checkpoint stays in it on cuda, float32 on the CPU).
+std::unique_ptr<Vlm> load_on(const std::string& dir, const std::string& device, const std::string& dtype = "auto") {
   if (device != "cpu" && device != "cuda") throw Error("--device: choose cpu or cuda (got \"" + device + "\")");
   if (device == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build has no CUDA (see DEVELOPERS.md)");
-  auto m = Vlm::load(dir);
-  if (device == "cuda") m->to(at::kCUDA);
-  return m;
+  if (dtype != "auto" && dtype != "f32" && dtype != "bf16")
+    throw Error("--dtype: choose auto, f32 or bf16 (got \"" + dtype + "\")");
+  LoadOptions lo;
+  lo.device = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lo.dtype = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
+  lo.stored_half = dtype == "auto" && device == "cuda";
+  return Vlm::load(dir, lo);
 }
 
 int cmd_inspect(const std::string& model_dir) {
@@ -117,8 +125,8 @@ void add_cache_options(CLI::App* cmd, CacheOptions& c) {
 }
 
 int cmd_generate(const std::string& model_dir, const std::vector<std::string>& images, const std::string& prompt,
-                 const SamplingOptions& so, const std::string& device) {
-  auto m = load_on(model_dir, device);
+                 const SamplingOptions& so, const std::string& device, const std::string& dtype) {
+  auto m = load_on(model_dir, device, dtype);
   Prompt p;
   p.turns.push_back(user_turn_from_text(prompt));
   p.image_paths = images;
@@ -157,14 +165,15 @@ int cmd_convert(const ConvertOptions& o) {
 }
 
 int cmd_eval(const std::string& model_dir, const std::string& data, int64_t limit, const EvalOptions& eo,
-             const std::string& report_path, const std::string& reference_dir, const std::string& device) {
-  auto m = load_on(model_dir, device);
+             const std::string& report_path, const std::string& reference_dir, const std::string& device,
+             const std::string& dtype) {
+  auto m = load_on(model_dir, device, dtype);
   auto rows = load_conversations(data, limit);
   if (rows.empty()) throw Error(data + ": no records");
   EvalReport rep = evaluate(*m, rows, eo);
   std::printf("accuracy %.4f on %lld questions in %.1f s\n", rep.accuracy, (long long)rep.n, rep.seconds);
   if (!reference_dir.empty()) {
-    auto ref = load_on(reference_dir, device);
+    auto ref = load_on(reference_dir, device, dtype);
     KlReport kl = answer_kl(*m, *ref, rows, eo.batch_size, eo.cache);
     attach_kl(rep, kl);
     std::printf("KL(reference || model) %.5f per answer token over %lld positions (%.1f s)\n", kl.mean_kl,
@@ -212,7 +221,8 @@ int main(int argc, char** argv) {
   gen->add_option("--temperature", so.temperature, "Sampling temperature; 0 is greedy")->capture_default_str();
   gen->add_option("--top-p", so.top_p, "Nucleus sampling mass (with temperature > 0)")->capture_default_str();
   gen->add_option("--seed", so.seed, "Random seed for sampling")->capture_default_str();
-  std::string gen_device = "cpu";
+  std::string gen_device = "cpu", gen_dtype = "auto";
+  gen->add_option("--dtype", gen_dtype, kDtypeHelp)->capture_default_str();
   gen->add_option("--device", gen_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
       ->capture_default_str();
   add_cache_options(gen, so.cache);
@@ -227,7 +237,8 @@ int main(int argc, char** argv) {
   ev->add_option("--max-new-tokens", eo.max_new_tokens, "Most tokens per answer")->capture_default_str();
   ev->add_option("--batch", eo.batch_size, "Questions decoded together")->capture_default_str();
   ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
-  std::string ev_reference, ev_device = "cpu";
+  std::string ev_reference, ev_device = "cpu", ev_dtype = "auto";
+  ev->add_option("--dtype", ev_dtype, kDtypeHelp)->capture_default_str();
   ev->add_option("--device", ev_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
       ->capture_default_str();
   add_cache_options(ev, eo.cache);
@@ -316,8 +327,8 @@ int main(int argc, char** argv) {
   try {
     set_threads(threads);
     if (*inspect) return cmd_inspect(inspect_model);
-    if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so, gen_device);
-    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference, ev_device);
+    if (*gen) return cmd_generate(gen_model, gen_images, gen_prompt, so, gen_device, gen_dtype);
+    if (*ev) return cmd_eval(ev_model, ev_data, ev_limit, eo, ev_report, ev_reference, ev_device, ev_dtype);
     if (*bn) return run_bench(bo);
     if (*ft) {
       FinetuneResult r = finetune(fo);

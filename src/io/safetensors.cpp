@@ -145,7 +145,15 @@ at::Tensor SafetensorsFile::load(const std::string& name, at::ScalarType dtype) 
   // from_blob needs a non-const pointer; the mapping is read-only and we copy out at once.
   void* ptr = const_cast<uint8_t*>(data_ + e.begin);
   at::Tensor view = at::from_blob(ptr, e.shape, at::TensorOptions().dtype(di.type));
-  return view.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor out = view.to(dtype, /*non_blocking=*/false, /*copy=*/true);
+  // The copy is all we keep: drop the mapped pages from the process's resident set (the kernel's
+  // page cache keeps them; a later load faults them back). Streaming a 16 GB checkpoint through
+  // convert then holds about what it converts, not the whole file.
+  const uintptr_t page = uintptr_t(sysconf(_SC_PAGESIZE));
+  const uintptr_t first = reinterpret_cast<uintptr_t>(data_ + e.begin) & ~(page - 1);
+  const uintptr_t last = reinterpret_cast<uintptr_t>(data_ + e.end);
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+  return out;
 }
 
 at::Tensor SafetensorsFile::load_stored(const std::string& name) const {

@@ -107,6 +107,11 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir, const LoadOptions& option
   }
   m->lm_prefix_ = lm;
   m->head_name_ = head;
+  if (options.stored_half) {
+    const std::string& stored = ws.entry(lm + "embed_tokens.weight").dtype;
+    if (stored == "BF16") m->load_options_.dtype = at::kBFloat16;
+    if (stored == "F16") m->load_options_.dtype = at::kHalf;
+  }
   m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, m->decoder_weights(), options.decoder_layers);
   m->device_ = options.device;
   m->vision_hash_ = hash_vision_weights(ws);

@@ -45,6 +45,8 @@ struct Batch {
 struct LoadOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // floating decoder weights, converted tensor by tensor as they load
+  // true: keep the checkpoint's own half-precision dtype (bf16 or f16 stays as stored), else `dtype`.
+  bool stored_half = false;
   // false: embeddings, final norm and head only; the layers come one at a time from load_layer.
   bool decoder_layers = true;
 };
