@@ -55,26 +55,7 @@ Case read_case(const SafetensorsFile& f, const std::string& name, const ModelCon
   return c;
 }
 
-// Valid positions of x [B, T, ...] flattened to [n, ...].
-at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid) {
-  return x.reshape({x.size(0) * x.size(1), -1}).index_select(0, valid.reshape({-1}).nonzero().squeeze(1));
-}
 
-Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question) {
-  // As tools/make_fixtures.py's qwen_messages: images, "and then" after the first of several, the question.
-  Prompt p;
-  ChatTurn t;
-  t.role = "user";
-  for (size_t i = 0; i < images.size(); ++i) {
-    t.items.push_back({true, ""});
-    if (images.size() > 1 && i == 0) t.items.push_back({false, "and then"});
-    bool jpg = images[i].find("photo") != std::string::npos || images[i].find("big") != std::string::npos;
-    p.image_paths.push_back(fixture("preprocess/" + images[i] + (jpg ? ".jpg" : ".png")));
-  }
-  t.items.push_back({false, question});
-  p.turns.push_back(t);
-  return p;
-}
 
 // Tiny random checkpoints of each family and layout, with transformers' outputs beside them.
 class TinyModels : public ::testing::TestWithParam<std::string> {};

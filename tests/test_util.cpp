@@ -64,4 +64,23 @@ std::vector<std::array<int64_t, 3>> grids_from_sizes(const at::Tensor& sizes, co
   return grids;
 }
 
+at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid) {
+  return x.reshape({x.size(0) * x.size(1), -1}).index_select(0, valid.reshape({-1}).nonzero().squeeze(1));
+}
+
+Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question) {
+  Prompt p;
+  ChatTurn t;
+  t.role = "user";
+  for (size_t i = 0; i < images.size(); ++i) {
+    t.items.push_back({true, ""});
+    if (images.size() > 1 && i == 0) t.items.push_back({false, "and then"});
+    const bool jpg = images[i].find("photo") != std::string::npos || images[i].find("big") != std::string::npos;
+    p.image_paths.push_back(fixture("preprocess/" + images[i] + (jpg ? ".jpg" : ".png")));
+  }
+  t.items.push_back({false, question});
+  p.turns.push_back(t);
+  return p;
+}
+
 }  // namespace mlaforge::test

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "io/config.h"
+#include "text/prompt.h"
 #include "test_paths.h"
 
 namespace mlaforge::test {
@@ -36,6 +37,12 @@ struct CommandResult {
   int exit_code = 0;
   std::string output;  // stdout and stderr together
 };
+// Valid positions of x [B, T, ...] flattened to [n, ...].
+at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid);
+// As tools/make_fixtures.py's qwen_messages: the images (from fixtures/preprocess), "and then" after the
+// first of several, the question.
+Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question);
+
 // LLaVA-NeXT: per image (tiles, height, width) from the processor's image_sizes [n, 2], the batch's grids.
 std::vector<std::array<int64_t, 3>> grids_from_sizes(const at::Tensor& sizes, const ModelConfig& cfg);
 
