@@ -158,12 +158,7 @@ TEST_P(LlavaNextModels, MatchTransformers) {
       EXPECT_EQ(chat.render(prompts.back().turns), jc["prompts"][i].get<std::string>()) << "prompt " << i;
     }
     Batch ours = m->prepare(prompts);
-    ASSERT_EQ(ours.batch(), int64_t(rows.size()));
-    for (size_t b = 0; b < rows.size(); ++b) {
-      at::Tensor row = ours.ids[int64_t(b)].masked_select(ours.valid[int64_t(b)]);
-      EXPECT_EQ(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()), rows[b])
-          << "token ids of row " << b;
-    }
+    expect_row_ids(ours, rows);
     EXPECT_EQ((ids == cfg.image_token_id).sum().item<int64_t>(), jc["image_tokens"].get<int64_t>());
 
     // Our anyres preprocessing gives the processor's pixel values within one grey level.
@@ -247,14 +242,9 @@ std::string read_text_file(const std::string& path) {
   return std::string(std::istreambuf_iterator<char>(in), {});
 }
 
-std::string replace_prefix(const std::string& s, const std::string& from, const std::string& to) {
-  return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
-}
 
 at::Tensor single_logits(const Vlm& m) {
-  Batch b = m.prepare({fixture_prompt({"wide300x200"}, "What is this?")});
-  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
-  return m.decoder().logits(m.prefill(b, cache));
+  return prompt_logits(m, {fixture_prompt({"wide300x200"}, "What is this?")});
 }
 
 TEST(LlavaNextLoad, InMemoryWeightNames) {

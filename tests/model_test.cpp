@@ -78,11 +78,7 @@ TEST_P(TinyModels, MatchTransformers) {
     for (size_t i = 0; i < jc["questions"].size(); ++i)
       prompts.push_back(fixture_prompt(jc["images"][i].get<std::vector<std::string>>(), jc["questions"][i]));
     Batch ours = m->prepare(prompts);
-    for (size_t b = 0; b < c.rows.size(); ++b) {
-      at::Tensor row = ours.ids[int64_t(b)].masked_select(ours.valid[int64_t(b)]);
-      EXPECT_EQ(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()), c.rows[b])
-          << "token ids of row " << b;
-    }
+    expect_row_ids(ours, c.rows);
     if (c.pixel_values.defined()) {
       ASSERT_EQ(ours.grids, c.grids);
       EXPECT_LT((ours.pixel_values - c.pixel_values).abs().max().item<double>(), 1e-5);
@@ -199,14 +195,9 @@ std::string llava_with_names(const TempDir& d, const std::function<std::string(c
   return dst;
 }
 
-std::string replace_prefix(const std::string& s, const std::string& from, const std::string& to) {
-  return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
-}
 
 at::Tensor first_logits(const Vlm& m) {
-  Batch b = m.prepare({fixture_prompt({"square224"}, "What color is the circle?")});
-  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
-  return m.decoder().logits(m.prefill(b, cache));
+  return prompt_logits(m, {fixture_prompt({"square224"}, "What color is the circle?")});
 }
 
 TEST(Llava, AllWeightLayoutsLoad) {

@@ -147,12 +147,7 @@ TEST_F(Qwen25Fixture, MatchesTransformers) {
     for (size_t i = 0; i < jc["questions"].size(); ++i)
       prompts.push_back(fixture_prompt(jc["images"][i].get<std::vector<std::string>>(), jc["questions"][i]));
     Batch ours = m->prepare(prompts);
-    ASSERT_EQ(size_t(ours.batch()), c.rows.size());
-    for (size_t b = 0; b < c.rows.size(); ++b) {
-      at::Tensor row = ours.ids[int64_t(b)].masked_select(ours.valid[int64_t(b)]);
-      EXPECT_EQ(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()), c.rows[b])
-          << "token ids of row " << b;
-    }
+    expect_row_ids(ours, c.rows);
     if (c.pixel_values.defined()) {
       ASSERT_EQ(ours.grids, c.grids);
       EXPECT_LT((ours.pixel_values - c.pixel_values).abs().max().item<double>(), 1e-5);
@@ -272,14 +267,9 @@ std::string rewritten_copy(const TempDir& d, const std::function<void(json&)>& e
 }
 
 at::Tensor single_logits(const Vlm& m) {
-  Batch b = m.prepare({fixture_prompt({"wide300x200", "odd70x100"}, "Compare the two images.")});
-  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
-  return m.decoder().logits(m.prefill(b, cache));
+  return prompt_logits(m, {fixture_prompt({"wide300x200", "odd70x100"}, "Compare the two images.")});
 }
 
-std::string prefix_replaced(const std::string& s, const std::string& from, const std::string& to) {
-  return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
-}
 
 // The Hub's flat config (text keys at the top, rope_scaling + rope_theta) and the in-memory weight names
 // (model.visual.*, model.language_model.*) give the same logits as the nested save_pretrained layout.
@@ -302,7 +292,7 @@ TEST_F(Qwen25Fixture, HubFlatConfigAndInMemoryNamesLoad) {
   // save_pretrained's names are the Hub's (visual.*, model.*, lm_head.*).
   auto in_memory = [](const std::string& n) {
     if (n.rfind("visual.", 0) == 0) return "model." + n;
-    return prefix_replaced(n, "model.", "model.language_model.");
+    return replace_prefix(n, "model.", "model.language_model.");
   };
   const std::string dir = rewritten_copy(d, flatten, in_memory);
   json cfg = json::parse(read_text_file(dir + "/config.json"));
@@ -377,11 +367,9 @@ TEST_F(Qwen25Fixture, VideoTokensAreRejected) {
 
 // Logits of an image prompt, a two-image prompt and a text prompt in one batch, real positions only.
 at::Tensor batch_logits(const Vlm& m) {
-  Batch b = m.prepare({fixture_prompt({"square224"}, "What color is the circle?"),
+  return prompt_logits(m, {fixture_prompt({"square224"}, "What color is the circle?"),
                        fixture_prompt({"wide300x200", "odd70x100"}, "Compare the two images."),
                        fixture_prompt({}, "What is 3 + 4?")});
-  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
-  return valid_rows(m.decoder().logits(m.prefill(b, cache)), b.valid);
 }
 
 // Conversion keeping every rotary pair reproduces the original: without a latent (--dkv full) and

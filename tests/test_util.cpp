@@ -1,5 +1,7 @@
 #include "test_util.h"
 
+#include <gtest/gtest.h>
+
 #include "convert/convert.h"
 #include "vision/preprocess.h"
 
@@ -81,6 +83,25 @@ Prompt fixture_prompt(const std::vector<std::string>& images, const std::string&
   t.items.push_back({false, question});
   p.turns.push_back(t);
   return p;
+}
+
+at::Tensor prompt_logits(const Vlm& m, const std::vector<Prompt>& prompts) {
+  Batch b = m.prepare(prompts);
+  KVCache cache = m.decoder().new_cache(b.batch(), b.length(), at::kCPU);
+  return valid_rows(m.decoder().logits(m.prefill(b, cache)), b.valid);
+}
+
+void expect_row_ids(const Batch& ours, const std::vector<std::vector<int64_t>>& rows) {
+  ASSERT_EQ(ours.batch(), int64_t(rows.size()));
+  for (size_t b = 0; b < rows.size(); ++b) {
+    at::Tensor row = ours.ids[int64_t(b)].masked_select(ours.valid[int64_t(b)]);
+    EXPECT_EQ(std::vector<int64_t>(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel()), rows[b])
+        << "token ids of row " << b;
+  }
+}
+
+std::string replace_prefix(const std::string& s, const std::string& from, const std::string& to) {
+  return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
 }
 
 }  // namespace mlaforge::test

@@ -7,6 +7,7 @@
 #include <string>
 
 #include "io/config.h"
+#include "model/vlm.h"
 #include "text/prompt.h"
 #include "test_paths.h"
 
@@ -42,6 +43,13 @@ at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid);
 // As tools/make_fixtures.py's qwen_messages: the images (from fixtures/preprocess), "and then" after the
 // first of several, the question.
 Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question);
+
+// Logits of prompts run through m's prefill in one left-padded batch, real positions only: [n, vocab].
+at::Tensor prompt_logits(const Vlm& m, const std::vector<Prompt>& prompts);
+// Expects each row of `ours` (without its padding) to hold the ids `rows`.
+void expect_row_ids(const Batch& ours, const std::vector<std::vector<int64_t>>& rows);
+// s with a leading `from` replaced by `to` (weight renaming).
+std::string replace_prefix(const std::string& s, const std::string& from, const std::string& to);
 
 // LLaVA-NeXT: per image (tiles, height, width) from the processor's image_sizes [n, 2], the batch's grids.
 std::vector<std::array<int64_t, 3>> grids_from_sizes(const at::Tensor& sizes, const ModelConfig& cfg);
