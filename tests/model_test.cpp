@@ -26,37 +26,6 @@ namespace {
 
 constexpr double kTol = 1e-4;
 
-struct Case {
-  std::vector<std::vector<int64_t>> rows;  // unpadded ids
-  at::Tensor valid;                        // [B, T] as in the fixture
-  at::Tensor pixel_values;
-  std::vector<std::array<int64_t, 3>> grids;
-};
-
-Case read_case(const SafetensorsFile& f, const std::string& name, const ModelConfig& cfg) {
-  Case c;
-  at::Tensor ids = f.load(name + ".input_ids", at::kLong), mask = f.load(name + ".attention_mask", at::kLong);
-  c.valid = mask.to(at::kBool);
-  for (int64_t b = 0; b < ids.size(0); ++b) {
-    at::Tensor row = ids[b].masked_select(c.valid[b]);
-    c.rows.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
-  }
-  if (f.has(name + ".pixel_values")) {
-    c.pixel_values = f.load(name + ".pixel_values");
-    if (f.has(name + ".image_grid_thw")) {
-      at::Tensor g = f.load(name + ".image_grid_thw", at::kLong);
-      for (int64_t i = 0; i < g.size(0); ++i)
-        c.grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
-    } else {  // LLaVA: [n, 3, S, S], one (1, S/P, S/P) patch grid per image
-      const int64_t G = c.pixel_values.size(2) / cfg.clip.patch_size;
-      for (int64_t i = 0; i < c.pixel_values.size(0); ++i) c.grids.push_back({1, G, G});
-    }
-  }
-  return c;
-}
-
-
-
 // Tiny random checkpoints of each family and layout, with transformers' outputs beside them.
 class TinyModels : public ::testing::TestWithParam<std::string> {};
 
@@ -71,7 +40,7 @@ TEST_P(TinyModels, MatchTransformers) {
   for (const json& jc : meta["cases"]) {
     const std::string name = jc["name"];
     SCOPED_TRACE(model + "/" + name);
-    Case c = read_case(*f, name, m->config());
+    FixtureCase c = read_fixture_case(*f, name, m->config());
 
     // Our prompt rendering, tokenizer and preprocessing give the fixture's ids and pixel values.
     std::vector<Prompt> prompts;
@@ -126,10 +95,12 @@ TEST_P(TinyModels, MatchTransformers) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Checkpoints, TinyModels,
-                         ::testing::Values("qwen2vl/tiny-a", "qwen2vl/tiny-b", "llava/llava-mha", "llava/llava-gqa"),
+                         ::testing::Values("qwen2vl/tiny-a", "qwen2vl/tiny-b", "qwen25vl/tiny", "llava/llava-mha",
+                                           "llava/llava-gqa"),
                          [](const auto& info) {
-                           std::string n = info.param.substr(info.param.find('/') + 1);
-                           std::replace(n.begin(), n.end(), '-', '_');
+                           std::string n = info.param;
+                           for (char& ch : n)
+                             if (ch == '-' || ch == '/') ch = '_';
                            return n;
                          });
 

@@ -104,4 +104,26 @@ std::string replace_prefix(const std::string& s, const std::string& from, const 
   return s.rfind(from, 0) == 0 ? to + s.substr(from.size()) : s;
 }
 
+FixtureCase read_fixture_case(const SafetensorsFile& f, const std::string& name, const ModelConfig& cfg) {
+  FixtureCase c;
+  at::Tensor ids = f.load(name + ".input_ids", at::kLong), mask = f.load(name + ".attention_mask", at::kLong);
+  c.valid = mask.to(at::kBool);
+  for (int64_t b = 0; b < ids.size(0); ++b) {
+    at::Tensor row = ids[b].masked_select(c.valid[b]);
+    c.rows.emplace_back(row.data_ptr<int64_t>(), row.data_ptr<int64_t>() + row.numel());
+  }
+  if (f.has(name + ".pixel_values")) {
+    c.pixel_values = f.load(name + ".pixel_values");
+    if (f.has(name + ".image_grid_thw")) {
+      at::Tensor g = f.load(name + ".image_grid_thw", at::kLong);
+      for (int64_t i = 0; i < g.size(0); ++i)
+        c.grids.push_back({g[i][0].item<int64_t>(), g[i][1].item<int64_t>(), g[i][2].item<int64_t>()});
+    } else {
+      const int64_t G = c.pixel_values.size(2) / cfg.clip.patch_size;
+      for (int64_t i = 0; i < c.pixel_values.size(0); ++i) c.grids.push_back({1, G, G});
+    }
+  }
+  return c;
+}
+
 }  // namespace mlaforge::test

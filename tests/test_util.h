@@ -7,6 +7,7 @@
 #include <string>
 
 #include "io/config.h"
+#include "io/safetensors.h"
 #include "model/vlm.h"
 #include "text/prompt.h"
 #include "test_paths.h"
@@ -43,6 +44,16 @@ at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid);
 // As tools/make_fixtures.py's qwen_messages: the images (from fixtures/preprocess), "and then" after the
 // first of several, the question.
 Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question);
+
+// One case of a model fixture (tools/make_fixtures.py): unpadded ids, the mask, and the pixel values
+// with their grids (Qwen: image_grid_thw; LLaVA: [n, 3, S, S], one (1, S/P, S/P) grid per image).
+struct FixtureCase {
+  std::vector<std::vector<int64_t>> rows;  // unpadded ids
+  at::Tensor valid;                        // [B, T] as in the fixture
+  at::Tensor pixel_values;                 // undefined for text only
+  std::vector<std::array<int64_t, 3>> grids;
+};
+FixtureCase read_fixture_case(const SafetensorsFile& f, const std::string& name, const ModelConfig& cfg);
 
 // Logits of prompts run through m's prefill in one left-padded batch, real positions only: [n, vocab].
 at::Tensor prompt_logits(const Vlm& m, const std::vector<Prompt>& prompts);
