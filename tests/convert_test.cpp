@@ -34,12 +34,7 @@ ConvertOptions options(const std::string& model, const std::string& out) {
 }
 
 std::string convert_error(const ConvertOptions& o) {
-  try {
-    convert_model(o);
-  } catch (const mlaforge::Error& e) {
-    return e.what();
-  }
-  return "";
+  return error_of([&] { convert_model(o); });
 }
 
 // Logits of a few prompts (image, two images, text) for a model.

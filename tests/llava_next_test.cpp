@@ -269,15 +269,6 @@ TEST(LlavaNextLoad, InMemoryWeightNames) {
   EXPECT_TRUE(single_logits(*Vlm::load(d / "m")).equal(single_logits(*Vlm::load(src))));
 }
 
-std::string load_error(const std::string& dir) {
-  try {
-    Vlm::load(dir);
-  } catch (const mlaforge::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(LlavaNextLoad, BadConfigErrors) {
   TempDir d("llava-next-cfg");
   fs::copy(model_dir("llama3"), d / "m", fs::copy_options::recursive);

@@ -192,15 +192,6 @@ TEST(Llava, AllWeightLayoutsLoad) {
   EXPECT_TRUE(first_logits(*Vlm::load(mem_dir)).equal(want));
 }
 
-std::string load_error(const std::string& dir) {
-  try {
-    Vlm::load(dir);
-  } catch (const mlaforge::Error& e) {
-    return e.what();
-  }
-  return "";
-}
-
 TEST(Llava, BadConfigErrors) {
   if (!std::filesystem::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
   TempDir d("llava-cfg");

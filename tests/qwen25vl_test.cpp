@@ -228,12 +228,7 @@ TEST_F(Qwen25Fixture, HubFlatConfigAndInMemoryNamesLoad) {
 std::string config_error(const std::function<void(json&)>& edit) {
   TempDir d("q25-cfg");
   const std::string dir = rewritten_copy(d, edit, nullptr);
-  try {
-    load_model_config(dir);
-  } catch (const mlaforge::Error& e) {
-    return e.what();
-  }
-  return "";
+  return error_of([&] { load_model_config(dir); });
 }
 
 TEST_F(Qwen25Fixture, BadConfigErrors) {

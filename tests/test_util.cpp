@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include "convert/convert.h"
+#include "core/error.h"
 #include "vision/preprocess.h"
 
 #include <unistd.h>
@@ -124,6 +125,19 @@ FixtureCase read_fixture_case(const SafetensorsFile& f, const std::string& name,
     }
   }
   return c;
+}
+
+std::string error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const mlaforge::Error& e) {
+    return e.what();
+  }
+  return "";
+}
+
+std::string load_error(const std::string& dir) {
+  return error_of([&] { Vlm::load(dir); });
 }
 
 }  // namespace mlaforge::test

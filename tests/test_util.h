@@ -4,6 +4,7 @@
 
 #include <array>
 #include <filesystem>
+#include <functional>
 #include <string>
 
 #include "io/config.h"
@@ -44,6 +45,11 @@ at::Tensor valid_rows(const at::Tensor& x, const at::Tensor& valid);
 // As tools/make_fixtures.py's qwen_messages: the images (from fixtures/preprocess), "and then" after the
 // first of several, the question.
 Prompt fixture_prompt(const std::vector<std::string>& images, const std::string& question);
+
+// The message of the mlaforge::Error that f throws, or "" when it throws none.
+std::string error_of(const std::function<void()>& f);
+// The error loading a model directory gives, or "".
+std::string load_error(const std::string& dir);
 
 // One case of a model fixture (tools/make_fixtures.py): unpadded ids, the mask, and the pixel values
 // with their grids (Qwen: image_grid_thw; LLaVA: [n, 3, S, S], one (1, S/P, S/P) grid per image).
