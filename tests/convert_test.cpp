@@ -160,6 +160,40 @@ TEST(Convert, BadOptions) {
   convert_model(o);
   ConvertOptions again = options(d / "out", d / "out2");
   EXPECT_NE(convert_error(again).find("already converted"), std::string::npos) << convert_error(again);
+  o = options(shapes, d / "out3");
+  o.dtype = "f16";
+  EXPECT_NE(convert_error(o).find("--dtype: choose auto, f32 or bf16"), std::string::npos) << convert_error(o);
+  o.dtype = "auto";
+  o.device = "tpu";
+  EXPECT_NE(convert_error(o).find("--device: choose cpu or cuda"), std::string::npos) << convert_error(o);
+  if (!at::hasCUDA()) {
+    o.device = "cuda";
+    EXPECT_NE(convert_error(o).find("this build has no CUDA"), std::string::npos) << convert_error(o);
+  }
+}
+
+// The GPU's streaming path in bf16 (here on the CPU): layers calibrated and factorised in bf16
+// compute, new tensors written in bf16, the result close to the float32 conversion's.
+TEST(Convert, Bf16StreamingMatchesFloat32) {
+  TempDir d("bf16");
+  const std::string shapes = source_path("models/qwen2vl-shapes");
+  ConvertOptions o = options(shapes, d / "f32");
+  o.rope_pairs = 8;
+  o.dkv = 16;
+  ConvertReport r32 = convert_model(o);
+  o.out_dir = d / "bf16";
+  o.dtype = "bf16";
+  ConvertReport r16 = convert_model(o);
+  auto st = WeightStore::open_dir(d / "bf16");
+  EXPECT_EQ(st.entry("model.layers.0.self_attn.kv_down_proj.image.weight").dtype, "BF16");
+  EXPECT_EQ(st.entry("model.layers.0.self_attn.q_proj.weight").dtype, "BF16");
+  // The same pairs, and factors whose output error is within bf16 rounding of the float32 ones.
+  for (size_t l = 0; l < r32.layers.size(); ++l) {
+    EXPECT_EQ(r16.layers[l].kept, r32.layers[l].kept) << "layer " << l;
+    EXPECT_NEAR(r16.layers[l].rel_error_text, r32.layers[l].rel_error_text, 0.01) << "layer " << l;
+    EXPECT_NEAR(r16.layers[l].rel_error_image, r32.layers[l].rel_error_image, 0.01) << "layer " << l;
+  }
+  EXPECT_GT(r16.peak_host_bytes, 0);
 }
 
 // The batched 4-vector computation of the per-pair logit change equals the direct one.
