@@ -616,28 +616,89 @@ def llava_hub_name(key):
     return key
 
 
+def llava_tokenizer(kind, tokenizer_dir):
+    """(tokenizer, bos id, eos id) for the LLaVA checkpoints: "llama3" (byte-level, Llama-3 headers,
+    see llama3_style_tokenizer) or the name of a Llama tokenizer fixture under tokenizer_dir, with
+    <image> and <pad> added where it lacks them (transformers 5's LlamaTokenizer wrote neither)."""
+    from transformers import PreTrainedTokenizerFast
+    if kind == "llama3":
+        tok = PreTrainedTokenizerFast(tokenizer_object=llama3_style_tokenizer(), bos_token="<|begin_of_text|>",
+                                      eos_token="<|eot_id|>", pad_token="<pad>")
+        tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        return tok, tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")
+    tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, kind, "tokenizer.json"),
+                                  bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+        tok.pad_token = "<pad>"
+    return tok, 1, 2
+
+
+def run_llava_cases(model, processor, name, out_prefix, images_dir, image_id):
+    """The cases of a LLaVA or LLaVA-NeXT checkpoint through transformers: ids, pixel values (and
+    LLaVA-NeXT's image_sizes), image features (packed for LLaVA-NeXT), logits, hidden states, greedy
+    tokens; written to out_prefix + .safetensors / .cases.json."""
+    processor.tokenizer.padding_side = "left"
+    tensors, meta = {}, {"model": name, "cases": [], "processor": type(processor).__name__,
+                         "image_processor": type(processor.image_processor).__name__,
+                         "tokenizer": type(processor.tokenizer).__name__}
+    for cname, samples in qwen_cases():
+        texts, imgs, inputs = case_inputs(processor, samples, images_dir)
+        mask = inputs["attention_mask"]
+        pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        with torch.no_grad():
+            out = model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
+            gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+        tensors[f"{cname}.input_ids"] = inputs["input_ids"]
+        tensors[f"{cname}.attention_mask"] = mask
+        if imgs:
+            tensors[f"{cname}.pixel_values"] = inputs["pixel_values"].float()
+            anyres = "image_sizes" in inputs
+            if anyres:
+                tensors[f"{cname}.image_sizes"] = inputs["image_sizes"]
+            try:
+                kw = {"image_sizes": inputs["image_sizes"]} if anyres else {}
+                with torch.no_grad():
+                    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"], **kw)
+                if hasattr(feats, "pooler_output"):
+                    feats = feats.pooler_output
+                feats = list(feats) if isinstance(feats, (list, tuple)) else [feats]
+                if anyres and feats[0].dim() == 3:  # per-image tiles, not yet packed
+                    feats, _ = model.model.pack_image_features(feats, inputs["image_sizes"], "default",
+                                                               image_newline=model.model.image_newline)
+                    feats = [feats]
+                tensors[f"{cname}.image_embeds"] = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float()
+            except Exception as e:
+                log("image features failed:", repr(e))
+        tensors[f"{cname}.logits"] = out.logits.float()
+        tensors[f"{cname}.hidden_states"] = torch.stack([h.float() for h in out.hidden_states])
+        tensors[f"{cname}.generated"] = gen[:, inputs["input_ids"].shape[1]:]
+        meta["cases"].append({"name": cname, "prompts": texts, "images": [list(s[0]) for s in samples],
+                              "questions": [s[1] for s in samples], "n_hidden_states": len(out.hidden_states),
+                              "image_tokens": int((inputs["input_ids"] == image_id).sum())})
+    save_tensors(out_prefix + ".safetensors", tensors)
+    with open(out_prefix + ".cases.json", "w") as f:
+        json.dump(meta, f, indent=1, ensure_ascii=False)
+    log(name, "done:", meta["processor"], meta["image_processor"], meta["tokenizer"])
+
+
 def make_llava(out_dir):
     from transformers import (AutoProcessor, CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
-    from PIL import Image
+                              LlavaForConditionalGeneration, LlavaProcessor)
     d = os.path.join(out_dir, "llava")
     os.makedirs(d, exist_ok=True)
     images_dir = os.path.join(out_dir, "preprocess")
     for vi, (name, v) in enumerate(LLAVA_VARIANTS.items()):
         torch.manual_seed(10 + vi)
-        tok = PreTrainedTokenizerFast(tokenizer_file=os.path.join(out_dir, "tokenizer", v["tok"], "tokenizer.json"),
-                                      bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-        missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
-        if missing:  # transformers 5's LlamaTokenizer wrote neither
-            tok.add_special_tokens({"additional_special_tokens": missing})
-            tok.pad_token = "<pad>"
+        tok, bos, eos = llava_tokenizer(v["tok"], os.path.join(out_dir, "tokenizer"))
         image_id = tok.convert_tokens_to_ids("<image>")
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                   image_size=v["image"], patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
                                   projection_dim=32, initializer_range=0.08)
         text = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=v["kv"], rms_norm_eps=1e-5,
-                           max_position_embeddings=512, rope_theta=v["theta"], bos_token_id=1, eos_token_id=2,
+                           max_position_embeddings=512, rope_theta=v["theta"], bos_token_id=bos, eos_token_id=eos,
                            pad_token_id=tok.pad_token_id, initializer_range=0.08, tie_word_embeddings=False)
         try:
             text.rope_parameters = {"rope_type": "default", "rope_theta": v["theta"]}
@@ -666,42 +727,12 @@ def make_llava(out_dir):
                               num_additional_image_tokens=1, image_token="<image>")
         proc.save_pretrained(mdir)
         with open(os.path.join(mdir, "generation_config.json"), "w") as f:
-            json.dump({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": tok.pad_token_id}, f)
+            json.dump({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}, f)
         model = LlavaForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager",
                                                               dtype=torch.float32).eval()
         processor = AutoProcessor.from_pretrained(mdir)
-        processor.tokenizer.padding_side = "left"
         log(name, "files", sorted(os.listdir(mdir)), "image token", image_id, "tokens/image", seq)
-        tensors, meta = {}, {"model": name, "cases": [], "processor": type(processor).__name__,
-                             "image_processor": type(processor.image_processor).__name__,
-                             "tokenizer": type(processor.tokenizer).__name__}
-        for cname, samples in qwen_cases():
-            texts, imgs, inputs = case_inputs(processor, samples, images_dir)
-            mask = inputs["attention_mask"]
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            with torch.no_grad():
-                out = model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
-                gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-            tensors[f"{cname}.input_ids"] = inputs["input_ids"]
-            tensors[f"{cname}.attention_mask"] = mask
-            if imgs:
-                tensors[f"{cname}.pixel_values"] = inputs["pixel_values"].float()
-                with torch.no_grad():
-                    feats = model.model.get_image_features(pixel_values=inputs["pixel_values"])
-                if hasattr(feats, "pooler_output"):
-                    feats = feats.pooler_output
-                if isinstance(feats, (list, tuple)):
-                    feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
-                tensors[f"{cname}.image_embeds"] = feats.reshape(-1, feats.shape[-1]).float()
-            tensors[f"{cname}.logits"] = out.logits.float()
-            tensors[f"{cname}.hidden_states"] = torch.stack([h.float() for h in out.hidden_states])
-            tensors[f"{cname}.generated"] = gen[:, inputs["input_ids"].shape[1]:]
-            meta["cases"].append({"name": cname, "prompts": texts, "images": [list(s[0]) for s in samples],
-                                  "questions": [s[1] for s in samples], "n_hidden_states": len(out.hidden_states)})
-        save_tensors(os.path.join(d, name + ".safetensors"), tensors)
-        with open(os.path.join(d, name + ".cases.json"), "w") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-        log(name, "done:", meta["processor"], meta["image_processor"], meta["tokenizer"])
+        run_llava_cases(model, processor, name, os.path.join(d, name), images_dir, image_id)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -752,7 +783,7 @@ LLAVA_NEXT_PINPOINTS = [[42, 84], [84, 42], [84, 84], [42, 126], [126, 42]]
 
 def make_llava_next(out_dir):
     from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextProcessor, MistralConfig, PreTrainedTokenizerFast)
+                              LlavaNextProcessor, MistralConfig)
     try:
         from transformers import LlavaNextImageProcessor as ImageProcessor  # PIL backend, like the CLIP fixtures
     except ImportError:
@@ -765,21 +796,8 @@ def make_llava_next(out_dir):
     S = LLAVA_NEXT_TILE
     for vi, (name, v) in enumerate(LLAVA_NEXT_VARIANTS.items()):
         torch.manual_seed(40 + vi)
-        if v["text"] == "llama":
-            tok = PreTrainedTokenizerFast(tokenizer_object=llama3_style_tokenizer(), bos_token="<|begin_of_text|>",
-                                          eos_token="<|eot_id|>", pad_token="<pad>")
-            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-            eos = tok.convert_tokens_to_ids("<|eot_id|>")
-            bos = tok.convert_tokens_to_ids("<|begin_of_text|>")
-        else:
-            tok = PreTrainedTokenizerFast(
-                tokenizer_file=os.path.join(ROOT, "tests", "fixtures", "tokenizer", "llama-legacy", "tokenizer.json"),
-                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-            missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
-            if missing:
-                tok.add_special_tokens({"additional_special_tokens": missing})
-                tok.pad_token = "<pad>"
-            eos, bos = 2, 1
+        tok, bos, eos = llava_tokenizer("llama3" if v["text"] == "llama" else "llama-legacy",
+                                        os.path.join(ROOT, "tests", "fixtures", "tokenizer"))
         image_id = tok.convert_tokens_to_ids("<image>")
         vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
                                   image_size=S, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
@@ -808,48 +826,8 @@ def make_llava_next(out_dir):
             json.dump({"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": tok.pad_token_id}, f)
         model = LlavaNextForConditionalGeneration.from_pretrained(mdir, attn_implementation="eager",
                                                                   dtype=torch.float32).eval()
-        processor = proc
-        processor.tokenizer.padding_side = "left"
         log(name, "files", sorted(os.listdir(mdir)), "image token", image_id)
-        tensors, meta = {}, {"model": name, "cases": [], "processor": type(processor).__name__,
-                             "image_processor": type(processor.image_processor).__name__,
-                             "tokenizer": type(processor.tokenizer).__name__}
-        for cname, samples in qwen_cases():
-            texts, imgs, inputs = case_inputs(processor, samples, images_dir)
-            mask = inputs["attention_mask"]
-            pos = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
-            with torch.no_grad():
-                out = model(**inputs, position_ids=pos, output_hidden_states=True, return_dict=True)
-                gen = model.generate(**inputs, max_new_tokens=8, do_sample=False)
-            tensors[f"{cname}.input_ids"] = inputs["input_ids"]
-            tensors[f"{cname}.attention_mask"] = mask
-            if imgs:
-                tensors[f"{cname}.pixel_values"] = inputs["pixel_values"].float()
-                tensors[f"{cname}.image_sizes"] = inputs["image_sizes"]
-                try:
-                    with torch.no_grad():
-                        feats = model.model.get_image_features(pixel_values=inputs["pixel_values"],
-                                                               image_sizes=inputs["image_sizes"])
-                    if hasattr(feats, "pooler_output"):
-                        feats = feats.pooler_output
-                    feats = list(feats) if isinstance(feats, (list, tuple)) else [feats]
-                    if feats[0].dim() == 3:  # per-image tiles, not yet packed
-                        feats, _ = model.model.pack_image_features(feats, inputs["image_sizes"], "default",
-                                                                   image_newline=model.model.image_newline)
-                        feats = [feats]
-                    tensors[f"{cname}.image_embeds"] = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats]).float()
-                except Exception as e:
-                    log("image features failed:", repr(e))
-            tensors[f"{cname}.logits"] = out.logits.float()
-            tensors[f"{cname}.hidden_states"] = torch.stack([h.float() for h in out.hidden_states])
-            tensors[f"{cname}.generated"] = gen[:, inputs["input_ids"].shape[1]:]
-            meta["cases"].append({"name": cname, "prompts": texts, "images": [list(s[0]) for s in samples],
-                                  "questions": [s[1] for s in samples], "n_hidden_states": len(out.hidden_states),
-                                  "image_tokens": int((inputs["input_ids"] == image_id).sum())})
-        save_tensors(os.path.join(d, name + ".safetensors"), tensors)
-        with open(os.path.join(d, name + ".cases.json"), "w") as f:
-            json.dump(meta, f, indent=1, ensure_ascii=False)
-        log(name, "done:", meta["processor"], meta["image_processor"], meta["tokenizer"])
+        run_llava_cases(model, proc, name, os.path.join(d, name), images_dir, image_id)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -62,25 +62,15 @@ def build(name):
         return tr.Qwen2_5_VLForConditionalGeneration, cfg, lambda d: qwen_dir_assets(d, "Qwen2_5_VLProcessor")
     if name in ("llava-1.5-7b", "llama3-llava-next-8b"):
         next_ = name == "llama3-llava-next-8b"
+        tok, bos, eos = fx.llava_tokenizer("llama3" if next_ else "llama-legacy",
+                                           os.path.join(ROOT, "tests", "fixtures", "tokenizer"))
         if next_:
-            tok = tr.PreTrainedTokenizerFast(tokenizer_object=fx.llama3_style_tokenizer(),
-                                             bos_token="<|begin_of_text|>", eos_token="<|eot_id|>", pad_token="<pad>")
-            tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
-            bos, eos = tok.convert_tokens_to_ids("<|begin_of_text|>"), tok.convert_tokens_to_ids("<|eot_id|>")
             text = tr.LlamaConfig(vocab_size=128320, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                                   num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
                                   max_position_embeddings=8192, bos_token_id=bos, eos_token_id=eos,
                                   pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
             text.rope_parameters = {"rope_type": "default", "rope_theta": 500000.0}
         else:
-            tok = tr.PreTrainedTokenizerFast(
-                tokenizer_file=os.path.join(ROOT, "tests", "fixtures", "tokenizer", "llama-legacy", "tokenizer.json"),
-                bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
-            missing = [t for t in ["<image>", "<pad>"] if t not in tok.get_vocab()]
-            if missing:
-                tok.add_special_tokens({"additional_special_tokens": missing})
-                tok.pad_token = "<pad>"
-            bos, eos = 1, 2
             text = tr.LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                                   num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
                                   max_position_embeddings=4096, bos_token_id=bos, eos_token_id=eos,
