@@ -33,6 +33,7 @@
 #include "kernels/mla_decode.h"
 
 using mlaforge::KvFormat;
+using mlaforge::kv_format_name;
 using mlaforge::MlaDecodeParams;
 
 #define CUDA_CHECK(expr)                                                                          \
@@ -98,16 +99,6 @@ uint16_t float_to_half(float f) {
   }
   if (exp >= 31) return 0x7bff;
   return static_cast<uint16_t>((exp << 10) | (static_cast<int>(q) - 1024));
-}
-
-const char* format_name(KvFormat f) {
-  switch (f) {
-    case KvFormat::F32: return "f32";
-    case KvFormat::BF16: return "bf16";
-    case KvFormat::Int8: return "int8";
-    case KvFormat::Int4: return "int4";
-  }
-  return "?";
 }
 
 // Bytes one row of `width` values takes in format f.
@@ -630,7 +621,7 @@ int main(int argc, char** argv) {
   uint64_t seed = 1;
   for (const Case& c : make_cases(quick)) {
     ++seed;
-    const std::string label = c.name + " rope=" + format_name(c.rope_format) + " latent=" + format_name(c.latent_format);
+    const std::string label = c.name + " rope=" + kv_format_name(c.rope_format) + " latent=" + kv_format_name(c.latent_format);
     if (!filter.empty() && label.find(filter) == std::string::npos) continue;
     const HostCase h = make_host_case(c, seed);
     DeviceCase d(h);
@@ -656,7 +647,7 @@ int main(int argc, char** argv) {
       failures += pass ? 0 : 1;
       ++run_count;
       std::printf("[%s] %-30s rope=%-4s latent=%-4s B=%-2d path=%-4s rel_err=%.2e (tol %.0e, %zu seqs)", pass ? "PASS" : "FAIL",
-                  c.name.c_str(), format_name(c.rope_format), format_name(c.latent_format), B, path, err, tol, seqs.size());
+                  c.name.c_str(), kv_format_name(c.rope_format), kv_format_name(c.latent_format), B, path, err, tol, seqs.size());
       if (c.large) {
         const double us = time_kernel(d, stream, flush, flush_bytes);
         const double gbs = static_cast<double>(h.bytes_read) / (us * 1e-6) / 1e9;

@@ -21,16 +21,6 @@ KvFormat parse_kv_format(const std::string& name, const std::string& what) {
   fail(what, "unknown cache format '", name, "' (expected auto, f32, bf16, int8 or int4)");
 }
 
-const char* kv_format_name(KvFormat f) {
-  switch (f) {
-    case KvFormat::F32: return "f32";
-    case KvFormat::BF16: return "bf16";
-    case KvFormat::Int8: return "int8";
-    case KvFormat::Int4: return "int4";
-  }
-  return "?";
-}
-
 namespace {
 
 bool quantized(KvFormat f) { return f == KvFormat::Int8 || f == KvFormat::Int4; }

@@ -15,7 +15,6 @@ namespace mlaforge {
 
 // "auto" (the model's compute dtype: f32 on CPU), "f32", "bf16", "int8", "int4"; fails naming `what`.
 KvFormat parse_kv_format(const std::string& name, const std::string& what);
-const char* kv_format_name(KvFormat f);
 
 // Symmetric quantization of the last dimension in groups of `group` values (one fp16 scale per group):
 // x [..., D] -> values int8 [..., D] (Int8) or uint8 [..., D/2] (Int4, see KvFormat), scales fp16

@@ -14,6 +14,17 @@ namespace mlaforge {
 // Scales are IEEE fp16 bit patterns (uint16_t).
 enum class KvFormat : int32_t { F32 = 0, BF16 = 1, Int8 = 2, Int4 = 3 };
 
+// "f32", "bf16", "int8", "int4" (the names --kv-cache takes).
+inline const char* kv_format_name(KvFormat f) {
+  switch (f) {
+    case KvFormat::F32: return "f32";
+    case KvFormat::BF16: return "bf16";
+    case KvFormat::Int8: return "int8";
+    case KvFormat::Int4: return "int4";
+  }
+  return "?";
+}
+
 // One layer of the paged latent cache and one decoding step of a batch: query i of sequence b
 // attends to positions [seq_begin[b], seq_end[b]) of that sequence. Position p of sequence b lives
 // in pool block block_table[b * max_blocks + p / block_size], slot p % block_size.
