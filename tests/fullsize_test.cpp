@@ -3,11 +3,12 @@
 // <model>.reference.safetensors there, <model>/ is loaded on cuda in bf16, fed the reference's own
 // input ids and pixel values, and compared with transformers' first-step logits and its 32 greedy
 // tokens (most agree, teacher-forced). The same weights in float32 on both sides must agree to 1e-4:
-// the exactness check. In bf16 the bound is 2e-2, unless rounding alone moves transformers' own bf16
-// logits farther than that from its float32 ones (as it does on these random networks: ~4e-2); then
-// ours must be no farther from the float32 logits than transformers' bf16 are (within 25%). Load time,
-// prefill and decode tokens/s are printed beside transformers' (from <model>.timing.json) for the
-// notes; they are not asserted.
+// the exactness check. In bf16 the bound is 2e-2, although rounding alone moves transformers' own
+// bf16 logits ~4e-2 from its float32 ones on these random networks: only the same operations in the
+// same order (the same SDPA kernel, rotary tables rounded to bf16, the vision tower on the GPU in bf16)
+// meet it. Where differences start is printed (input embeddings, the last token after each layer).
+// Load time, prefill and decode tokens/s are printed beside transformers' (from <model>.timing.json)
+// for the notes; they are not asserted.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -84,6 +85,19 @@ TEST(FullSize, MatchesTransformers) {
         logits = m->decode_step(tok, at::full({1}, pos++, tok.options()), cache).to(at::kFloat);
       }
     };
+    if (ref->entries().count("hidden_last")) {  // where bf16 differences start, for the notes
+      at::Tensor emb = ref->load("embeddings", at::kFloat), last = ref->load("hidden_last", at::kFloat);
+      std::vector<at::Tensor> hidden;
+      ForwardTaps taps;
+      taps.hidden = &hidden;
+      KVCache cache = m->decoder().new_cache(1, T, m->device());
+      m->prefill(b, cache, taps);
+      std::string errs = "embeddings " + std::to_string(test::rel_err(hidden[0][0].to(at::kFloat).cpu(), emb));
+      for (size_t i = 1; i < hidden.size(); i = (i + 1 == hidden.size() ? i + 1 : std::min(hidden.size() - 1, i < 4 ? i + 1 : i + 4)))
+        errs += ", " + std::to_string(i) + ": " + std::to_string(test::rel_err(hidden[i][0][T - 1].to(at::kFloat).cpu(), last[int64_t(i)]));
+      std::printf("[fullsize] %s: bf16 rel err of the input embeddings, then of the last token after layer i: %s\n",
+                  name.c_str(), errs.c_str());
+    }
     std::vector<int64_t> forced, free_run;
     at::Tensor first;
     run(true, &forced, &first);
@@ -116,15 +130,10 @@ TEST(FullSize, MatchesTransformers) {
                 "prefill %.0f tok/s, decode %.1f tok/s\n",
                 name.c_str(), load_s, double(T) / prefill_s, double(steps) / decode_s, hf.value("load_s", 0.0),
                 hf.value("prefill_tok_s", 0.0), hf.value("decode_tok_s", 0.0));
-    // bf16 against bf16: 2e-2 unless transformers' own bf16 rounding is larger than that on this
-    // network, in which case ours must be no farther from the float32 result than transformers' is.
+    EXPECT_LE(err, 2e-2);
     const bool have32 = ref->entries().count("logits_f32") > 0;
     at::Tensor ref32 = have32 ? ref->load("logits_f32", at::kFloat) : at::Tensor();
     const double hf_noise = have32 ? test::rel_err(ref_logits, ref32) : 0.0;
-    if (have32 && hf_noise > 2e-2)
-      EXPECT_LE(test::rel_err(first, ref32), 1.25 * hf_noise) << "bf16 logits farther from float32 than transformers'";
-    else
-      EXPECT_LE(err, 2e-2);
     EXPECT_GT(2 * agree, steps);
 
     if (have32) {

@@ -237,12 +237,6 @@ INSTANTIATE_TEST_SUITE_P(LlavaNext, LlavaNextModels, ::testing::Values("llama3",
 // ---------------------------------------------------------------------------------------------
 // Weight layouts, errors, chat formats, the command line
 // ---------------------------------------------------------------------------------------------
-std::string read_text_file(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-
 at::Tensor single_logits(const Vlm& m) {
   return prompt_logits(m, {fixture_prompt({"wide300x200"}, "What is this?")});
 }

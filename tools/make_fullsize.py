@@ -9,7 +9,7 @@ Writes <out>/<model>/ (bf16 safetensors as save_pretrained writes them, the proc
 the small tokenizer of the bundled model or of the tiny fixtures: the vocabulary size is the real
 one, but only the tokenizer's first ids occur). With --reference also <out>/<model>.reference.safetensors
 (one image prompt: input ids, pixel values, the first step's logits in bf16 and with the same
-weights in float32, 32 greedy tokens in bf16) and
+weights in float32, 32 greedy tokens in bf16, the bf16 input embeddings and last-token hidden states) and
 <out>/<model>.timing.json (load time, prefill and decode tokens/s under transformers, bf16, sdpa).
 """
 import argparse
@@ -145,7 +145,7 @@ def make(name, out, reference):
     inputs = processor(text=[text], images=[Image.open(IMAGE)], return_tensors="pt").to(dev)
     T = inputs["input_ids"].shape[1]
     with torch.no_grad():
-        out1 = model(**inputs)
+        out1 = model(**inputs, output_hidden_states=True)
         sync()
         t0 = time.time()
         for _ in range(3):
@@ -172,7 +172,11 @@ def make(name, out, reference):
         logits_f32 = model(**inputs).logits[0, -1].float()
     tensors = {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
                "pixel_values": inputs["pixel_values"].float(), "logits": out1.logits[0, -1].float(),
-               "logits_f32": logits_f32, "generated": gen[0, T:]}
+               "logits_f32": logits_f32, "generated": gen[0, T:],
+               # Where bf16 rounding differences start: the input embeddings [T, d] and the last
+               # token's hidden state after each layer [L + 1, d] (output_hidden_states).
+               "embeddings": out1.hidden_states[0][0].float(),
+               "hidden_last": torch.stack([h[0, -1] for h in out1.hidden_states]).float()}
     for k in ("image_grid_thw", "image_sizes"):
         if k in inputs:
             tensors[k] = inputs[k]

@@ -11,6 +11,7 @@
 #include <iostream>
 
 #include "convert/convert.h"
+#include "core/device.h"
 #include "core/error.h"
 #include "core/threads.h"
 #include "eval/eval.h"
@@ -39,15 +40,13 @@ std::string human_count(int64_t n) {
 const char* kDtypeHelp =
     "Decoder weights and activations: auto (on cuda a bf16/f16 checkpoint stays bf16/f16, else f32), f32, bf16";
 
-// --device: where the decoder runs (the vision tower stays on the CPU); --dtype: its weights and
-// activations (auto: a bf16 or f16 checkpoint stays in it on cuda, float32 on the CPU).
+// --device: where the model runs; --dtype: its weights and activations (auto: a bf16 or f16
+// checkpoint stays in it on cuda, float32 on the CPU).
 std::unique_ptr<Vlm> load_on(const std::string& dir, const std::string& device, const std::string& dtype = "auto") {
-  if (device != "cpu" && device != "cuda") throw Error("--device: choose cpu or cuda (got \"" + device + "\")");
-  if (device == "cuda" && !at::hasCUDA()) throw Error("--device cuda: this build has no CUDA (see DEVELOPERS.md)");
   if (dtype != "auto" && dtype != "f32" && dtype != "bf16")
     throw Error("--dtype: choose auto, f32 or bf16 (got \"" + dtype + "\")");
   LoadOptions lo;
-  lo.device = device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lo.device = parse_device(device);
   lo.dtype = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
   lo.stored_half = dtype == "auto" && device == "cuda";
   return Vlm::load(dir, lo);
@@ -223,7 +222,7 @@ int main(int argc, char** argv) {
   gen->add_option("--seed", so.seed, "Random seed for sampling")->capture_default_str();
   std::string gen_device = "cpu", gen_dtype = "auto";
   gen->add_option("--dtype", gen_dtype, kDtypeHelp)->capture_default_str();
-  gen->add_option("--device", gen_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
+  gen->add_option("--device", gen_device, "cpu or cuda")
       ->capture_default_str();
   add_cache_options(gen, so.cache);
 
@@ -239,7 +238,7 @@ int main(int argc, char** argv) {
   ev->add_option("--report", ev_report, "Write {accuracy, n, by_kind, seconds, answers} as JSON here");
   std::string ev_reference, ev_device = "cpu", ev_dtype = "auto";
   ev->add_option("--dtype", ev_dtype, kDtypeHelp)->capture_default_str();
-  ev->add_option("--device", ev_device, "cpu or cuda (the decoder; the vision tower runs on the CPU)")
+  ev->add_option("--device", ev_device, "cpu or cuda")
       ->capture_default_str();
   add_cache_options(ev, eo.cache);
   ev->add_option("--reference", ev_reference,

@@ -10,6 +10,7 @@
 #include <set>
 #include <nlohmann/json.hpp>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/memory.h"
 #include "core/progress.h"
@@ -41,15 +42,14 @@ ConvertReport convert_model(const ConvertOptions& o) {
   check(!o.out_dir.empty(), "--out", "an output directory is needed");
   check(fs::absolute(o.out_dir).lexically_normal() != fs::absolute(o.model_dir).lexically_normal(), o.out_dir,
         "the output directory must differ from the input model");
-  check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda (got \"", o.device, "\")");
-  check(o.device == "cpu" || at::hasCUDA(), "--device cuda", "this build has no CUDA (see DEVELOPERS.md)");
+  const at::Device device = parse_device(o.device);
   check(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype", "choose auto, f32 or bf16 (got \"",
         o.dtype, "\")");
   reset_peak_device_bytes();
   // Streaming: the decoder's layers are never all loaded; each comes from the checkpoint when its
   // turn comes (calibration, then factorisation), in the compute dtype (bf16 on cuda by default).
   LoadOptions lopt;
-  lopt.device = o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  lopt.device = device;
   lopt.dtype = o.dtype == "bf16" || (o.dtype == "auto" && o.device == "cuda") ? at::kBFloat16 : at::kFloat;
   lopt.decoder_layers = false;
   const at::Device dev = lopt.device;

@@ -1,7 +1,6 @@
 #include "infer/bench.h"
 
 #include <ATen/ATen.h>
-#include <torch/version.h>
 
 #include <algorithm>
 #include <chrono>
@@ -11,8 +10,10 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "io/config.h"
+#include "model/ops.h"
 
 #ifdef MLAFORGE_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
@@ -133,12 +134,10 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
       at::matmul(p.to(dtype), V);
     });
     r.attention_bytes = double(B * S * 2 * g * dh) * double(K.element_size());
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 5)
-    at::Tensor q4 = q.reshape({B, h, 1, dh});
-    r.sdpa_s = seconds_per_call(dev, o.attention_reps, [&] {
-      at::scaled_dot_product_attention(q4, K, V, {}, 0.0, false, scale, /*enable_gqa=*/true);
-    });
-#endif
+    if (have_fused_attention()) {
+      at::Tensor q4 = q.reshape({B, h, 1, dh});
+      r.sdpa_s = seconds_per_call(dev, o.attention_reps, [&] { fused_attention(q4, K, V, at::Tensor(), false, scale); });
+    }
   }
   (void)is_original;
   return r;
@@ -147,11 +146,9 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
 }  // namespace
 
 int run_bench(const BenchOptions& o) {
-  check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda (got ", o.device, ")");
-  check(o.device == "cpu" || at::hasCUDA(), "--device cuda", "this build has no CUDA (see DEVELOPERS.md)");
   check(o.context > 0 && o.batch > 0 && o.decode_steps > 2 && o.prefill_chunk > 0, "bench",
         "--context, --batch, --prefill-chunk must be positive and --decode-steps at least 3");
-  const at::Device dev = o.device == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
+  const at::Device dev = parse_device(o.device);
   const at::ScalarType dtype = o.dtype == "bf16" ? at::kBFloat16
                                : o.dtype == "f32" ? at::kFloat
                                : o.dtype == "auto" ? (dev.is_cuda() ? at::kBFloat16 : at::kFloat)

@@ -195,9 +195,9 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   return out;
 }
 
-at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const at::Tensor& cos,
-                                const at::Tensor& sin, const at::Tensor& mask, const at::Tensor& is_image,
-                                KVCache& cache, size_t layer, const ForwardTaps& taps) const {
+at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, const LayerContext& ctx,
+                                const at::Tensor& is_image, KVCache& cache, size_t layer, const ForwardTaps& taps) const {
+  const at::Tensor &cos = ctx.cos, &sin = ctx.sin;
   const int64_t B = x.size(0), T = x.size(1), h = cfg_.num_heads, g = cfg_.num_kv_heads, dh = cfg_.head_dim;
   const int64_t group = h / g, start = cache.len, S = start + T;
   at::Tensor q, k, v;  // q [B, h, T, dh]; k, v [B, g, T, dh]; q and k rotated
@@ -234,8 +234,8 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
       const auto dt = x.scalar_type();
       at::Tensor kv = expand_latent(L, pool.read_latent(int64_t(layer), cache.all_slots, dt), pool.read_modality(cache.all_slots));
       at::Tensor K = at::cat({pool.read_k_rope(int64_t(layer), cache.all_slots, dt), kv.narrow(-1, 0, g * nope).view({B, S, g, nope})}, -1);
-      return attend(L, q, K.transpose(1, 2), kv.narrow(-1, g * nope, g * dh).view({B, S, g, dh}).transpose(1, 2),
-                    mask, x, q_pre, k_pre, cos, sin, layer, taps);
+      return attend(L, q, K.transpose(1, 2), kv.narrow(-1, g * nope, g * dh).view({B, S, g, dh}).transpose(1, 2), ctx,
+                    x, q_pre, k_pre, layer, taps);
     }
     q = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1).view({B, T, h, dh}).transpose(1, 2);
     at::Tensor kv = L.kv_w.defined() ? dense(x, L.kv_w, L.kv_up_b) : expand_latent(L, latent, is_image);  // [B, T, g*(dh-2r) + g*dh]
@@ -245,17 +245,22 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
   }
   cache.k[layer].narrow(2, start, T).copy_(k);
   cache.v[layer].narrow(2, start, T).copy_(v);
-  return attend(L, q, cache.k[layer].narrow(2, 0, S), cache.v[layer].narrow(2, 0, S), mask, x, q_pre, k_pre, cos, sin,
-                layer, taps);
+  return attend(L, q, cache.k[layer].narrow(2, 0, S), cache.v[layer].narrow(2, 0, S), ctx, x, q_pre, k_pre, layer, taps);
 }
 
 at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
-                             const at::Tensor& mask, const at::Tensor& x, const at::Tensor& q_pre,
-                             const at::Tensor& k_pre, const at::Tensor& cos, const at::Tensor& sin, size_t layer,
-                             const ForwardTaps& taps) const {
+                             const LayerContext& ctx, const at::Tensor& x, const at::Tensor& q_pre,
+                             const at::Tensor& k_pre, size_t layer, const ForwardTaps& taps) const {
   // q [B, h, T, dh]; K, V [B, g, S, dh]
   const int64_t B = q.size(0), h = q.size(1), T = q.size(2), dh = q.size(3), g = K.size(1), S = K.size(2);
   const int64_t group = h / g;
+  const bool observed = taps.observer && *taps.observer;  // the observer needs the probabilities
+  if (!observed && fused_attention_applies(q) && K.scalar_type() == q.scalar_type()) {
+    at::Tensor mask = ctx.unmasked ? at::Tensor() : ctx.mask.view({B, 1, T, S});
+    at::Tensor o = fused_attention(q, K, V, mask, ctx.unmasked && T > 1, 1.0 / std::sqrt(double(dh)));  // [B, h, T, dh]
+    return dense(o.transpose(1, 2).reshape({B, T, h * dh}), L.o_w, L.o_b);
+  }
+  const at::Tensor& mask = ctx.mask;
   // GQA without copying K/V: queries grouped by their KV head, [B, g, group*T, dh].
   at::Tensor qg = q.reshape({B, g, group * T, dh});
   // A bf16 cache is read in the compute dtype.
@@ -263,7 +268,7 @@ at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const a
   scores = scores.view({B, g, group, T, S}).masked_fill(mask.logical_not(), -INFINITY);
   // Softmax in float32 (float64 when the model runs in float64, e.g. for gradient checks).
   at::Tensor p = at::softmax(scores, -1, scores.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
-  if (taps.observer && *taps.observer) (*taps.observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, cos, sin, p});
+  if (observed) (*taps.observer)(AttentionTrace{int64_t(layer), x, q_pre, k_pre, ctx.cos, ctx.sin, p});
   at::Tensor out = at::matmul(p.view({B, g, group * T, S}).to(q.scalar_type()), V.to(q.scalar_type()))
                        .view({B, h, T, dh})
                        .transpose(1, 2)
@@ -291,13 +296,14 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
   at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
   ctx.mask = mask.view({B, 1, 1, T, S});
+  if (fused_attention_applies(x_in))  // one host sync per pass, only where it matters
+    ctx.unmasked = (T == 1 || start == 0) && cache.key_valid.narrow(1, 0, S).all().item<bool>();
   return ctx;
 }
 
 at::Tensor DecoderLM::run_layer(const DecoderLayer& L, size_t i, const at::Tensor& x, const LayerContext& ctx,
                                 const at::Tensor& is_image, KVCache& cache, const ForwardTaps& taps) const {
-  at::Tensor a = attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), ctx.cos, ctx.sin, ctx.mask, is_image,
-                           cache, i, taps);
+  at::Tensor a = attention(L, rms_norm(x, L.input_norm, cfg_.rms_norm_eps), ctx, is_image, cache, i, taps);
   if (taps.attention) taps.attention->push_back(a);
   at::Tensor y = x + a;
   at::Tensor h2 = rms_norm(y, L.post_norm, cfg_.rms_norm_eps);
@@ -359,26 +365,21 @@ std::vector<std::pair<std::string, at::Tensor*>> DecoderLM::named_weights() {
 }
 
 void DecoderLM::to(const at::Device& device, at::ScalarType dtype) {
-  auto move = [&](at::Tensor& t) {
-    if (t.defined()) t = t.to(device, t.is_floating_point() ? dtype : t.scalar_type());
-  };
   for (DecoderLayer& L : layers_) {
     const bool tied = L.kv_down[0].defined() && tied_latent(L);
-    for (at::Tensor* t : {&L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b, &L.input_norm, &L.post_norm,
-                          &L.gate_w, &L.up_w, &L.down_w, &L.k_rope_w, &L.k_rope_b, &L.kv_down[0], &L.kv_up[0], &L.kv_up_b,
-                          &L.kv_w})
-      move(*t);
+    move_tensors({&L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b, &L.input_norm, &L.post_norm, &L.gate_w,
+                  &L.up_w, &L.down_w, &L.k_rope_w, &L.k_rope_b, &L.kv_down[0], &L.kv_up[0], &L.kv_up_b, &L.kv_w},
+                 device, dtype);
     if (tied) {
       L.kv_down[1] = L.kv_down[0];
       L.kv_up[1] = L.kv_up[0];
     } else {
-      move(L.kv_down[1]);
-      move(L.kv_up[1]);
+      move_tensors({&L.kv_down[1], &L.kv_up[1]}, device, dtype);
     }
     if (L.rope_dims.defined()) L.rope_dims = L.rope_dims.to(device);
   }
   const bool tied_head = head_w_.is_same(embed_w_);
-  for (at::Tensor* t : {&embed_w_, &final_norm_}) move(*t);
+  move_tensors({&embed_w_, &final_norm_}, device, dtype);
   head_w_ = tied_head ? embed_w_ : head_w_.to(device, dtype);
   inv_freq_ = inv_freq_.to(device);  // stays float32: RoPE angles are computed in float32 as transformers does
 }

@@ -56,6 +56,10 @@ struct LayerContext {
   at::Tensor cos, sin;  // [B, T, dh] in the activations' dtype
   at::Tensor mask;      // [B, 1, 1, T, S] bool: causal, padding keys hidden
   int64_t start = 0, end = 0;  // cache positions [start, end) the pass writes
+  // Fused attention (fused_attention_applies) needs no mask: no key is padding, and the pass is a
+  // whole prefill (causal from position 0) or one query per row. transformers then passes no mask
+  // either, so the same SDPA kernel runs.
+  bool unmasked = false;
 };
 
 class DecoderLM {
@@ -104,17 +108,17 @@ class DecoderLM {
   void to(const at::Device& device, at::ScalarType dtype);
 
  private:
-  at::Tensor attention(const DecoderLayer& L, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& mask, const at::Tensor& is_image, KVCache& cache, size_t layer,
-                       const ForwardTaps& taps) const;
+  at::Tensor attention(const DecoderLayer& L, const at::Tensor& h, const LayerContext& ctx, const at::Tensor& is_image,
+                       KVCache& cache, size_t layer, const ForwardTaps& taps) const;
   // Decoding over the paged latent cache, absorbed (DESIGN.md section 3): q [B, 1, g, group, dh] with
   // its rotary part rotated -> attention output before o_proj [B, 1, h*dh]. Per query head two
   // absorbed queries W_uk^m^T q_nope, the decode kernel's two latent sums, then W_uv^m and the v bias.
   at::Tensor absorbed_decode(const DecoderLayer& L, const at::Tensor& q, const KVCache& cache, size_t layer) const;
   // Softmax attention of q [B, h, T, dh] over K, V [B, g, S, dh] (GQA), then o_proj: [B, T, d].
+  // x, q_pre, k_pre: for the attention observer (AttentionTrace).
   at::Tensor attend(const DecoderLayer& L, const at::Tensor& q, const at::Tensor& K, const at::Tensor& V,
-                    const at::Tensor& mask, const at::Tensor& x, const at::Tensor& q_pre, const at::Tensor& k_pre,
-                    const at::Tensor& cos, const at::Tensor& sin, size_t layer, const ForwardTaps& taps) const;
+                    const LayerContext& ctx, const at::Tensor& x, const at::Tensor& q_pre, const at::Tensor& k_pre,
+                    size_t layer, const ForwardTaps& taps) const;
   // latent [B, S, R] with each token's modality [B, S] -> [k_nope | v] [B, S, g*(dh-2r) + g*dh].
   at::Tensor expand_latent(const DecoderLayer& L, const at::Tensor& latent, const at::Tensor& is_image) const;
   // True when one down/up pair serves both modalities (shared conversion or a text-only model).

@@ -2,6 +2,10 @@
 
 #include <ATen/ATen.h>
 
+#if __has_include(<ATen/ops/scaled_dot_product_attention.h>)
+#define MLAFORGE_HAVE_SDPA 1
+#endif
+
 #include "core/error.h"
 #include "io/safetensors.h"
 
@@ -29,6 +33,37 @@ at::Tensor rotate_half(const at::Tensor& x) {
 
 at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   return x * cos + rotate_half(x) * sin;
+}
+
+bool have_fused_attention() {
+#ifdef MLAFORGE_HAVE_SDPA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool fused_attention_applies(const at::Tensor& q) {
+  return have_fused_attention() && q.is_cuda() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
+}
+
+at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                           bool causal, double scale) {
+#ifdef MLAFORGE_HAVE_SDPA
+  const int64_t group = q.size(1) / k.size(1);
+  if (!mask.defined())
+    return at::scaled_dot_product_attention(q, k, v, {}, 0.0, causal, scale, /*enable_gqa=*/group > 1);
+  at::Tensor kr = group > 1 ? k.repeat_interleave(group, 1) : k, vr = group > 1 ? v.repeat_interleave(group, 1) : v;
+  return at::scaled_dot_product_attention(q, kr, vr, mask, 0.0, causal, scale);
+#else
+  (void)q, (void)k, (void)v, (void)mask, (void)causal, (void)scale;
+  throw Error("fused attention needs a PyTorch 2 build of ATen");
+#endif
+}
+
+void move_tensors(std::initializer_list<at::Tensor*> tensors, const at::Device& device, at::ScalarType dtype) {
+  for (at::Tensor* t : tensors)
+    if (t->defined()) *t = t->to(device, t->is_floating_point() ? dtype : t->scalar_type());
 }
 
 at::Tensor activation(const at::Tensor& x, const std::string& name) {

@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -18,6 +19,20 @@ at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 at::Tensor rotate_half(const at::Tensor& x);
 // x * cos + rotate_half(x) * sin, with cos/sin broadcastable to x.
 at::Tensor apply_rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// Whether attention on q (and its keys and values) goes through ATen's fused scaled-dot-product
+// attention: CUDA tensors in bf16/f16, in a PyTorch 2 build (Debian's 1.13 has no such op). There
+// it is what transformers' "sdpa" attention runs, so bf16 outputs round as transformers' do (the
+// scores never round to bf16); float32 and CPU keep the explicit softmax, the exactness reference.
+bool fused_attention_applies(const at::Tensor& q);
+bool have_fused_attention();
+// softmax(q k^T * scale, masked) v by ATen's SDPA. q [B, h, T, d]; k, v [B, g, S, d] with g
+// dividing h (grouped heads natively, as transformers with torch >= 2.5 when there is no mask);
+// mask: undefined, or bool [B or 1, 1, T, S] (true = attend; k and v are then repeated to h heads,
+// as transformers does with a mask); causal: top-left causal (T == S). Returns [B, h, T, d].
+at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
+                           bool causal, double scale);
+// Moves each defined tensor to `device`, floating ones also to `dtype`.
+void move_tensors(std::initializer_list<at::Tensor*> tensors, const at::Device& device, at::ScalarType dtype);
 // Activations by HF name: silu, gelu (exact), quick_gelu (x * sigmoid(1.702 x)).
 at::Tensor activation(const at::Tensor& x, const std::string& name);
 

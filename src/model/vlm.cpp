@@ -112,6 +112,11 @@ std::unique_ptr<Vlm> Vlm::load(const std::string& dir, const LoadOptions& option
     if (stored == "BF16") m->load_options_.dtype = at::kBFloat16;
     if (stored == "F16") m->load_options_.dtype = at::kHalf;
   }
+  // The vision tower runs where the decoder does, in its dtype (as transformers runs a bf16 model).
+  // float32 means float32 there too: PyTorch lets cuDNN convolutions (the patch embeddings) use TF32
+  // unless told not to, which alone moves float32 logits by ~1e-3.
+  if (options.device.is_cuda()) at::globalContext().setAllowTF32CuDNN(false);
+  m->move_vision(options.device, m->load_options_.dtype);
   m->decoder_ = std::make_unique<DecoderLM>(c.text, c.mla, m->decoder_weights(), options.decoder_layers);
   m->device_ = options.device;
   m->vision_hash_ = hash_vision_weights(ws);
@@ -137,9 +142,19 @@ DecoderLM::WeightFn Vlm::decoder_weights() const {
 
 DecoderLayer Vlm::load_layer(int64_t i) const { return decoder_->load_layer(i, decoder_weights()); }
 
+void Vlm::move_vision(const at::Device& device, at::ScalarType dtype) {
+  if (qwen_vision_) qwen_vision_->to(device, dtype);
+  if (clip_vision_) clip_vision_->to(device, dtype);
+  move_tensors({&image_newline_}, device, dtype);
+}
+
 void Vlm::to(const at::Device& device, at::ScalarType dtype) {
   decoder_->to(device, dtype);
+  move_vision(device, dtype);
   device_ = device;
+  load_options_.device = device;  // layers loaded later (load_layer) follow
+  load_options_.dtype = dtype;
+  load_options_.stored_half = false;
 }
 
 int64_t Vlm::parameter_count(const std::string& part) const {
@@ -330,7 +345,9 @@ at::Tensor Vlm::image_features_cached(const Batch& batch) const {
     offset.push_back(offset.back() + (cfg_.qwen_vl() ? g[0] * g[1] * g[2] : cfg_.llava.anyres() ? g[0] : 1));
   FeatureCache& cache = feature_cache();
   std::lock_guard<std::mutex> lock(cache.mu);
-  auto key = [&](size_t i) { return vision_hash_ + "|" + batch.image_keys[i]; };
+  // Features depend on where and in which dtype the tower runs, too.
+  const std::string where = mlaforge::str(device_, "|", load_options_.dtype, "|");
+  auto key = [&](size_t i) { return vision_hash_ + "|" + where + batch.image_keys[i]; };
   std::vector<size_t> missing;
   for (size_t i = 0; i < batch.grids.size(); ++i)
     if (!cache.features.count(key(i))) missing.push_back(i);

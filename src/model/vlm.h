@@ -41,7 +41,7 @@ struct Batch {
   int64_t length() const { return ids.size(1); }
 };
 
-// Where and how Vlm::load puts the decoder (the vision tower always loads in float32 on the CPU).
+// Where and how Vlm::load puts the model: the decoder, and the vision tower in the decoder's dtype.
 struct LoadOptions {
   at::Device device = at::kCPU;
   at::ScalarType dtype = at::kFloat;  // floating decoder weights, converted tensor by tensor as they load
@@ -64,10 +64,10 @@ class Vlm {
   const DecoderLM& decoder() const { return *decoder_; }
   DecoderLM& mutable_decoder() { return *decoder_; }
   const WeightStore& weights() const { return *store_; }
-  // Where the decoder runs; batches from prepare()/make_batch() live there (pixel values stay on the
-  // CPU with the vision tower).
+  // Where the model runs; batches from prepare()/make_batch() live there (pixel values stay on the
+  // CPU in float32 until the vision tower takes them).
   const at::Device& device() const { return device_; }
-  // Moves the decoder to `device` with floating weights in `dtype`.
+  // Moves the decoder and the vision tower to `device` with floating weights in `dtype`.
   void to(const at::Device& device, at::ScalarType dtype = at::kFloat);
   const std::string& lm_prefix() const { return lm_prefix_; }  // e.g. "model." (the decoder's weights)
   int64_t parameter_count(const std::string& part) const;  // "vision", "language", "all"
@@ -107,6 +107,8 @@ class Vlm {
   // Tokens an image of this patch grid becomes in the prompt.
   int64_t image_tokens(const std::array<int64_t, 3>& grid) const;
   Qwen2VLImageConfig qwen_image_cfg_;      // Qwen2-VL and Qwen2.5-VL
+  // Moves the vision tower, projector and image_newline (loaded on the CPU in float32).
+  void move_vision(const at::Device& device, at::ScalarType dtype);
   std::unique_ptr<Qwen2VisionTower> qwen_vision_;
   ClipImageConfig clip_image_cfg_;         // Family::Llava
   std::unique_ptr<ClipVisionEncoder> clip_vision_;

@@ -13,6 +13,7 @@
 #include <random>
 #include <set>
 
+#include "core/device.h"
 #include "core/error.h"
 #include "core/progress.h"
 #include "eval/eval.h"
@@ -123,9 +124,7 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         "choose attn, attn+norms or all-lm (got \"", o.trainable, "\")");
 
   check(o.batch > 0 && o.grad_accum > 0, "--batch", "batch and grad-accum must be positive");
-  check(o.device == "cpu" || o.device == "cuda", "--device", "choose cpu or cuda");
-  check(o.device == "cpu" || at::hasCUDA(), "--device", "this build has no CUDA (configure the CUDA build)");
-  const at::Device dev(o.device == "cuda" ? at::kCUDA : at::kCPU);
+  const at::Device dev = parse_device(o.device);
   check(fs::absolute(o.out_dir).lexically_normal() != fs::absolute(o.model_dir).lexically_normal(), o.out_dir,
         "the output directory must differ from the input model");
 

@@ -23,7 +23,7 @@ ClipVisionEncoder::ClipVisionEncoder(const ClipVisionConfig& vcfg, const LlavaCo
     : vcfg_(vcfg), lcfg_(lcfg) {
   const int64_t D = vcfg.hidden_size, F = vcfg.intermediate_size, P = vcfg.patch_size, C = vcfg.num_channels;
   WeightLoader w(store, tower_prefix);
-  patch_w_ = w.get("embeddings.patch_embedding.weight", {D, C, P, P}).reshape({D, C * P * P});
+  patch_w_ = w.get("embeddings.patch_embedding.weight", {D, C, P, P});
   class_emb_ = w.get("embeddings.class_embedding", {D});
   pos_emb_ = w.get("embeddings.position_embedding.weight", {vcfg.num_patches() + 1, D});
   pre_ln_w_ = w.get("pre_layrnorm.weight", {D});
@@ -59,17 +59,24 @@ ClipVisionEncoder::ClipVisionEncoder(const ClipVisionConfig& vcfg, const LlavaCo
   proj2_b_ = pj.maybe("linear_2.bias", {text_hidden});
 }
 
+void ClipVisionEncoder::to(const at::Device& device, at::ScalarType dtype) {
+  for (Layer& L : layers_)
+    move_tensors({&L.ln1_w, &L.ln1_b, &L.ln2_w, &L.ln2_b, &L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b,
+                  &L.fc1_w, &L.fc1_b, &L.fc2_w, &L.fc2_b},
+                 device, dtype);
+  move_tensors({&patch_w_, &class_emb_, &pos_emb_, &pre_ln_w_, &pre_ln_b_, &proj1_w_, &proj1_b_, &proj2_w_, &proj2_b_},
+               device, dtype);
+}
+
 at::Tensor ClipVisionEncoder::forward(const at::Tensor& pixels) const {
   const int64_t n = pixels.size(0), D = vcfg_.hidden_size, P = vcfg_.patch_size, S = vcfg_.image_size,
-                C = vcfg_.num_channels, G = S / P, H = vcfg_.num_heads, hd = D / H;
+                C = vcfg_.num_channels, H = vcfg_.num_heads, hd = D / H;
   check(pixels.dim() == 4 && pixels.size(1) == C && pixels.size(2) == S && pixels.size(3) == S, "pixel_values",
         "expected [n, ", C, ", ", S, ", ", S, "] for this CLIP tower, got ", shape_str(pixels.sizes().vec()));
-  // Patches [n, G*G, C*P*P] in row-major patch order, each flattened (C, P, P) like the conv kernel.
-  at::Tensor patches = pixels.to(patch_w_.scalar_type())
-                           .reshape({n, C, G, P, G, P})
-                           .permute({0, 2, 4, 1, 3, 5})
-                           .reshape({n, G * G, C * P * P});
-  at::Tensor x = at::matmul(patches, patch_w_.t());                                  // [n, G*G, D]
+  // The patch convolution (kernel = stride = P) as transformers runs it: [n, D, G, G] -> [n, G*G, D].
+  at::Tensor x = at::conv2d(pixels.to(patch_w_.device(), patch_w_.scalar_type()), patch_w_, {}, {P, P})
+                     .flatten(2)
+                     .transpose(1, 2);
   x = at::cat({class_emb_.view({1, 1, D}).expand({n, 1, D}), x}, 1) + pos_emb_;    // [n, 1+G*G, D]
   x = layer_norm(x, pre_ln_w_, pre_ln_b_, vcfg_.layer_norm_eps);
   std::vector<at::Tensor> states = {x};  // hidden states: embeddings after pre_layrnorm, then each layer
@@ -79,8 +86,14 @@ at::Tensor ClipVisionEncoder::forward(const at::Tensor& pixels) const {
     at::Tensor h = layer_norm(x, L.ln1_w, L.ln1_b, vcfg_.layer_norm_eps);
     auto heads = [&](const at::Tensor& w, const at::Tensor& b) { return dense(h, w, b).view({n, T, H, hd}).transpose(1, 2); };
     at::Tensor q = heads(L.q_w, L.q_b), k = heads(L.k_w, L.k_b), v = heads(L.v_w, L.v_b);  // [n, H, T, hd]
-    at::Tensor p = at::softmax(at::matmul(q, k.transpose(2, 3)) * scale, -1, at::kFloat);
-    x = x + dense(at::matmul(p, v).transpose(1, 2).reshape({n, T, D}), L.o_w, L.o_b);
+    at::Tensor o;  // [n, H, T, hd]
+    if (fused_attention_applies(q)) {
+      o = fused_attention(q, k, v, at::Tensor(), false, scale);
+    } else {
+      at::Tensor p = at::softmax(at::matmul(q, k.transpose(2, 3)) * scale, -1, at::kFloat);
+      o = at::matmul(p.to(v.scalar_type()), v);
+    }
+    x = x + dense(o.transpose(1, 2).reshape({n, T, D}), L.o_w, L.o_b);
     at::Tensor h2 = layer_norm(x, L.ln2_w, L.ln2_b, vcfg_.layer_norm_eps);
     x = x + dense(activation(dense(h2, L.fc1_w, L.fc1_b), vcfg_.hidden_act), L.fc2_w, L.fc2_b);
     states.push_back(x);

@@ -22,6 +22,8 @@ class ClipVisionEncoder {
 
   // pixels [n, C, S, S] (S = image_size) -> projected features [n, tokens_per_image, text_hidden].
   at::Tensor forward(const at::Tensor& pixels) const;
+  // Moves the weights to `device` in `dtype` (the forward pass then runs there, in that dtype).
+  void to(const at::Device& device, at::ScalarType dtype);
 
  private:
   struct Layer {
@@ -29,7 +31,7 @@ class ClipVisionEncoder {
   };
   ClipVisionConfig vcfg_;
   LlavaConfig lcfg_;
-  at::Tensor patch_w_;  // [D, C*P*P]
+  at::Tensor patch_w_;  // [D, C, P, P]
   at::Tensor class_emb_, pos_emb_, pre_ln_w_, pre_ln_b_;
   std::vector<Layer> layers_;  // only as many as the deepest feature layer needs
   at::Tensor proj1_w_, proj1_b_, proj2_w_, proj2_b_;

@@ -16,10 +16,12 @@ namespace {
 
 // Attention of q, k, v [N, H, hd] within consecutive segments of `lengths` tokens (summing to N);
 // returns [N, H*hd]. Runs of equal-length segments (the full windows of an image, the frames of a
-// video) go through one batched matmul [s, H, n, n] instead of one per segment.
+// video) go through one batched call [s, H, n, hd] instead of one per segment (transformers calls
+// SDPA per segment; each (segment, head) is computed on its own either way).
 at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::vector<int64_t>& lengths, double scale) {
   const int64_t H = q.size(1), hd = q.size(2);
+  const bool fused = fused_attention_applies(q);
   std::vector<at::Tensor> outs;
   int64_t off = 0;
   for (size_t i = 0; i < lengths.size();) {
@@ -28,8 +30,14 @@ at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at:
     while (j < lengths.size() && lengths[j] == n) ++j;
     const int64_t s = int64_t(j - i);
     auto split = [&](const at::Tensor& x) { return x.narrow(0, off, s * n).reshape({s, n, H, hd}).transpose(1, 2); };
-    at::Tensor p = at::softmax(at::matmul(split(q), split(k).transpose(2, 3)) * scale, -1, at::kFloat);  // [s, H, n, n]
-    outs.push_back(at::matmul(p, split(v)).transpose(1, 2).reshape({s * n, H * hd}));
+    at::Tensor o;  // [s, H, n, hd]
+    if (fused) {
+      o = fused_attention(split(q), split(k), split(v), at::Tensor(), false, scale);
+    } else {
+      at::Tensor p = at::softmax(at::matmul(split(q), split(k).transpose(2, 3)) * scale, -1, at::kFloat);  // [s, H, n, n]
+      o = at::matmul(p.to(v.scalar_type()), split(v));
+    }
+    outs.push_back(o.transpose(1, 2).reshape({s * n, H * hd}));
     off += s * n;
     i = j;
   }
@@ -62,8 +70,8 @@ Qwen2VisionTower::Qwen2VisionTower(const Qwen2VisionConfig& cfg, const WeightSto
   const int64_t E = cfg.embed_dim, M = cfg.mlp_hidden, ps = cfg.patch_size, C = cfg.in_channels,
                 tps = cfg.temporal_patch_size, merged = E * cfg.spatial_merge_size * cfg.spatial_merge_size;
   WeightLoader w(store, prefix);
-  // Conv3d with kernel = stride = (tps, ps, ps) over one patch is a linear map of its C*tps*ps*ps values.
-  patch_w_ = w.get("patch_embed.proj.weight", {E, C, tps, ps, ps}).reshape({E, C * tps * ps * ps});
+  // Conv3d with kernel = stride = (tps, ps, ps), run per patch as transformers does.
+  patch_w_ = w.get("patch_embed.proj.weight", {E, C, tps, ps, ps});
   for (int64_t i = 0; i < cfg.depth; ++i) {
     WeightLoader b = w.sub("blocks." + std::to_string(i) + ".");
     Block B;
@@ -102,6 +110,15 @@ Qwen2VisionTower::Qwen2VisionTower(const Qwen2VisionConfig& cfg, const WeightSto
   inv_freq_ = rope_inv_freq(E / cfg.num_heads / 2, cfg.rope_theta);
 }
 
+void Qwen2VisionTower::to(const at::Device& device, at::ScalarType dtype) {
+  for (Block& B : blocks_)
+    move_tensors({&B.norm1_w, &B.norm1_b, &B.norm2_w, &B.norm2_b, &B.qkv_w, &B.qkv_b, &B.proj_w, &B.proj_b, &B.fc1_w,
+                  &B.fc1_b, &B.fc2_w, &B.fc2_b, &B.gate_w, &B.gate_b, &B.up_w, &B.up_b, &B.down_w, &B.down_b},
+                 device, dtype);
+  move_tensors({&patch_w_, &ln_q_w_, &ln_q_b_, &mlp0_w_, &mlp0_b_, &mlp2_w_, &mlp2_b_}, device, dtype);
+  // inv_freq_ stays on the CPU in float32: the angles are computed there and moved.
+}
+
 at::Tensor Qwen2VisionTower::norm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) const {
   return cfg_.windowed ? rms_norm(x, w, 1e-6) : layer_norm(x, w, b, 1e-6);
 }
@@ -122,9 +139,12 @@ at::Tensor Qwen2VisionTower::forward(const at::Tensor& patches,
           ", ", g[1], ", ", g[2], ") must be positive with h and w multiples of spatial_merge_size ", m);
     total += g[0] * g[1] * g[2];
   }
-  check(patches.dim() == 2 && patches.size(0) == total && patches.size(1) == patch_w_.size(1), "pixel_values",
-        "expected [", total, ", ", patch_w_.size(1), "] patches for the image grids, got ", shape_str(patches.sizes().vec()));
-  at::Tensor x = at::matmul(patches.to(patch_w_.scalar_type()), patch_w_.t());  // [N, E]
+  const int64_t C = cfg_.in_channels, tps = cfg_.temporal_patch_size, ps = cfg_.patch_size;
+  check(patches.dim() == 2 && patches.size(0) == total && patches.size(1) == C * tps * ps * ps, "pixel_values",
+        "expected [", total, ", ", C * tps * ps * ps, "] patches for the image grids, got ",
+        shape_str(patches.sizes().vec()));
+  at::Tensor px = patches.to(patch_w_.device(), patch_w_.scalar_type()).reshape({total, C, tps, ps, ps});
+  at::Tensor x = at::conv3d(px, patch_w_, {}, {tps, ps, ps}).view({total, E});  // [N, E]
 
   // Row and column of every patch, listed in the processor's order (2x2 merge blocks row-major).
   std::vector<int64_t> rows, cols, frames;  // frames: patches per frame of each image (attention segments)
@@ -145,7 +165,7 @@ at::Tensor Qwen2VisionTower::forward(const at::Tensor& patches,
   at::Tensor r = at::tensor(rows, opts).to(at::kFloat).unsqueeze(1), c = at::tensor(cols, opts).to(at::kFloat).unsqueeze(1);
   at::Tensor inv = inv_freq_.unsqueeze(0);
   at::Tensor angles = at::cat({r * inv, c * inv}, 1);             // [N, hd/2]: rows then columns
-  at::Tensor emb = at::cat({angles, angles}, 1).to(x.device());   // [N, hd]
+  at::Tensor emb = at::cat({angles, angles}, 1).to(x.device());   // [N, hd] float32
 
   // Qwen2.5-VL: merged tokens (groups of mm consecutive patches) in window order, their rotary angles
   // with them; windows of wo.lengths[i] * mm patches.
@@ -158,13 +178,15 @@ at::Tensor Qwen2VisionTower::forward(const at::Tensor& patches,
     emb = emb.view({total / mm, mm, hd}).index_select(0, window_index).view({total, hd});
     for (int64_t n : wo.lengths) windows.push_back(n * mm);
   }
-  at::Tensor cos = emb.cos().unsqueeze(1), sin = emb.sin().unsqueeze(1);  // [N, 1, hd]
+  at::Tensor cos = emb.cos().unsqueeze(1), sin = emb.sin().unsqueeze(1);  // [N, 1, hd] float32
+  // Rotation in float32, rounded back to the activations' dtype (as transformers).
+  auto rotate = [&](const at::Tensor& t) { return apply_rotary(t.to(at::kFloat), cos, sin).to(x.scalar_type()); };
 
   const double scale = 1.0 / std::sqrt(double(hd));
   for (const Block& B : blocks_) {
     at::Tensor h = norm(x, B.norm1_w, B.norm1_b);
     at::Tensor qkv = dense(h, B.qkv_w, B.qkv_b).view({total, 3, H, hd});
-    at::Tensor q = apply_rotary(qkv.select(1, 0), cos, sin), k = apply_rotary(qkv.select(1, 1), cos, sin);
+    at::Tensor q = rotate(qkv.select(1, 0)), k = rotate(qkv.select(1, 1));
     at::Tensor v = qkv.select(1, 2);
     // Within each frame of each image (transformers' cu_seqlens; window order keeps frames contiguous)
     // or within each window (cu_window_seqlens).

@@ -36,6 +36,8 @@ class Qwen2VisionTower {
   // patches [N, C*tps*ps*ps] for all images concatenated, N = sum over images of t*h*w (patch grids);
   // returns [N / merge^2, out_hidden] merged tokens in the same order.
   at::Tensor forward(const at::Tensor& patches, const std::vector<std::array<int64_t, 3>>& grids) const;
+  // Moves the weights to `device` in `dtype` (the forward pass then runs there, in that dtype).
+  void to(const at::Device& device, at::ScalarType dtype);
 
  private:
   struct Block {
@@ -49,7 +51,7 @@ class Qwen2VisionTower {
   at::Tensor mlp(const Block& B, const at::Tensor& x) const;
 
   Qwen2VisionConfig cfg_;
-  at::Tensor patch_w_;  // [E, C*tps*ps*ps]
+  at::Tensor patch_w_;  // [E, C, tps, ps, ps]
   std::vector<Block> blocks_;
   at::Tensor ln_q_w_, ln_q_b_, mlp0_w_, mlp0_b_, mlp2_w_, mlp2_b_;
   at::Tensor inv_freq_;  // [head_dim/4]
