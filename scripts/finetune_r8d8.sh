@@ -5,9 +5,10 @@
 # from the same conversion; prints accuracy, KL and the text kinds after each.
 #
 #   bash scripts/finetune_r8d8.sh [SHAPES_DATA_DIR] [cpu|cuda] [MLAFORGE_BINARY] [RUN...]
-# RUN: epochs2, text4, text4-epochs2, calibtext-epochs2 (default: all). calibtext converts with the
-# text-only rows of train.jsonl added to the calibration rows (the text latent then sees text-only
-# prompts, 106 of them arithmetic, instead of 14).
+# RUN: epochs2, text4, text4-epochs2, calibtext-epochs2 (default: these four), epochs3, epochs4,
+# lr4e-4-epochs2, attnmse-epochs2. calibtext converts with the text-only rows of train.jsonl added to
+# the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
+# of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data/shapes}
@@ -18,7 +19,7 @@ runs=${*:-epochs2 text4 text4-epochs2 calibtext-epochs2}
 out=build/ft-r8d8
 orig=models/qwen2vl-shapes
 mkdir -p "$out"
-[[ " $runs " != *" epochs2 "* && " $runs " != *" text4"* ]] || [ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
+[ "$runs" = calibtext-epochs2 ] || [ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
   --device "$dev" --dtype f32 >/dev/null
 # train.jsonl with its text-only rows (no "image") four times; images resolve against the data folder.
 text4=$data/train-text4.jsonl
@@ -29,11 +30,11 @@ if [[ " $runs " == *" calibtext"* ]] && [ ! -d "$out/r8-d8-calibtext" ]; then
   $mf convert --model $orig --out "$out/r8-d8-calibtext" --calib "$calibtext" --calib-samples 100000 --rope-pairs 8 \
     --dkv 8 --device "$dev" --dtype f32 >/dev/null
 fi
-run() {  # NAME DATA EPOCHS CONVERTED [extra finetune options]
-  local name=$1 train=$2 epochs=$3 model=$4; shift 4
+run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS]]
+  local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl}
   [[ " $runs " == *" $name "* ]] || return 0
   [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$model" --teacher $orig --data "$train" \
-    --out "$out/$name" --epochs "$epochs" --batch 16 --lr 2e-4 --loss ce+kl --kl-weight 10 --device "$dev" "$@" >/dev/null
+    --out "$out/$name" --epochs "$epochs" --batch 16 --lr "$lr" --loss "$loss" --kl-weight 10 --device "$dev" >/dev/null
   [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
     --device "$dev" --dtype f32 --report "$out/$name.eval.json" >/dev/null
   printf "%-28s " "$name"
@@ -48,3 +49,7 @@ run epochs2 "$data/train.jsonl" 2 "$out/r8-d8"
 run text4 "$text4" 1 "$out/r8-d8"
 run text4-epochs2 "$text4" 2 "$out/r8-d8"
 run calibtext-epochs2 "$data/train.jsonl" 2 "$out/r8-d8-calibtext"
+run epochs3 "$data/train.jsonl" 3 "$out/r8-d8"
+run epochs4 "$data/train.jsonl" 4 "$out/r8-d8"
+run lr4e-4-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 4e-4
+run attnmse-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+attn-mse

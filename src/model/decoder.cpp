@@ -296,7 +296,8 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
   at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
   ctx.mask = mask.view({B, 1, 1, T, S});
-  if (fused_attention_applies(x_in))  // one host sync per pass, only where it matters
+  // One host sync per pass, only where fused attention runs (not the absorbed decode of a latent cache).
+  if (fused_attention_applies(x_in) && !(cache.is_latent() && T == 1))
     ctx.unmasked = (T == 1 || start == 0) && cache.key_valid.narrow(1, 0, S).all().item<bool>();
   return ctx;
 }
