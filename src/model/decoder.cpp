@@ -255,7 +255,9 @@ at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const a
   const int64_t B = q.size(0), h = q.size(1), T = q.size(2), dh = q.size(3), g = K.size(1), S = K.size(2);
   const int64_t group = h / g;
   const bool observed = taps.observer && *taps.observer;  // the observer needs the probabilities
-  if (!observed && fused_attention_applies(q) && K.scalar_type() == q.scalar_type()) {
+  // Prefill only: decoding through SDPA inside the model ran 2.7-3x slower than the explicit form on the
+  // H200, cause not found (docs/inference.md).
+  if (!observed && T > 1 && fused_attention_applies(q) && K.scalar_type() == q.scalar_type()) {
     at::Tensor mask = ctx.unmasked ? at::Tensor() : ctx.mask.view({B, 1, T, S});
     at::Tensor o = fused_attention(q, K, V, mask, ctx.unmasked && T > 1, 1.0 / std::sqrt(double(dh)));  // [B, h, T, dh]
     return dense(o.transpose(1, 2).reshape({B, T, h * dh}), L.o_w, L.o_b);
@@ -296,9 +298,8 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
   at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
   ctx.mask = mask.view({B, 1, 1, T, S});
-  // One host sync per pass, only where fused attention runs (not the absorbed decode of a latent cache).
-  if (fused_attention_applies(x_in) && !(cache.is_latent() && T == 1))
-    ctx.unmasked = (T == 1 || start == 0) && cache.key_valid.narrow(1, 0, S).all().item<bool>();
+  // One host sync per prefill where fused attention runs; none while decoding.
+  if (T > 1 && start == 0 && fused_attention_applies(x_in)) ctx.unmasked = valid.all().item<bool>();
   return ctx;
 }
 

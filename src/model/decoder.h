@@ -56,9 +56,9 @@ struct LayerContext {
   at::Tensor cos, sin;  // [B, T, dh] in the activations' dtype
   at::Tensor mask;      // [B, 1, 1, T, S] bool: causal, padding keys hidden
   int64_t start = 0, end = 0;  // cache positions [start, end) the pass writes
-  // Fused attention (fused_attention_applies) needs no mask: no key is padding, and the pass is a
-  // whole prefill (causal from position 0) or one query per row. transformers then passes no mask
-  // either, so the same SDPA kernel runs.
+  // Fused attention (fused_attention_applies, prefill) needs no mask: no key is padding and the pass
+  // is a whole prefill (causal from position 0). transformers then passes no mask either, so the
+  // same SDPA kernel runs.
   bool unmasked = false;
 };
 
