@@ -367,21 +367,21 @@ std::vector<std::pair<std::string, at::Tensor*>> DecoderLM::named_weights() {
 }
 
 void DecoderLM::to(const at::Device& device, at::ScalarType dtype) {
-  for (DecoderLayer& L : layers_) {
-    const bool tied = L.kv_down[0].defined() && tied_latent(L);
-    move_tensors({&L.q_w, &L.q_b, &L.k_w, &L.k_b, &L.v_w, &L.v_b, &L.o_w, &L.o_b, &L.input_norm, &L.post_norm, &L.gate_w,
-                  &L.up_w, &L.down_w, &L.k_rope_w, &L.k_rope_b, &L.kv_down[0], &L.kv_up[0], &L.kv_up_b, &L.kv_w},
-                 device, dtype);
-    if (tied) {
+  // Every weight named_weights lists (shared MLA factors once: the tie is restored after the move),
+  // then the embeddings and the head, which it leaves out.
+  std::vector<bool> tied;
+  for (const DecoderLayer& L : layers_) tied.push_back(L.kv_down[0].defined() && tied_latent(L));
+  for (auto& named : named_weights()) move_tensors({named.second}, device, dtype);
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    DecoderLayer& L = layers_[i];
+    if (tied[i]) {
       L.kv_down[1] = L.kv_down[0];
       L.kv_up[1] = L.kv_up[0];
-    } else {
-      move_tensors({&L.kv_down[1], &L.kv_up[1]}, device, dtype);
     }
     if (L.rope_dims.defined()) L.rope_dims = L.rope_dims.to(device);
   }
   const bool tied_head = head_w_.is_same(embed_w_);
-  move_tensors({&embed_w_, &final_norm_}, device, dtype);
+  move_tensors({&embed_w_}, device, dtype);
   head_w_ = tied_head ? embed_w_ : head_w_.to(device, dtype);
   inv_freq_ = inv_freq_.to(device);  // stays float32: RoPE angles are computed in float32 as transformers does
 }
