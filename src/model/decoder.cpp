@@ -259,7 +259,7 @@ at::Tensor DecoderLM::attend(const DecoderLayer& L, const at::Tensor& q, const a
   // H200, cause not found (docs/inference.md).
   if (!observed && T > 1 && fused_attention_applies(q) && K.scalar_type() == q.scalar_type()) {
     at::Tensor mask = ctx.unmasked ? at::Tensor() : ctx.mask.view({B, 1, T, S});
-    at::Tensor o = fused_attention(q, K, V, mask, ctx.unmasked && T > 1, 1.0 / std::sqrt(double(dh)));  // [B, h, T, dh]
+    at::Tensor o = fused_attention(q, K, V, mask, ctx.unmasked, 1.0 / std::sqrt(double(dh)));  // [B, h, T, dh]
     return dense(o.transpose(1, 2).reshape({B, T, h * dh}), L.o_w, L.o_b);
   }
   const at::Tensor& mask = ctx.mask;

@@ -61,6 +61,12 @@ at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::T
 #endif
 }
 
+at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale) {
+  if (fused_attention_applies(q)) return fused_attention(q, k, v, at::Tensor(), false, scale);
+  at::Tensor p = at::softmax(at::matmul(q, k.transpose(-2, -1)) * scale, -1, at::kFloat);  // [..., H, n, n]
+  return at::matmul(p.to(v.scalar_type()), v);
+}
+
 void move_tensors(std::initializer_list<at::Tensor*> tensors, const at::Device& device, at::ScalarType dtype) {
   for (at::Tensor* t : tensors)
     if (t->defined()) *t = t->to(device, t->is_floating_point() ? dtype : t->scalar_type());

@@ -31,6 +31,9 @@ bool have_fused_attention();
 // as transformers does with a mask); causal: top-left causal (T == S). Returns [B, h, T, d].
 at::Tensor fused_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& mask,
                            bool causal, double scale);
+// softmax(q k^T * scale) v with every query seeing every key (vision towers): q, k, v [..., H, n, d]
+// -> [..., H, n, d]. Fused where fused_attention_applies, else explicit with a float32 softmax.
+at::Tensor full_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale);
 // Moves each defined tensor to `device`, floating ones also to `dtype`.
 void move_tensors(std::initializer_list<at::Tensor*> tensors, const at::Device& device, at::ScalarType dtype);
 // Activations by HF name: silu, gelu (exact), quick_gelu (x * sigmoid(1.702 x)).

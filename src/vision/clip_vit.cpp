@@ -86,13 +86,7 @@ at::Tensor ClipVisionEncoder::forward(const at::Tensor& pixels) const {
     at::Tensor h = layer_norm(x, L.ln1_w, L.ln1_b, vcfg_.layer_norm_eps);
     auto heads = [&](const at::Tensor& w, const at::Tensor& b) { return dense(h, w, b).view({n, T, H, hd}).transpose(1, 2); };
     at::Tensor q = heads(L.q_w, L.q_b), k = heads(L.k_w, L.k_b), v = heads(L.v_w, L.v_b);  // [n, H, T, hd]
-    at::Tensor o;  // [n, H, T, hd]
-    if (fused_attention_applies(q)) {
-      o = fused_attention(q, k, v, at::Tensor(), false, scale);
-    } else {
-      at::Tensor p = at::softmax(at::matmul(q, k.transpose(2, 3)) * scale, -1, at::kFloat);
-      o = at::matmul(p.to(v.scalar_type()), v);
-    }
+    at::Tensor o = full_attention(q, k, v, scale);  // [n, H, T, hd]
     x = x + dense(o.transpose(1, 2).reshape({n, T, D}), L.o_w, L.o_b);
     at::Tensor h2 = layer_norm(x, L.ln2_w, L.ln2_b, vcfg_.layer_norm_eps);
     x = x + dense(activation(dense(h2, L.fc1_w, L.fc1_b), vcfg_.hidden_act), L.fc2_w, L.fc2_b);

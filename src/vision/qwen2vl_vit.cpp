@@ -21,7 +21,6 @@ namespace {
 at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                              const std::vector<int64_t>& lengths, double scale) {
   const int64_t H = q.size(1), hd = q.size(2);
-  const bool fused = fused_attention_applies(q);
   std::vector<at::Tensor> outs;
   int64_t off = 0;
   for (size_t i = 0; i < lengths.size();) {
@@ -30,13 +29,7 @@ at::Tensor segment_attention(const at::Tensor& q, const at::Tensor& k, const at:
     while (j < lengths.size() && lengths[j] == n) ++j;
     const int64_t s = int64_t(j - i);
     auto split = [&](const at::Tensor& x) { return x.narrow(0, off, s * n).reshape({s, n, H, hd}).transpose(1, 2); };
-    at::Tensor o;  // [s, H, n, hd]
-    if (fused) {
-      o = fused_attention(split(q), split(k), split(v), at::Tensor(), false, scale);
-    } else {
-      at::Tensor p = at::softmax(at::matmul(split(q), split(k).transpose(2, 3)) * scale, -1, at::kFloat);  // [s, H, n, n]
-      o = at::matmul(p.to(v.scalar_type()), split(v));
-    }
+    at::Tensor o = full_attention(split(q), split(k), split(v), scale);  // [s, H, n, hd]
     outs.push_back(o.transpose(1, 2).reshape({s * n, H * hd}));
     off += s * n;
     i = j;
