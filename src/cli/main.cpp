@@ -43,12 +43,11 @@ const char* kDtypeHelp =
 // --device: where the model runs; --dtype: its weights and activations (auto: a bf16 or f16
 // checkpoint stays in it on cuda, float32 on the CPU).
 std::unique_ptr<Vlm> load_on(const std::string& dir, const std::string& device, const std::string& dtype = "auto") {
-  if (dtype != "auto" && dtype != "f32" && dtype != "bf16")
-    throw Error("--dtype: choose auto, f32 or bf16 (got \"" + dtype + "\")");
   LoadOptions lo;
   lo.device = parse_device(device);
-  lo.dtype = dtype == "bf16" ? at::kBFloat16 : at::kFloat;
-  lo.stored_half = dtype == "auto" && device == "cuda";
+  // auto here: a bf16 or f16 checkpoint stays as stored on cuda, anything else runs in float32.
+  lo.dtype = dtype == "auto" ? at::kFloat : parse_dtype(dtype, lo.device);
+  lo.stored_half = dtype == "auto" && lo.device.is_cuda();
   return Vlm::load(dir, lo);
 }
 

@@ -42,17 +42,14 @@ ConvertReport convert_model(const ConvertOptions& o) {
   check(!o.out_dir.empty(), "--out", "an output directory is needed");
   check(fs::absolute(o.out_dir).lexically_normal() != fs::absolute(o.model_dir).lexically_normal(), o.out_dir,
         "the output directory must differ from the input model");
-  const at::Device device = parse_device(o.device);
-  check(o.dtype == "auto" || o.dtype == "f32" || o.dtype == "bf16", "--dtype", "choose auto, f32 or bf16 (got \"",
-        o.dtype, "\")");
+  const at::Device dev = parse_device(o.device);
   reset_peak_device_bytes();
   // Streaming: the decoder's layers are never all loaded; each comes from the checkpoint when its
   // turn comes (calibration, then factorisation), in the compute dtype (bf16 on cuda by default).
   LoadOptions lopt;
-  lopt.device = device;
-  lopt.dtype = o.dtype == "bf16" || (o.dtype == "auto" && o.device == "cuda") ? at::kBFloat16 : at::kFloat;
+  lopt.device = dev;
+  lopt.dtype = parse_dtype(o.dtype, dev);
   lopt.decoder_layers = false;
-  const at::Device dev = lopt.device;
   auto model = Vlm::load(o.model_dir, lopt);
   const ModelConfig& cfg = model->config();
   // A stage-1 checkpoint (partial RoPE, no latent) goes on to stage 2 with its own rotary pairs.

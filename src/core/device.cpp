@@ -12,4 +12,9 @@ at::Device parse_device(const std::string& name, const std::string& option) {
   return name == "cuda" ? at::Device(at::kCUDA) : at::Device(at::kCPU);
 }
 
+at::ScalarType parse_dtype(const std::string& name, const at::Device& device) {
+  check(name == "auto" || name == "f32" || name == "bf16", "--dtype", "choose auto, f32 or bf16 (got \"", name, "\")");
+  return name == "bf16" || (name == "auto" && device.is_cuda()) ? at::kBFloat16 : at::kFloat;
+}
+
 }  // namespace mlaforge

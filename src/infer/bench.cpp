@@ -149,10 +149,7 @@ int run_bench(const BenchOptions& o) {
   check(o.context > 0 && o.batch > 0 && o.decode_steps > 2 && o.prefill_chunk > 0, "bench",
         "--context, --batch, --prefill-chunk must be positive and --decode-steps at least 3");
   const at::Device dev = parse_device(o.device);
-  const at::ScalarType dtype = o.dtype == "bf16" ? at::kBFloat16
-                               : o.dtype == "f32" ? at::kFloat
-                               : o.dtype == "auto" ? (dev.is_cuda() ? at::kBFloat16 : at::kFloat)
-                                                   : (fail("--dtype", "choose auto, f32 or bf16 (got ", o.dtype, ")"), at::kFloat);
+  const at::ScalarType dtype = parse_dtype(o.dtype, dev);
   ModelConfig cfg = load_model_config(o.model_dir);
   TextConfig text = cfg.text;
   if (o.layers > 0) text.num_layers = std::min(text.num_layers, o.layers);
