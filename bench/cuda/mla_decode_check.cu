@@ -1,7 +1,7 @@
 // Correctness and bandwidth check of the CUDA MLA decode kernel (src/kernels/cuda/mla_decode.cu) against a
 // float64 host reference; standalone (nvcc, no torch). From the repository root:
 //
-//   nvcc -std=c++17 -O3 -arch=sm_90 -Isrc -o /tmp/mla_check bench/cuda/mla_decode_check.cu src/kernels/cuda/mla_decode.cu && /tmp/mla_check
+//   nvcc -std=c++17 -O3 -gencode arch=compute_90a,code=sm_90a -DMLAFORGE_CUDA_SM90A -Isrc -o /tmp/mla_check bench/cuda/mla_decode_check.cu src/kernels/cuda/mla_decode.cu && /tmp/mla_check
 //
 // Options: --quick (small cases only, no timing), --filter SUBSTRING (cases whose name contains it).
 // One line per case and path; exit status 1 if any case fails.
@@ -528,6 +528,12 @@ std::vector<Case> make_cases(bool quick) {
       // Modality extremes: all text, all image.
       {"text_h8_kv2_r16_R64", 8, 2, 16, 64, 16, 32, {0, 7}, {800, 2100}, 0.f},
       {"image_h8_kv2_r16_R64", 8, 2, 16, 64, 16, 32, {0, 7}, {800, 2100}, 1.f},
+      // Row-pair kernel shapes (128 rotary values and latent 128 per token, bf16): 1, 2 and 4 warps per consumer,
+      // blocks of two tiles, a batch row shorter than one tile, a split whose second consumer gets no tile.
+      {"h8_kv2_r64_R128", 8, 2, 64, 128, 32, 64, {0, 3}, {500, 60}, 0.5f},
+      {"h12_kv2_r64_R128", 12, 2, 64, 128, 32, 64, {70, 0}, {1300, 2000}, 0.4f},
+      {"h16_kv4_r32_R128_bs128", 16, 4, 32, 128, 32, 128, {5, 0, 130}, {900, 3000, 190}, 0.4f},
+      {"h28_kv4_r32_R128_short", 28, 4, 32, 128, 32, 64, {0, 10, 63}, {1, 70, 64}, 0.5f},
   };
   for (const Shape& s : small)
     for (F rf : rope_formats)
@@ -634,12 +640,12 @@ int main(int argc, char** argv) {
     }
     const bool all_f32 = c.rope_format == KvFormat::F32 && c.latent_format == KvFormat::F32;
     const double tol = all_f32 ? 1e-5 : 1e-2;
-    for (const char* path : {"auto", "cc"}) {
-      if (std::strcmp(path, "cc") == 0) {
-        if (c.large) continue;
-        setenv("MLAFORGE_MLA_CUDA_PATH", "cc", 1);
-      } else {
+    for (const char* path : {"auto", "mma", "tc", "cc"}) {
+      if (std::strcmp(path, "auto") == 0) {
         unsetenv("MLAFORGE_MLA_CUDA_PATH");
+      } else {
+        if (c.large && std::strcmp(path, "cc") == 0) continue;
+        setenv("MLAFORGE_MLA_CUDA_PATH", path, 1);
       }
       const std::vector<float> out = d.run(stream);
       const double err = relative_error(h, out, seqs);

@@ -6,7 +6,10 @@
 // the workspace. A combine kernel merges the splits with the log-sum-exp rule. With one split the main
 // kernel writes `out` itself and there is no combine.
 //
-// Two main kernels:
+// Three main kernels, the first that applies:
+//  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
+//    128 per token, at most 32 heads, blocks of a power-of-two multiple of 64 tokens): see its own comment;
+//    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync.
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
 //    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
 //    products run on tensor cores (ldmatrix + mma.sync m16n8k16 bf16, fp32 accumulation):
@@ -31,6 +34,7 @@
 #include <cuda_runtime.h>
 
 #include <cuda/std/atomic>
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -647,6 +651,449 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Row-pair kernel (bf16 rotary keys and latent; kv_heads * rope_dim == kKR, latent_dim == kR; block_size a
+// power of two and a multiple of kTile). The tensor-core kernel above spends most of its time between the
+// products (scores through shared memory, three CTA barriers per tile, 4 warps per scheduler mostly
+// waiting); this one keeps everything between the two products in registers:
+//  - The MMA rows are (head, modality) pairs: row tile j (a warp) holds heads 8j..8j+7 as rows 0-7 with
+//    their text queries and rows 8-15 with their image queries, so in the C fragment lane (g, q) holds the
+//    text score (row g) and the image score (row g+8) of the same head and picks per token the one of the
+//    token's modality. The online softmax runs in registers (a head's row is spread over the 4 lanes of a
+//    quad), and P converts in place into the A fragments of O += P . C: the text row of P keeps the weights
+//    of text tokens, the image row those of image tokens, so one product yields both latent accumulators.
+//  - Queries live in registers for the whole kernel (A fragments, loaded once from global memory).
+//  - Tiles are aligned to kTile positions, so each tile is kTile consecutive rows of one pool block: one
+//    block-table read per tile and fully contiguous 16-byte cp.async copies (rows outside [begin, end) are
+//    zero-filled and masked).
+//  - Shared memory: see tile_offset (padded rows for ldmatrix; Hopper's 128-byte swizzle for wgmma, which
+//    reads the same tile as the K-major B of the scores (tokens x features) and as the MN-major B of the
+//    accumulation (tokens x latent columns)).
+//  - kWgmma (sm_90a): the 4 warps of a consumer are one warpgroup and both products are asynchronous
+//    warpgroup MMAs (wgmma m64n64k16 for the scores, m64n128k16 for O) from register A fragments and shared
+//    memory B descriptors; otherwise mma.sync m16n8k16 with ldmatrix.
+//  - The CTA holds kRvConsumers independent consumers of kRowWarps warps; consumer c streams tiles
+//    c, c + kRvConsumers, ... of the split through its own cp.async ring with its own named barrier and its
+//    own softmax state, and the consumers merge their states at the end.
+// One CTA per SM (the rings take ~200 KB of shared memory); grid (split, sequence).
+
+constexpr int kRvConsumers = 2;
+constexpr int kRvStages = 3;
+
+struct RvArgs {
+  MlaDecodeParams p;
+  int num_splits;
+  float* part_acc;    // [batch, splits, heads, 2, R]
+  float2* part_ml;    // [batch, splits, heads]
+  float score_scale;  // p.scale * log2(e)
+  int block_shift;    // log2(block_size)
+  int stage_bytes;    // one stage: rope [kTile x kKR] bf16, latent [kTile x kR] bf16 (tile_offset), is_image [kTile]
+  int smem_bytes;     // kRvConsumers * kRvStages * stage_bytes
+};
+
+__device__ __forceinline__ void named_barrier(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// Shared-memory layout of a tile of kTile rows x `chunks` 16-byte chunks (byte offset of chunk `chunk` of row
+// `row`). mma.sync: rows padded by 16 bytes (ldmatrix and the row-contiguous copies are free of bank
+// conflicts). wgmma: Hopper's 128-byte swizzle (Swizzle<3,4,3>): the columns in halves of 64 bf16 (half h at
+// h * kTile * 128, 1024-byte aligned), row r at 128 r in its half, chunk c at 16 (c ^ (r % 8)); the warpgroup
+// MMA reads this as the K-major B of the scores and the MN-major B of the accumulation.
+template <bool kSwizzled>
+__device__ __forceinline__ int tile_offset(int row, int chunk, int chunks) {
+  if constexpr (kSwizzled) {
+    return (chunk >> 3) * (kTile * 128) + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+  } else {
+    return row * (chunks * 16 + 16) + chunk * 16;
+  }
+}
+template <bool kSwizzled>
+__host__ __device__ constexpr int tile_bytes(int chunks) {
+  return kSwizzled ? kTile * chunks * 16 : kTile * (chunks * 16 + 16);
+}
+
+// Descriptor strides of the MN-major accumulation operand in the swizzled layout (next 64 columns, next 8
+// rows), as bench/cuda/wgmma_probe.cu finds them on the device.
+#ifndef MLAFORGE_RV_MN_LBO
+#define MLAFORGE_RV_MN_LBO 8192
+#define MLAFORGE_RV_MN_SBO 1024
+#endif
+
+// Warpgroup MMA (sm_90a) shared-memory descriptor with the 128-byte swizzle: start address, leading and
+// stride byte offsets (all >> 4), layout type 1 in bits 62-63. A K-major B takes SBO = 1024 (next 8 rows)
+// and no LBO (one swizzle atom spans the k-step); the k-step's columns are selected by advancing the start
+// address by 32 bytes per 16 columns inside the atom.
+__device__ __forceinline__ uint64_t wgmma_desc(const void* smem_ptr, int lbo, int sbo) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  return static_cast<uint64_t>((addr >> 4) & 0x3fff) | (static_cast<uint64_t>((lbo >> 4) & 0x3fff) << 16) |
+         (static_cast<uint64_t>((sbo >> 4) & 0x3fff) << 32) | (static_cast<uint64_t>(1) << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+// d[64 x 64] (= or +=) a[64 x 16] . B[16 x 64], B K-major in shared memory; `accumulate` 0 overwrites d.
+__device__ __forceinline__ void wgmma_64x64(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,"
+      "%30,%31}, {%32,%33,%34,%35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// d[64 x 128] += a[64 x 16] . B[16 x 128], B MN-major in shared memory.
+__device__ __forceinline__ void wgmma_64x128_mn(float (&d)[16][4], const uint32_t (&a)[4], uint64_t desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,"
+      "%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,"
+      "%58,%59,%60,%61,%62,%63}, {%64,%65,%66,%67}, %68, 1, 1, 1, 1;\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]), "+f"(d[5][0]),
+        "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+        "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]), "+f"(d[10][0]), "+f"(d[10][1]),
+        "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+        "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]),
+        "+f"(d[13][2]), "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+        "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc));
+#else
+  __trap();
+#endif
+}
+
+template <int kRowWarps, int kKR, int kR, bool kWgmma>
+__global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_rowpair_kernel(const __grid_constant__ RvArgs a) {
+  constexpr int kThreadsC = kRowWarps * 32;           // threads per consumer
+  constexpr int kRopeChunks = kKR / 8, kLatChunks = kR / 8;  // 16-byte chunks per row
+  constexpr int kRopeBytes = tile_bytes<kWgmma>(kRopeChunks), kLatBytes = tile_bytes<kWgmma>(kLatChunks);
+  constexpr int kLatSteps = kR / 16;  // k-steps of the latent score; pairs of O column blocks
+  constexpr int kOBlocks = kR / 8;
+  constexpr int kRopeSteps = kKR / 16;  // rotary k-steps; an mma.sync row tile visits only its KV heads'
+  static_assert(kKR % 16 == 0 && kR % 16 == 0, "rope and latent widths: multiples of 16");
+  static_assert((kTile * kRopeChunks) % kThreadsC == 0 && (kTile * kLatChunks) % kThreadsC == 0, "copy split");
+  static_assert(!kWgmma || (kRowWarps == 4 && kR == 128 && kTile == 64), "wgmma: one warpgroup, n64 scores, n128 O");
+
+  extern __shared__ __align__(1024) unsigned char smem[];  // swizzle atoms are 1024-byte aligned
+  const MlaDecodeParams& p = a.p;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int consumer = tid / kThreadsC, tid_c = tid % kThreadsC, warp_c = tid_c >> 5;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int split = blockIdx.x, b = blockIdx.y;
+  const int H = p.heads, group = H / p.kv_heads, rd = p.rope_dim, bs = p.block_size;
+
+  // Tiles [kTile t, kTile t + kTile) from the one holding `begin`; split s takes a contiguous run of them.
+  const int begin = p.seq_begin[b], end = p.seq_end[b];
+  const int t_first = begin / kTile;
+  const int t_count = end > begin ? (end + kTile - 1) / kTile - t_first : 0;
+  const int per_split = (t_count + a.num_splits - 1) / a.num_splits;
+  const int t_lo = t_first + split * per_split;
+  const int t_hi = min(t_first + t_count, t_lo + per_split);
+  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  if (t_lo >= t_hi) {
+    // No tokens: a weight of zero for the combine, or zeros when this CTA writes `out` itself.
+    if (a.num_splits == 1) {
+      for (int i = tid; i < H * 2 * kR; i += kRvConsumers * kThreadsC) dst.acc[i] = 0.f;
+    } else {
+      for (int h = tid; h < H; h += kRvConsumers * kThreadsC) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    }
+    return;
+  }
+  const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+  unsigned char* ring = smem + static_cast<size_t>(consumer) * kRvStages * a.stage_bytes;
+
+  // No zeroing of the rings: every byte the products read is written by a copy first (rows outside the
+  // sequence are zero-filled; the padding of the mma.sync layout is never read).
+
+  auto tile_of = [&](int i) { return t_lo + consumer + kRvConsumers * i; };
+  auto issue = [&](int i, int blk) {
+    unsigned char* st = ring + (i % kRvStages) * a.stage_bytes;
+    const int pos0 = tile_of(i) * kTile;
+    const int64_t row0 = static_cast<int64_t>(blk) * bs + (pos0 & (bs - 1));
+    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * (2 * kKR);
+    const unsigned char* lsrc = static_cast<const unsigned char*>(p.latent) + row0 * (2 * kR);
+    // Interior tiles (the common case) skip the per-row bounds test. Copy e takes row e / chunks, chunk
+    // e % chunks: a warp copies whole 128-byte global lines into 128 distinct shared-memory bytes per 8 lanes.
+    const bool interior = pos0 >= begin && pos0 + kTile <= end;
+#pragma unroll
+    for (int k = 0; k < kTile * kRopeChunks / kThreadsC; ++k) {
+      const int e = tid_c + k * kThreadsC, tok = e / kRopeChunks, col = e % kRopeChunks;
+      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+      cp_async(st + tile_offset<kWgmma>(tok, col, kRopeChunks), rsrc + e * 16, 16, valid);
+    }
+#pragma unroll
+    for (int k = 0; k < kTile * kLatChunks / kThreadsC; ++k) {
+      const int e = tid_c + k * kThreadsC, tok = e / kLatChunks, col = e % kLatChunks;
+      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+      cp_async(st + kRopeBytes + tile_offset<kWgmma>(tok, col, kLatChunks), lsrc + e * 16, 16, valid);
+    }
+    // Modality bytes: the whole 64-slot run of the block (in bounds); bytes of masked tokens are never used.
+    if (tid_c < kTile / 16) cp_async(st + kRopeBytes + kLatBytes + tid_c * 16, p.is_image + row0 + tid_c * 16, 16, true);
+  };
+
+  // Prologue: the first kRvStages-1 tiles in flight; the block of the next tile to issue read ahead.
+  for (int i = 0; i < kRvStages - 1; ++i) {
+    if (i < n_mine) issue(i, table[(tile_of(i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  int next_blk = kRvStages - 1 < n_mine ? table[(tile_of(kRvStages - 1) * kTile) >> a.block_shift] : 0;
+
+  // Queries as A fragments, in registers for the whole kernel. Row g: text query of head 8*warp_c + g;
+  // row g + 8: its image query. Rotary part: the block-diagonal rotary query (head h in the columns of its
+  // KV head), both rows the same.
+  const int head = 8 * warp_c + g;
+  const bool rows_live = 8 * warp_c < H;  // warp-uniform
+  uint32_t qa[kLatSteps][4];
+  {
+    // float2 loads: q_latent rows are 8-byte aligned (2R floats, R even) and c is even.
+    const float2* ql = reinterpret_cast<const float2*>(p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR);
+    const bool ok = head < H;
+#pragma unroll
+    for (int ks = 0; ks < kLatSteps; ++ks) {
+      const int c2 = 8 * ks + q4;  // (16 ks + 2 q) / 2
+      const float2 t0 = ql[c2], i0 = ql[kR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kR / 2 + c2 + 4];
+      qa[ks][0] = ok ? pack_bf16x2(t0.x, t0.y) : 0u;
+      qa[ks][1] = ok ? pack_bf16x2(i0.x, i0.y) : 0u;
+      qa[ks][2] = ok ? pack_bf16x2(t1.x, t1.y) : 0u;
+      qa[ks][3] = ok ? pack_bf16x2(i1.x, i1.y) : 0u;
+    }
+  }
+  // mma.sync visits only the rotary k-steps of this warp's KV heads; the warpgroup MMA takes all of them.
+  const int kv_lo = min(8 * warp_c, H - 1) / group, kv_hi = min(8 * warp_c + 7, H - 1) / group;
+  const int rope_ks0 = kWgmma ? 0 : kv_lo * rd / 16;
+  const int rope_steps = kWgmma ? kRopeSteps : ((kv_hi + 1) * rd + 15) / 16 - rope_ks0;
+  uint32_t qr[kRopeSteps][4];
+  {
+    const int my_kv = min(head, H - 1) / group;
+    const float* q = p.q_rope + (static_cast<int64_t>(b) * H + min(head, H - 1)) * rd;
+    auto val = [&](int col) {
+      const int d = col - my_kv * rd;
+      return head < H && d >= 0 && d < rd ? q[d] : 0.f;
+    };
+#pragma unroll
+    for (int i = 0; i < kRopeSteps; ++i) {
+      const int c = 16 * (rope_ks0 + i) + 2 * q4;
+      qr[i][0] = qr[i][1] = pack_bf16x2(val(c), val(c + 1));  // rows g and g+8 (same head)
+      qr[i][2] = qr[i][3] = pack_bf16x2(val(c + 8), val(c + 9));
+    }
+  }
+  // ldmatrix row addresses of this lane: score B tiles (tokens x features, 4 matrices: tokens 0-7 / 8-15 x
+  // chunks 0 / 1 of the k-step) and accumulation B tiles (the same storage read transposed).
+  const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_chunk = (lane >> 3) & 1;
+  const int bk_row = (((lane >> 3) & 1) << 3) + (lane & 7), bk_chunk = lane >> 4;
+
+  float o[kOBlocks][4];  // O: rows g (text accumulator) and g+8 (image accumulator) of head `head`
+#pragma unroll
+  for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+  float m_run = -INFINITY, l_run = 0.f;  // l_run: this lane's share of the row sum (summed over the quad at the end)
+
+  // Refill of the stage of tile i-1 with tile i + kRvStages - 1, once every warp of the consumer is done with
+  // tile i-1: right after the loop barrier for mma.sync; for wgmma after the wait that completes tile i-1's
+  // asynchronous accumulation.
+  auto refill = [&](int i) {
+    const int f = i + kRvStages - 1;
+    if (f < n_mine) {
+      issue(f, next_blk);
+      if (f + 1 < n_mine) next_blk = table[(tile_of(f + 1) * kTile) >> a.block_shift];
+    }
+    cp_async_commit();
+  };
+
+  for (int i = 0; i < n_mine; ++i) {
+    cp_async_wait(kRvStages - 2);
+    named_barrier(1 + consumer, kThreadsC);  // tile i has landed for all; all are done with tile i-1's stage
+    if constexpr (!kWgmma) refill(i);
+    const unsigned char* st = ring + (i % kRvStages) * a.stage_bytes;
+    const unsigned char* rope_t = st;
+    const unsigned char* lat_t = st + kRopeBytes;
+    const unsigned char* img = st + kRopeBytes + kLatBytes;
+    const int pos0 = tile_of(i) * kTile;
+    const int v_lo = max(begin - pos0, 0), v_hi = min(end - pos0, kTile);  // valid token range of the tile
+    const bool full = v_lo == 0 && v_hi == kTile;
+    const unsigned img_lo = __ballot_sync(0xffffffffu, img[lane] != 0);
+    const unsigned img_hi = __ballot_sync(0xffffffffu, img[32 + lane] != 0);
+
+    // S = Qrope . Krope^T + [Q_text; Q_image] . C^T for 64 tokens: 8 column blocks of 8 tokens.
+    float s[8][4];
+    if constexpr (kWgmma) {
+      wgmma_fence();
+#pragma unroll
+      for (int r = 0; r < kRopeSteps; ++r)
+        wgmma_64x64(s, qr[r], wgmma_desc(rope_t + (r >> 2) * (kTile * 128) + (r & 3) * 32, 16, 1024), r > 0 ? 1 : 0);
+#pragma unroll
+      for (int ks = 0; ks < kLatSteps; ++ks)
+        wgmma_64x64(s, qa[ks], wgmma_desc(lat_t + (ks >> 2) * (kTile * 128) + (ks & 3) * 32, 16, 1024), 1);
+      wgmma_commit();
+      wgmma_wait_all();  // also the previous tile's accumulation, which read the stage refilled next
+      refill(i);
+    } else {
+      if (!rows_live) continue;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[nb][e] = 0.f;
+#pragma unroll
+      for (int r = 0; r < kRopeSteps; ++r) {
+        if (r < rope_steps) {
+#pragma unroll
+          for (int np = 0; np < 4; ++np) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, rope_t + tile_offset<kWgmma>(16 * np + bn_row, 2 * (rope_ks0 + r) + bn_chunk, kRopeChunks));
+            mma_bf16_16816(s[2 * np], qr[r], kb[0], kb[1]);
+            mma_bf16_16816(s[2 * np + 1], qr[r], kb[2], kb[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int ks = 0; ks < kLatSteps; ++ks) {
+#pragma unroll
+        for (int np = 0; np < 4; ++np) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, lat_t + tile_offset<kWgmma>(16 * np + bn_row, 2 * ks + bn_chunk, kLatChunks));
+          mma_bf16_16816(s[2 * np], qa[ks], kb[0], kb[1]);
+          mma_bf16_16816(s[2 * np + 1], qa[ks], kb[2], kb[3]);
+        }
+      }
+    }
+    {
+      // Each token's score from the row of its modality; masked tokens -inf. Token of (nb, e): 8nb + 2q + e.
+      float v[8][2];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int t = 8 * nb + 2 * q4 + e;
+          const bool is_img = (((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 1u) != 0u;
+          const float x = (is_img ? s[nb][2 + e] : s[nb][e]) * a.score_scale;
+          v[nb][e] = full || (t >= v_lo && t < v_hi) ? x : -INFINITY;
+          mx = fmaxf(mx, v[nb][e]);
+        }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a valid token
+      const float alpha = exp2f(m_run - m_new);
+      m_run = m_new;
+      // P as the A fragments of the accumulation, k-step kk = tokens 16kk..16kk+15 = column blocks 2kk, 2kk+1.
+      uint32_t pa[4][4];
+      float sum = 0.f;
+#pragma unroll
+      for (int nb = 0; nb < 8; ++nb) {
+        // Rounded first so that the normaliser sums exactly the weights the MMA uses.
+        const float p0 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][0] - m_new)));
+        const float p1 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][1] - m_new)));
+        sum += p0 + p1;
+        const int t = 8 * nb + 2 * q4;
+        const unsigned bits = ((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 3u;
+        pa[nb / 2][(nb & 1) * 2] = pack_bf16x2((bits & 1u) ? 0.f : p0, (bits & 2u) ? 0.f : p1);      // text row
+        pa[nb / 2][(nb & 1) * 2 + 1] = pack_bf16x2((bits & 1u) ? p0 : 0.f, (bits & 2u) ? p1 : 0.f);  // image row
+      }
+      l_run = l_run * alpha + sum;
+      // Skipped while no head of the warp has a new max (mma.sync); the warpgroup MMA's accumulators are never
+      // touched under a branch, which would make ptxas serialise the wgmmas.
+      if (kWgmma || __any_sync(0xffffffffu, alpha != 1.f)) {
+#pragma unroll
+        for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[j][e] *= alpha;
+      }
+      // O += P . C over the tile's 4 k-steps; k-steps past the last valid token are skipped.
+      if constexpr (kWgmma) {
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk)  // all 4 (no branch): past the end P is 0 and the rows zero-filled
+          wgmma_64x128_mn(o, pa[kk], wgmma_desc(lat_t + kk * 16 * 128, MLAFORGE_RV_MN_LBO, MLAFORGE_RV_MN_SBO));
+        wgmma_commit();  // completes before the next tile's scores are read (wgmma_wait_all above)
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          if (16 * kk >= v_hi) break;
+#pragma unroll
+          for (int cp = 0; cp < kLatSteps; ++cp) {
+            uint32_t cb[4];
+            ldmatrix_x4_trans(cb, lat_t + tile_offset<kWgmma>(16 * kk + bk_row, 2 * cp + bk_chunk, kLatChunks));
+            mma_bf16_16816(o[2 * cp], pa[kk], cb[0], cb[1]);
+            mma_bf16_16816(o[2 * cp + 1], pa[kk], cb[2], cb[3]);
+          }
+        }
+      }
+    }
+  }
+  if constexpr (kWgmma) wgmma_wait_all();
+  cp_async_wait(0);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+
+  // Merge the consumers: consumer c > 0 leaves (m, l, O) in its own ring (once all its warps are done reading
+  // it), consumer 0 folds them in.
+  float* xchg = reinterpret_cast<float*>(ring);  // [consumer's ring] [kOBlocks*4 + 2][kThreadsC]
+  if (consumer > 0) {
+    named_barrier(1 + consumer, kThreadsC);
+#pragma unroll
+    for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) xchg[(j * 4 + e) * kThreadsC + tid_c] = o[j][e];
+    xchg[(kOBlocks * 4) * kThreadsC + tid_c] = m_run;
+    xchg[(kOBlocks * 4 + 1) * kThreadsC + tid_c] = l_run;
+  }
+  __syncthreads();
+  if (consumer == 0 && rows_live) {
+    for (int c = 1; c < kRvConsumers; ++c) {
+      const float* x = reinterpret_cast<const float*>(smem + static_cast<size_t>(c) * kRvStages * a.stage_bytes);
+      const float m_other = x[(kOBlocks * 4) * kThreadsC + tid_c], l_other = x[(kOBlocks * 4 + 1) * kThreadsC + tid_c];
+      const float m_new = fmaxf(m_run, m_other);
+      const float a_self = exp2f(m_run - m_new), a_other = exp2f(m_other - m_new);  // m_run is finite
+      l_run = l_run * a_self + l_other * a_other;
+      m_run = m_new;
+#pragma unroll
+      for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) o[j][e] = o[j][e] * a_self + x[(j * 4 + e) * kThreadsC + tid_c] * a_other;
+    }
+    if (head < H) {
+      if (dst.ml != nullptr && q4 == 0) dst.ml[head] = make_float2(m_run, l_run);
+      const float inv_l = 1.f / l_run;  // l >= 1: the row max contributes exp2(0)
+      float* out = dst.acc + static_cast<int64_t>(head) * 2 * kR;
+#pragma unroll
+      for (int j = 0; j < kOBlocks; ++j) {
+        const int col = 8 * j + 2 * q4;
+        *reinterpret_cast<float2*>(out + col) = make_float2(o[j][0] * inv_l, o[j][1] * inv_l);
+        *reinterpret_cast<float2*>(out + kR + col) = make_float2(o[j][2] * inv_l, o[j][3] * inv_l);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // CUDA-core kernel: fp32 end to end (the F32 path must match a float64 reference to ~1e-5), any shape.
 // Grid (split, sequence, head group); 32-token steps; lane t of a warp handles token t when scoring.
 
@@ -870,6 +1317,7 @@ struct CombineArgs {
   const int32_t* seq_begin;
   const int32_t* seq_end;
   int heads, latent_dim, num_splits;
+  bool every_split_written;  // the row-pair kernel writes (-inf, 0) for empty splits; the others skip them
 };
 
 __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __grid_constant__ CombineArgs a) {
@@ -879,7 +1327,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int len = a.seq_end[b] - a.seq_begin[b];
   const int chunk = split_chunk(len, a.num_splits);
-  const int active = len > 0 ? min(a.num_splits, (len + chunk - 1) / chunk) : 0;
+  const int active = a.every_split_written ? a.num_splits : len > 0 ? min(a.num_splits, (len + chunk - 1) / chunk) : 0;
   const int64_t slot0 = static_cast<int64_t>(b) * a.num_splits;
 
   float mx = -INFINITY;
@@ -959,6 +1407,16 @@ TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
   return nullptr;
 }
 
+using RvKernel = void (*)(RvArgs);
+
+// Row-pair instantiations for kKR = kR = 128: warps per consumer (row tiles of 8 heads), wgmma or mma.sync.
+RvKernel rowpair_kernel(int row_warps, bool wgmma) {
+  if (wgmma) return row_warps == 4 ? mla_decode_rowpair_kernel<4, 128, 128, true> : nullptr;
+  if (row_warps == 2) return mla_decode_rowpair_kernel<2, 128, 128, false>;
+  if (row_warps == 4) return mla_decode_rowpair_kernel<4, 128, 128, false>;
+  return nullptr;
+}
+
 template <KvFormat RF>
 CcKernel cc_kernel_for(KvFormat lf) {
   switch (lf) {
@@ -985,6 +1443,7 @@ constexpr int kMaxDevices = 64;
 struct DeviceInfo {
   int sms = 0;
   int max_smem = 0;  // opt-in dynamic shared memory per block
+  int cc = 0;        // compute capability, 10 * major + minor
 };
 
 // SM count and shared-memory limit of the current device, queried once per device. The first call on a
@@ -995,18 +1454,29 @@ struct DeviceInfo {
 DeviceInfo device_info() {
   static cuda::std::atomic<int> sms_cache[kMaxDevices];
   static cuda::std::atomic<int> smem_cache[kMaxDevices];
+  static cuda::std::atomic<int> cc_cache[kMaxDevices];
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0) dev = 0;
   DeviceInfo info;
   if (dev < kMaxDevices) {
     info.sms = sms_cache[dev].load(cuda::std::memory_order_acquire);
     info.max_smem = smem_cache[dev].load(cuda::std::memory_order_acquire);
+    info.cc = cc_cache[dev].load(cuda::std::memory_order_acquire);
     if (info.sms > 0) return info;
   }
   cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, dev);
   cudaDeviceGetAttribute(&info.max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  info.cc = 10 * major + minor;
   if (info.sms <= 0) info.sms = 1;
   if (info.max_smem <= 0) info.max_smem = 48 * 1024;
+  for (const auto& [rw, wg] : {std::pair<int, bool>{2, false}, {4, false}, {4, true}}) {
+    RvKernel k = rowpair_kernel(rw, wg);
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+    cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
   const KvFormat all[4] = {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4};
   const int tiles[5][2] = {{1, 1}, {2, 1}, {4, 1}, {1, 2}, {2, 2}};
   for (KvFormat rf : all)
@@ -1023,6 +1493,7 @@ DeviceInfo device_info() {
     }
   if (dev < kMaxDevices) {
     smem_cache[dev].store(info.max_smem, cuda::std::memory_order_release);
+    cc_cache[dev].store(info.cc, cuda::std::memory_order_release);
     sms_cache[dev].store(info.sms, cuda::std::memory_order_release);
   }
   return info;
@@ -1050,11 +1521,12 @@ int copy_granule(int row_bytes, const void* base) {
   return 0;
 }
 
-// Forced path for testing: MLAFORGE_MLA_CUDA_PATH=cc runs the CUDA-core kernel even where the tensor-core
-// one applies.
-bool force_cuda_core() {
+// Forced path for testing and comparison: MLAFORGE_MLA_CUDA_PATH=cc runs the CUDA-core kernel, =tc the
+// tensor-core kernel (where it applies), =mma the row-pair kernel with mma.sync instead of wgmma, even where a
+// faster one applies.
+bool forced_path(const char* name) {
   const char* v = std::getenv("MLAFORGE_MLA_CUDA_PATH");
-  return v != nullptr && std::strcmp(v, "cc") == 0;
+  return v != nullptr && std::strcmp(v, name) == 0;
 }
 
 struct TcPlan {
@@ -1215,6 +1687,52 @@ CcPlan plan_cc(const MlaDecodeParams& p, const DeviceInfo& dev) {
   return plan;
 }
 
+struct RvPlan {
+  RvKernel kernel = nullptr;
+  RvArgs args{};
+  int threads = 0;
+  int splits = 1;
+};
+
+// The row-pair kernel's launch, or kernel == nullptr where it does not apply: bf16 rotary keys and latent of
+// 128 values per token each, at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays.
+RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  RvPlan plan;
+  const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
+  if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
+  if (kv * rd != 128 || p.latent_dim != 128 || H <= 0 || H > 32 || H % kv != 0 || rd % 2 != 0) return plan;
+  const int bs = p.block_size;
+  if (bs < kTile || bs % kTile != 0 || (bs & (bs - 1)) != 0) return plan;
+  for (const void* ptr : {p.k_rope, p.latent, static_cast<const void*>(p.is_image)})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
+  // wgmma where this build has sm_90a code and the device is a Hopper (MLAFORGE_MLA_CUDA_PATH=mma forces mma.sync).
+#ifdef MLAFORGE_CUDA_SM90A
+  const bool wgmma = dev.cc == 90 && !forced_path("mma");
+#else
+  const bool wgmma = false;
+#endif
+  const int row_warps = wgmma || H > 16 ? 4 : 2;
+  RvArgs& a = plan.args;
+  a.p = p;
+  // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
+  const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
+  a.stage_bytes = wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
+  a.smem_bytes = kRvConsumers * kRvStages * a.stage_bytes;
+  if (a.smem_bytes > dev.max_smem) return plan;
+  int shift = 0;
+  while ((1 << shift) < bs) ++shift;
+  a.block_shift = shift;
+  a.score_scale = p.scale * kLog2e;
+  // One CTA per SM: splits fill the SMs once over the batch, each at least kMinSplitTokens of capacity.
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * bs;
+  int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
+  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
+  plan.splits = static_cast<int>(splits);
+  plan.threads = kRvConsumers * row_warps * 32;
+  plan.kernel = rowpair_kernel(row_warps, wgmma);
+  return plan;
+}
+
 bool params_usable(const MlaDecodeParams& p) {
   return p.batch > 0 && p.heads > 0 && p.kv_heads > 0 && p.latent_dim > 0 && p.rope_dim > 0 &&
          p.block_size > 0 && p.max_blocks > 0;
@@ -1224,6 +1742,7 @@ bool params_usable(const MlaDecodeParams& p) {
 
 int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
   if (!params_usable(p)) return 0;
+  // The row-pair kernel's split count (one CTA per SM) never exceeds this one (two per SM).
   const int splits = choose_splits(p, device_info().sms);
   if (splits <= 1) return 0;
   // part_acc [batch, splits, heads, 2, R] floats, then part_ml [batch, splits, heads] float2.
@@ -1238,7 +1757,9 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   if (!params_usable(p)) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const DeviceInfo dev = device_info();
-  const int splits = choose_splits(p, dev.sms);
+  RvPlan rv;
+  if (!forced_path("cc") && !forced_path("tc")) rv = plan_rowpair(p, dev);
+  const int splits = rv.kernel != nullptr ? rv.splits : choose_splits(p, dev.sms);
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
   if (splits > 1) {
@@ -1249,7 +1770,14 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   }
 
   bool launched = false;
-  if (!force_cuda_core()) {
+  if (rv.kernel != nullptr) {
+    rv.args.num_splits = splits;
+    rv.args.part_acc = part_acc;
+    rv.args.part_ml = part_ml;
+    rv.kernel<<<dim3(splits, p.batch), rv.threads, rv.args.smem_bytes, s>>>(rv.args);
+    launched = true;
+  }
+  if (!launched && !forced_path("cc")) {
     TcPlan tc = plan_tc(p, dev, splits);
     if (tc.kernel != nullptr) {
       tc.args.num_splits = splits;
@@ -1277,6 +1805,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     c.heads = p.heads;
     c.latent_dim = p.latent_dim;
     c.num_splits = splits;
+    c.every_split_written = rv.kernel != nullptr;
     mla_combine_kernel<<<dim3(p.heads, p.batch), kCombineThreads, 0, s>>>(c);
   }
 }
