@@ -172,23 +172,22 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   // Up-projections as key-nope rows [g, nope, R] and value rows [g, dh, R], per modality (0 text, 1 image).
   auto uk = [&](int m) { return L.kv_up[m].narrow(0, 0, g * nope).view({g, nope, R}); };
   auto uv = [&](int m) { return L.kv_up[m].narrow(0, g * nope, g * dh).view({g, dh, R}); };
-  at::Tensor q_rope = q.narrow(-1, 0, r2).reshape({B, h, r2});
-  at::Tensor q_nope = q.narrow(-1, r2, nope).reshape({B, g, group, nope}).transpose(0, 1);  // [g, B, group, nope]
-  // Absorbed queries qa^m = W_uk^m^T q_nope: [g, B*group, R] per modality -> [B, h, 2, R].
-  auto absorb = [&](int m) {
-    return at::matmul(q_nope.reshape({g, B * group, nope}), uk(m)).view({g, B, group, R}).transpose(0, 1).reshape({B, h, R});
-  };
   const bool tied = tied_latent(L);
-  at::Tensor qa_txt = absorb(0), qa_img = tied ? qa_txt : absorb(1);
-  at::Tensor sums = mla_decode(*cache.pool, int64_t(layer), q_rope, at::stack({qa_txt, qa_img}, 2), cache.paged,
+  const int64_t M = tied ? 1 : 2;  // modalities with their own up-projections
+  at::Tensor q_rope = q.narrow(-1, 0, r2).reshape({B, h, r2});
+  at::Tensor q_nope = q.narrow(-1, r2, nope).reshape({B, g, group, nope}).transpose(0, 1).reshape({g, B * group, nope});
+  // Absorbed queries of both modalities in one product, qa^m = W_uk^m^T q_nope:
+  // [g, B*group, nope] x [g, nope, M*R] -> [B, h, M, R] (each step's launches are the decode's cost at batch 16).
+  at::Tensor uk_all = tied ? uk(0) : at::cat({uk(0), uk(1)}, 2);
+  at::Tensor qa = at::matmul(q_nope, uk_all).view({g, B, group, M, R}).permute({1, 0, 2, 3, 4}).reshape({B, h, M, R});
+  at::Tensor sums = mla_decode(*cache.pool, int64_t(layer), q_rope, tied ? qa.expand({B, h, 2, R}) : qa, cache.paged,
                                1.0 / std::sqrt(double(dh)))
-                        .to(q.scalar_type());  // [B, h, 2, R]
-  // o = W_uv^txt (text sum) + W_uv^img (image sum) per KV head: [g, B*group, R] x [g, R, dh] -> [B, 1, h*dh]
-  auto expand = [&](const at::Tensor& sm, int m) {  // sm [B, h, R]
-    at::Tensor x = sm.view({B, g, group, R}).transpose(0, 1).reshape({g, B * group, R});
-    return at::matmul(x, uv(m).transpose(1, 2));  // [g, B*group, dh]
-  };
-  at::Tensor out = tied ? expand(sums.sum(2), 0) : expand(sums.select(2, 0), 0) + expand(sums.select(2, 1), 1);
+                        .to(q.scalar_type());  // [B, h, 2, R]: text sums, image sums
+  // o = W_uv^txt (text sums) + W_uv^img (image sums) per KV head, both in one product:
+  // [g, B*group, M*R] x [g, M*R, dh] -> [B, 1, h*dh].
+  at::Tensor s = tied ? sums.sum(2) : sums;
+  at::Tensor uv_all = tied ? uv(0).transpose(1, 2) : at::cat({uv(0).transpose(1, 2), uv(1).transpose(1, 2)}, 1);
+  at::Tensor out = at::matmul(s.reshape({B, g, group, M * R}).transpose(0, 1).reshape({g, B * group, M * R}), uv_all);
   out = out.view({g, B, group, dh}).transpose(0, 1).reshape({B, 1, h * dh});
   if (L.kv_up_b.defined())
     out = out + L.kv_up_b.narrow(0, g * nope, g * dh).view({g, dh}).repeat_interleave(group, 0).view({1, 1, h * dh});

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "core/device.h"
 #include "core/error.h"
 
 namespace mlaforge {
@@ -38,7 +39,7 @@ void upload_table(KVCache& c) {
   flat.reserve(size_t(B * width));
   for (const auto& row : c.blocks)
     for (int32_t b : row) flat.push_back(b < 0 ? c.scratch_block : b);
-  c.block_table = at::tensor(flat, at::kInt).view({B, width}).to(c.key_valid.device());
+  c.block_table = upload(at::tensor(flat, at::kInt).view({B, width}), c.key_valid.device());
 }
 
 }  // namespace
@@ -83,7 +84,7 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
   c.new_slots = c.all_slots.narrow(1, start, T).reshape({-1});
   std::vector<int32_t> begin(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) begin[size_t(b)] = int32_t(std::min(c.row_begin[size_t(b)], S - 1));
-  at::Tensor bt = at::tensor(begin, at::kInt).to(dev);
+  at::Tensor bt = upload(at::tensor(begin, at::kInt), dev);  // no stream sync: steps queue ahead
   c.paged = PagedBatch{c.block_table, bt, at::full_like(bt, S)};
 }
 
@@ -153,7 +154,7 @@ void append_cache_rows(KVCache& c, const KVCache& j) {
   }
   if (!from.empty()) {
     auto dev = c.block_table.device();
-    c.pool->copy_slots(*j.pool, at::tensor(from, at::kLong).to(dev), at::tensor(to, at::kLong).to(dev));
+    c.pool->copy_slots(*j.pool, upload(at::tensor(from, at::kLong), dev), upload(at::tensor(to, at::kLong), dev));
   }
   upload_table(c);
 }
