@@ -1,6 +1,8 @@
 // Generation with stopped rows dropped from the batch (compaction), and the answer KL between two models.
 #include <gtest/gtest.h>
 
+#include <tuple>
+
 #include <cmath>
 #include <memory>
 #include <set>
@@ -119,17 +121,19 @@ TEST(Generate, CompactionMatchesUncompactedAndAlone) {
 // Continuous batching: 3 rows at a time over 12 prompts, finished rows replaced by prefilled
 // newcomers, gives token for token what each prompt gives alone (greedy), and what one batch of all
 // gives when sampling (streams follow the prompt index); for the original (key/value cache) and a
-// converted model (paged latent cache, also int8).
+// converted model (paged latent cache, also int8, and int8 with --kv-window 8).
 TEST(Generate, ContinuousBatchingMatchesAlone) {
   TempDir d("continuous");
   auto mla = Vlm::load(convert_quick(source_path("models/qwen2vl-shapes"), d / "mla", 8, 16));
   auto rows = mixed_rows(12);
   auto prompts = prompts_of(rows);
-  for (auto [model, format] : {std::pair<const Vlm*, std::string>{&shapes_model(), "auto"}, {mla.get(), "auto"},
-                               {mla.get(), "int8"}}) {
+  // The last: int8 with a window of 8 unquantized recent positions (rows join with shifted positions).
+  for (auto [model, format, window] : {std::tuple<const Vlm*, std::string, int64_t>{&shapes_model(), "auto", 0},
+                                       {mla.get(), "auto", 0}, {mla.get(), "int8", 0}, {mla.get(), "int8", 8}}) {
     SamplingOptions so;
     so.max_new_tokens = 24;
     so.cache.latent = format;
+    so.cache.window = window;
     SchedulerStats stats;
     int64_t callbacks = 0;
     auto prepare = [&](int64_t b, int64_t e) {
@@ -149,8 +153,8 @@ TEST(Generate, ContinuousBatchingMatchesAlone) {
     auto sampled = generate_continuous(*model, int64_t(prompts.size()), prepare, so, 3);
     auto together = generate(*model, prompts, so);
     for (size_t i = 0; i < prompts.size(); ++i) EXPECT_EQ(sampled[i].tokens, together[i].tokens) << rows[i].id;
-    std::printf("%s cache %s: %lld prefills, %lld rows joined a running batch\n",
-                model == mla.get() ? "MLA" : "original", format.c_str(), (long long)stats.prefills,
+    std::printf("%s cache %s, window %lld: %lld prefills, %lld rows joined a running batch\n",
+                model == mla.get() ? "MLA" : "original", format.c_str(), (long long)window, (long long)stats.prefills,
                 (long long)stats.joined_rows);
   }
 }

@@ -33,8 +33,10 @@ std::vector<Prompt> mixed_prompts() {
 
 // Prefill and 6 decoding steps with the paged latent cache (blocks of 16 tokens) and with the
 // expanded cache; the logits agree. After 3 steps both caches drop row 1 (as generation does when a
-// row stops), which hands its blocks back to the pool.
-void check_absorbed(const std::string& dir, const char* what, const std::string& format, double tolerance) {
+// row stops), which hands its blocks back to the pool. With `window` (--kv-window), the last positions
+// are also kept unquantized and decoding attends them there.
+void check_absorbed(const std::string& dir, const char* what, const std::string& format, double tolerance,
+                    int64_t window = 0) {
   auto m = Vlm::load(dir);
   ASSERT_GT(m->config().mla.latent_dim, 0);
   Batch b = m->prepare(mixed_prompts());
@@ -42,6 +44,7 @@ void check_absorbed(const std::string& dir, const char* what, const std::string&
   CacheOptions latent, expanded;
   latent.latent = format;
   latent.block_size = block;
+  latent.window = window;
   expanded.expanded = true;
   KVCache lat = m->decoder().new_cache(B, T + steps, at::kCPU, latent);
   KVCache exp = m->decoder().new_cache(B, T + steps, at::kCPU, expanded);
@@ -52,7 +55,8 @@ void check_absorbed(const std::string& dir, const char* what, const std::string&
   const int64_t per_token = c.text.num_layers * (c.text.num_kv_heads * 2 * c.mla.rope_pairs + c.mla.latent_dim);
   // The pool has room for each row's capacity, one block more per row (for joining rows) and a scratch block.
   const int64_t elem = format == "bf16" ? 2 : 4, slots = (B * ((T + steps + block - 1) / block + 1) + 1) * block;
-  EXPECT_EQ(lat.bytes(), slots * (per_token * elem + 1));
+  // The window: per row and slot the same values in the compute dtype (float32 here) and a modality byte.
+  EXPECT_EQ(lat.bytes(), slots * (per_token * elem + 1) + B * window * (per_token * 4 + 1));
   std::printf("%s, %s cache: %lld bytes for %lld slots vs %lld bytes expanded\n", what, format.c_str(),
               (long long)lat.bytes(), (long long)slots, (long long)exp.bytes());
 
@@ -83,7 +87,8 @@ void check_absorbed(const std::string& dir, const char* what, const std::string&
     worst = std::max(worst, e);
     EXPECT_LE(e, tolerance) << what << " decoding step " << s;
   }
-  std::printf("%s, %s cache: absorbed vs expanded logits, worst relative error %.2e\n", what, format.c_str(), worst);
+  std::printf("%s, %s cache, window %lld: absorbed vs expanded logits, worst relative error %.2e\n", what,
+              format.c_str(), (long long)window, worst);
 }
 
 void check_absorbed(const std::string& dir, const char* what) {
@@ -99,6 +104,16 @@ TEST(LatentCache, AbsorbedEqualsExpandedGqaDecoupled) {
 TEST(LatentCache, AbsorbedEqualsExpandedShared) {
   TempDir d("absorbed");
   check_absorbed(convert_to(d, source_path("models/qwen2vl-shapes"), 4, 8, false), "qwen2vl-shapes r4 dkv8 shared");
+}
+
+// --kv-window in float32, where the window's copies equal the pool's values: with a window shorter than
+// the sequence (pool and window both attended, merged by their log-sum-exp) and with one covering every
+// position (the kernel's range empty), decoding is unchanged.
+TEST(LatentCache, WindowOfUnquantizedPositions) {
+  TempDir d("window");
+  const std::string dir = convert_to(d, source_path("models/qwen2vl-shapes"), 8, 16, true);
+  check_absorbed(dir, "qwen2vl-shapes r8 dkv16 decoupled", "auto", 1e-5, 5);
+  check_absorbed(dir, "qwen2vl-shapes r8 dkv16 decoupled", "auto", 1e-5, 4096);
 }
 
 TEST(LatentCache, AbsorbedEqualsExpandedMha) {

@@ -114,6 +114,47 @@ TEST(LatentPool, BytesPerTokenOf7BShape) {
   EXPECT_GE(mha / int4_int8, 9.5);
 }
 
+// --kv-window's merge: the kernel over [begin, mid) plus the window's exact copies of [mid, end), merged
+// through the kernel's log-sum-exp, equals the kernel over [begin, end); rows whose window holds all of
+// the sequence (empty kernel range) included.
+TEST(MlaDecode, WindowMergeEqualsOneCache) {
+  at::manual_seed(3);
+  const int64_t g = 2, rd = 8, R = 32, bs = 16, h = 6, W = 20;
+  const std::vector<int64_t> begins{3, 0, 10}, ends{70, 15, 51};
+  const int64_t B = 3, max_blocks = 5;
+  LatentPoolOptions opt;
+  opt.rope = KvFormat::F32;
+  opt.latent = KvFormat::F32;
+  opt.block_size = bs;
+  LatentPool pool(1, g, rd, R, B * max_blocks, opt, at::kCPU);
+  at::Tensor table = at::full({B, max_blocks}, 0, at::kInt);
+  std::vector<int32_t> mids;
+  at::Tensor win_rope = at::zeros({B, W, g, rd}), win_latent = at::zeros({B, W, R});
+  at::Tensor win_img = at::zeros({B, W}, at::kBool), win_valid = at::zeros({B, W}, at::kBool);
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t n = ends[size_t(b)];
+    std::vector<int32_t> blocks = pool.allocate((n + bs - 1) / bs);
+    for (size_t i = 0; i < blocks.size(); ++i) table[b][int64_t(i)] = blocks[i];
+    at::Tensor slots = position_slots(table.narrow(0, b, 1), bs, n).view({-1});
+    pool.write_modality(slots, (at::arange(n) % 7) < 3);
+    pool.write(0, slots, at::randn({n, g, rd}), at::randn({n, R}));
+    const int64_t mid = std::max(begins[size_t(b)], n - W);
+    mids.push_back(int32_t(mid));
+    at::Tensor recent = slots.narrow(0, mid, n - mid);  // the window's copies (slot order does not matter)
+    win_rope[b].narrow(0, 0, n - mid).copy_(pool.read_k_rope(0, recent, at::kFloat));
+    win_latent[b].narrow(0, 0, n - mid).copy_(pool.read_latent(0, recent, at::kFloat));
+    win_img[b].narrow(0, 0, n - mid).copy_(pool.read_modality(recent));
+    win_valid[b].narrow(0, 0, n - mid).fill_(true);
+  }
+  auto ints = [](const std::vector<int64_t>& v) { return at::tensor(std::vector<int32_t>(v.begin(), v.end())); };
+  at::Tensor q_rope = at::randn({B, h, rd}), q_latent = at::randn({B, h, 2, R}) * 0.3;
+  at::Tensor whole = mla_decode(pool, 0, q_rope, q_latent, PagedBatch{table, ints(begins), ints(ends)}, 0.2);
+  at::Tensor merged = mla_decode_window(pool, 0, q_rope, q_latent, PagedBatch{table, ints(begins), at::tensor(mids)}, 0.2,
+                                        DecodeWindow{win_rope, win_latent, win_img, win_valid});
+  EXPECT_LE(rel_err(merged, whole), 1e-5);
+  EXPECT_EQ(mids[1], 0);  // row 1 lies entirely in its window
+}
+
 TEST(LatentPool, BlocksComeBackAndExhaustionIsAnError) {
   LatentPool pool(1, 1, 2, 4, 3, LatentPoolOptions{}, at::kCPU);
   std::vector<int32_t> a = pool.allocate(2);

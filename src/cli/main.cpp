@@ -110,7 +110,7 @@ int cmd_inspect(const std::string& model_dir) {
   return 0;
 }
 
-// --kv-cache and --kv-rope, on every command that decodes.
+// --kv-cache, --kv-rope and --kv-window, on every command that decodes.
 void add_cache_options(CLI::App* cmd, CacheOptions& c) {
   cmd->add_option("--kv-cache", c.latent,
                   "KV cache storage: auto (the compute dtype), bf16, or for MLA checkpoints the latent in int8 or "
@@ -119,6 +119,11 @@ void add_cache_options(CLI::App* cmd, CacheOptions& c) {
       ->capture_default_str();
   cmd->add_option("--kv-rope", c.rope, "MLA rotary keys: auto (bf16 when the latent is, or is quantized), f32, bf16, int8")
       ->check(CLI::IsMember({"auto", "f32", "bf16", "int8"}))
+      ->capture_default_str();
+  cmd->add_option("--kv-window", c.window,
+                  "MLA latent cache: also keep the last N positions of every sequence unquantized, in the compute "
+                  "dtype, and decode over them exactly (CPU only for now; 0: off)")
+      ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
 }
 

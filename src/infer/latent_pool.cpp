@@ -265,7 +265,7 @@ at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at:
 }
 
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
-                      const PagedBatch& batch, double scale) {
+                      const PagedBatch& batch, double scale, at::Tensor* lse) {
   check_decode_args(pool, q_rope, q_latent, batch);
   const int64_t B = q_rope.size(0), h = q_rope.size(1);
   at::Tensor qr = q_rope.to(at::kFloat).contiguous(), ql = q_latent.to(at::kFloat).contiguous();
@@ -283,6 +283,12 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
   p.seq_begin = begin.data_ptr<int32_t>();
   p.seq_end = end.data_ptr<int32_t>();
   p.out = out.data_ptr<float>();
+  if (lse != nullptr) {
+    check(pool.device().is_cpu(), "mla decode",
+          "the log-sum-exp output (--kv-window) is implemented in the CPU kernel only, not on ", pool.device());
+    *lse = at::empty({B, h, 2}, qr.options());
+    p.lse = lse->data_ptr<float>();
+  }
   if (pool.device().is_cpu()) {
     mla_decode_cpu(p);
     return out;
@@ -294,6 +300,36 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
 #else
   fail("mla decode", "this build has no CUDA kernels (configure with -DMLAFORGE_CUDA=ON)");
 #endif
+}
+
+at::Tensor mla_decode_window(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
+                             const PagedBatch& batch, double scale, const DecodeWindow& window) {
+  at::Tensor lse;
+  at::Tensor out = mla_decode(pool, layer, q_rope, q_latent, batch, scale, &lse);  // [B, h, 2, R], [B, h, 2]
+  const int64_t B = q_rope.size(0), h = q_rope.size(1), g = pool.kv_heads(), group = h / g;
+  const int64_t W = window.latent.size(1);
+  check(window.rope.dim() == 4 && window.rope.size(0) == B && window.rope.size(1) == W && window.rope.size(2) == g &&
+            window.latent.dim() == 3 && window.latent.size(0) == B && window.img.sizes() == window.valid.sizes() &&
+            window.img.size(0) == B && window.img.size(1) == W,
+        "mla decode", "window tensors do not match the batch of ", B, " and ", g, " KV heads");
+  // Window scores in the kernel's units (base 2): s = scale * log2(e) * (q_rope . k_rope + q_m(t) . c_t).
+  at::Tensor qr = q_rope.to(at::kFloat), ql = q_latent.to(at::kFloat);
+  at::Tensor kr = window.rope.to(at::kFloat), c = window.latent.to(at::kFloat);  // [B, W, g, 2r], [B, W, R]
+  at::Tensor s_rope = at::matmul(qr.view({B, g, group, -1}), kr.permute({0, 2, 3, 1})).reshape({B, h, W});
+  at::Tensor s_lat = at::matmul(ql, c.transpose(1, 2).unsqueeze(1));  // [B, h, 2, W]
+  at::Tensor img = window.img.view({B, 1, W});
+  at::Tensor s = (s_rope + at::where(img, s_lat.select(2, 1), s_lat.select(2, 0))) * (scale * 1.4426950408889634);
+  s = s.masked_fill(window.valid.view({B, 1, W}).logical_not(), -INFINITY);
+  // Merge: out = (2^(m_k - M) l_k out_k + sum_t 2^(s_t - M) c_t) / (2^(m_k - M) l_k + sum_t 2^(s_t - M)).
+  at::Tensor m_k = lse.select(-1, 0).unsqueeze(-1), l_k = lse.select(-1, 1).unsqueeze(-1);  // [B, h, 1]
+  at::Tensor M = at::maximum(std::get<0>(s.max(-1, true)), m_k);
+  M = at::where(at::isinf(M), at::zeros_like(M), M);  // a sequence without any token: everything 0
+  at::Tensor p = at::exp2(s - M);                      // [B, h, W]
+  at::Tensor w_k = at::exp2(m_k - M) * l_k;            // [B, h, 1]
+  at::Tensor p_img = p * img.to(at::kFloat);
+  at::Tensor out_w = at::stack({at::matmul(p - p_img, c), at::matmul(p_img, c)}, 2);  // [B, h, 2, R]
+  at::Tensor denom = (w_k + p.sum(-1, true)).clamp_min(1e-30).unsqueeze(-1);
+  return (out * w_k.unsqueeze(-1) + out_w) / denom;
 }
 
 }  // namespace mlaforge

@@ -99,8 +99,22 @@ at::Tensor position_slots(const at::Tensor& block_table, int64_t block_size, int
 // (float64 for kernel tests).
 at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope,
                                 const at::Tensor& q_latent, const PagedBatch& batch, double scale);
-// The same through the CPU or CUDA kernel (by the pool's device), in float32.
+// The same through the CPU or CUDA kernel (by the pool's device), in float32. With `lse`, also each
+// (sequence, head)'s log-sum-exp in base 2 (MlaDecodeParams::lse) as [B, h, 2] (CPU kernel only).
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
-                      const PagedBatch& batch, double scale);
+                      const PagedBatch& batch, double scale, at::Tensor* lse = nullptr);
+
+// Recent positions kept unquantized beside the pool (--kv-window), one layer's view: rope [B, W, g, 2r],
+// latent [B, W, R] in any float dtype, img [B, W] bool, valid [B, W] bool (the slots attended, none of
+// them inside the pool range of the same decode).
+struct DecodeWindow {
+  at::Tensor rope, latent, img, valid;
+};
+
+// Absorbed decode over the pool's positions [seq_begin, seq_end) (the kernel) and the window's valid
+// slots (ATen, float32), merged with the log-sum-exp rule: the same [B, h, 2, R] as if all those tokens
+// were in one cache. CPU only (the CUDA kernels do not return the log-sum-exp yet).
+at::Tensor mla_decode_window(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
+                             const PagedBatch& batch, double scale, const DecodeWindow& window);
 
 }  // namespace mlaforge

@@ -152,6 +152,18 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
   c.blocks.assign(size_t(batch), std::vector<int32_t>(size_t(per_row), -1));
   c.row_begin.assign(size_t(batch), KVCache::kNoToken);
   c.block_table = at::full({batch, per_row}, c.scratch_block, at::TensorOptions().dtype(at::kInt).device(device));
+  if (options.window > 0) {
+    check(device.is_cpu(), "--kv-window",
+          "the window of unquantized recent positions runs on the CPU kernel only for now (its CUDA path needs the "
+          "kernels' log-sum-exp, not written yet)");
+    c.window = options.window;
+    auto wopts = at::TensorOptions().dtype(dtype).device(device);
+    for (int64_t i = 0; i < cfg_.num_layers; ++i) {
+      c.win_rope.push_back(at::zeros({batch, c.window, cfg_.num_kv_heads, 2 * mla_.rope_pairs}, wopts));
+      c.win_latent.push_back(at::zeros({batch, c.window, mla_.latent_dim}, wopts));
+    }
+    c.win_img = at::zeros({batch, c.window}, flags);
+  }
   return c;
 }
 
@@ -180,8 +192,13 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   // [g, B*group, nope] x [g, nope, M*R] -> [B, h, M, R] (each step's launches are the decode's cost at batch 16).
   at::Tensor uk_all = tied ? uk(0) : at::cat({uk(0), uk(1)}, 2);
   at::Tensor qa = at::matmul(q_nope, uk_all).view({g, B, group, M, R}).permute({1, 0, 2, 3, 4}).reshape({B, h, M, R});
-  at::Tensor sums = mla_decode(*cache.pool, int64_t(layer), q_rope, tied ? qa.expand({B, h, 2, R}) : qa, cache.paged,
-                               1.0 / std::sqrt(double(dh)))
+  at::Tensor q_latent = tied ? qa.expand({B, h, 2, R}) : qa;
+  const double scale = 1.0 / std::sqrt(double(dh));
+  at::Tensor sums = (cache.window > 0
+                         ? mla_decode_window(*cache.pool, int64_t(layer), q_rope, q_latent, cache.paged, scale,
+                                             DecodeWindow{cache.win_rope[layer], cache.win_latent[layer], cache.win_img,
+                                                          cache.win_valid})
+                         : mla_decode(*cache.pool, int64_t(layer), q_rope, q_latent, cache.paged, scale))
                         .to(q.scalar_type());  // [B, h, 2, R]: text sums, image sums
   // o = W_uv^txt (text sums) + W_uv^img (image sums) per KV head, both in one product:
   // [g, B*group, M*R] x [g, M*R, dh] -> [B, 1, h*dh].
@@ -225,14 +242,29 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
       pool.write(int64_t(layer), cache.new_slots, k_rope.reshape({B * T, g, r2}), latent.reshape({B * T, -1}));
       // The modality bytes are shared by all layers: written once.
       if (layer == 0) pool.write_modality(cache.new_slots, is_image.reshape({-1}));
+      if (cache.window > 0) {  // the last new positions, unquantized, into their window slots
+        const int64_t f = cache.win_first, w = T - f;
+        cache.win_rope[layer].index_copy_(1, cache.win_slots, k_rope.narrow(1, f, w).to(cache.win_rope[layer].scalar_type()));
+        cache.win_latent[layer].index_copy_(1, cache.win_slots, latent.narrow(1, f, w).to(cache.win_latent[layer].scalar_type()));
+        if (layer == 0) cache.win_img.index_copy_(1, cache.win_slots, is_image.narrow(1, f, w).to(at::kBool));
+      }
       at::Tensor qr = at::cat({q_rope, qh.narrow(-1, r2, nope)}, -1);  // [B, T, g, group, dh]
       // Decoding: the absorbed form over the latent cache. Prefill (T > 1): the expanded form, with
       // keys and values rebuilt from every cached latent (as stored, i.e. after quantization).
       if (T == 1) return dense(absorbed_decode(L, qr, cache, layer), L.o_w, L.o_b);
       q = qr.view({B, T, h, dh}).transpose(1, 2);
       const auto dt = x.scalar_type();
-      at::Tensor kv = expand_latent(L, pool.read_latent(int64_t(layer), cache.all_slots, dt), pool.read_modality(cache.all_slots));
-      at::Tensor K = at::cat({pool.read_k_rope(int64_t(layer), cache.all_slots, dt), kv.narrow(-1, 0, g * nope).view({B, S, g, nope})}, -1);
+      at::Tensor lat_all = pool.read_latent(int64_t(layer), cache.all_slots, dt);  // [B, S, R]
+      at::Tensor kr_all = pool.read_k_rope(int64_t(layer), cache.all_slots, dt);   // [B, S, g, 2r]
+      if (cache.window > 0) {  // the last positions as the window keeps them, unquantized
+        const int64_t w = std::min(S, cache.window);
+        at::Tensor wslots = at::remainder(at::arange(S - w, S, at::TensorOptions().dtype(at::kLong).device(x.device())),
+                                          cache.window);
+        lat_all.narrow(1, S - w, w).copy_(cache.win_latent[layer].index_select(1, wslots));
+        kr_all.narrow(1, S - w, w).copy_(cache.win_rope[layer].index_select(1, wslots));
+      }
+      at::Tensor kv = expand_latent(L, lat_all, pool.read_modality(cache.all_slots));
+      at::Tensor K = at::cat({kr_all, kv.narrow(-1, 0, g * nope).view({B, S, g, nope})}, -1);
       return attend(L, q, K.transpose(1, 2), kv.narrow(-1, g * nope, g * dh).view({B, S, g, dh}).transpose(1, 2), ctx,
                     x, q_pre, k_pre, layer, taps);
     }

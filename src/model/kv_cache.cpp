@@ -12,8 +12,9 @@ namespace mlaforge {
 
 int64_t KVCache::bytes() const {
   int64_t b = pool ? pool->bytes() : 0;
-  for (const auto* list : {&k, &v})
+  for (const auto* list : {&k, &v, &win_rope, &win_latent})
     for (auto& t : *list) b += t.numel() * t.element_size();
+  if (win_img.defined()) b += win_img.numel() * win_img.element_size();
   return b;
 }
 
@@ -85,12 +86,29 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
   std::vector<int32_t> begin(static_cast<size_t>(B));
   for (int64_t b = 0; b < B; ++b) begin[size_t(b)] = int32_t(std::min(c.row_begin[size_t(b)], S - 1));
   at::Tensor bt = upload(at::tensor(begin, at::kInt), dev);  // no stream sync: steps queue ahead
-  c.paged = PagedBatch{c.block_table, bt, at::full_like(bt, S)};
+  if (c.window == 0) {
+    c.paged = PagedBatch{c.block_table, bt, at::full_like(bt, S)};
+    return;
+  }
+  // --kv-window: the pool serves [begin, S - W), the window slots [max(begin, S - W), S); slot j holds
+  // position S-1 - ((S-1-j) mod W). The call's last min(T, W) new positions go to the window too.
+  const int64_t W = c.window;
+  std::vector<int32_t> end(static_cast<size_t>(B));
+  for (int64_t b = 0; b < B; ++b) end[size_t(b)] = std::max(begin[size_t(b)], int32_t(std::max<int64_t>(0, S - W)));
+  at::Tensor et = upload(at::tensor(end, at::kInt), dev);
+  c.paged = PagedBatch{c.block_table, bt, et};
+  auto lopts = at::TensorOptions().dtype(at::kLong).device(dev);
+  at::Tensor slot_pos = (S - 1) - at::remainder((S - 1) - at::arange(W, lopts), W);  // [W]
+  c.win_valid = (slot_pos.view({1, W}) >= et.to(at::kLong).view({B, 1})) & (slot_pos.view({1, W}) >= 0);
+  const int64_t w = std::min(T, W);
+  c.win_first = T - w;
+  c.win_slots = at::remainder(at::arange(S - w, S, lopts), W);
 }
 
 void select_cache_rows(KVCache& c, const at::Tensor& rows) {
-  for (auto* list : {&c.k, &c.v})
+  for (auto* list : {&c.k, &c.v, &c.win_rope, &c.win_latent})
     for (auto& t : *list) t = t.index_select(0, rows.to(t.device()));  // [B, ...] -> [n, ...]
+  if (c.win_img.defined()) c.win_img = c.win_img.index_select(0, rows.to(c.win_img.device()));
   if (c.is_latent()) {
     // Kept rows keep their blocks; the others' go back to the pool.
     at::Tensor r = rows.to(at::kCPU).to(at::kLong).contiguous();
@@ -136,6 +154,22 @@ void append_cache_rows(KVCache& c, const KVCache& j) {
     }
   }
   if (!c.is_latent()) return;
+  check(c.window == j.window, "kv cache", "joining rows keep a window of ", j.window, " positions, the batch ", c.window);
+  if (c.window > 0) {
+    // Window slot d holds position p_d = L-1 - ((L-1-d) mod W); the joining rows had it at p_d - shift.
+    const int64_t W = c.window;
+    std::vector<int64_t> src(static_cast<size_t>(W));
+    for (int64_t d = 0; d < W; ++d) {
+      const int64_t p = L - 1 - (((L - 1 - d) % W) + W) % W;  // < 0: the slot holds nothing yet
+      src[size_t(d)] = p - shift >= 0 ? (p - shift) % W : d;  // before the joining rows' start: never attended
+    }
+    at::Tensor idx = upload(at::tensor(src, at::kLong), c.win_img.device());
+    for (size_t l = 0; l < c.win_rope.size(); ++l) {
+      c.win_rope[l] = at::cat({c.win_rope[l], j.win_rope[l].index_select(1, idx)}, 0);
+      c.win_latent[l] = at::cat({c.win_latent[l], j.win_latent[l].index_select(1, idx)}, 0);
+    }
+    c.win_img = at::cat({c.win_img, j.win_img.index_select(1, idx)}, 0);
+  }
   const int64_t bs = c.pool->block_size(), width = int64_t(c.blocks[0].size());
   std::vector<int64_t> from, to;
   for (int64_t r = 0; r < n; ++r) {

@@ -36,6 +36,16 @@ struct KVCache {
   // [B, S], and the decoding view of the batch.
   at::Tensor new_slots, all_slots;
   PagedBatch paged;
+  // --kv-window (latent cache): the last `window` positions of every row also kept unquantized, position p
+  // in slot p % window. The pool keeps every position as well (prefill reads it); decoding attends the
+  // pool for [row begin, S - window) and these slots for the rest (paged.seq_end is cut accordingly).
+  int64_t window = 0;
+  std::vector<at::Tensor> win_rope, win_latent;  // per layer: [B, window, g, 2r], [B, window, R]
+  at::Tensor win_img;                            // [B, window] bool
+  // Per forward call: [B, window] the slots a decoding step attends; the slots of the last new positions
+  // and where they start among the call's T new positions.
+  at::Tensor win_valid, win_slots;
+  int64_t win_first = 0;
 };
 
 // How a cache stores tokens: --kv-cache / --kv-rope, and whether an MLA model caches the expanded
@@ -44,6 +54,7 @@ struct CacheOptions {
   std::string latent = "auto";  // auto (the compute dtype), f32, bf16, int8, int4
   std::string rope = "auto";    // auto (bf16 when the latent is bf16 or quantized), f32, bf16, int8
   int64_t block_size = 64;
+  int64_t window = 0;  // --kv-window: recent positions also kept unquantized (latent cache, CPU)
   bool expanded = false;
 };
 

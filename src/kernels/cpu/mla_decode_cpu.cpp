@@ -399,6 +399,10 @@ void merge_sequence(const Ctx& x, int64_t b, int64_t first, int64_t count) {
     }
     const float inv = 1.f / denom;  // denom >= 1: the max token's weight
     for (int64_t d = 0; d < 2 * R; ++d) o[d] *= inv;
+    if (x.p->lse != nullptr) {
+      x.p->lse[(b * h + i) * 2] = mx;
+      x.p->lse[(b * h + i) * 2 + 1] = denom;
+    }
   }
 }
 
@@ -518,7 +522,14 @@ void mla_decode_cpu(const MlaDecodeParams& p) {
 
   // Sequences without tokens: zeros.
   for (int64_t b = 0; b < B; ++b)
-    if (first[size_t(b)] == first[size_t(b) + 1]) std::fill(p.out + b * h * 2 * R, p.out + (b + 1) * h * 2 * R, 0.f);
+    if (first[size_t(b)] == first[size_t(b) + 1]) {
+      std::fill(p.out + b * h * 2 * R, p.out + (b + 1) * h * 2 * R, 0.f);
+      if (p.lse != nullptr)
+        for (int64_t i = 0; i < h; ++i) {
+          p.lse[(b * h + i) * 2] = -std::numeric_limits<float>::infinity();
+          p.lse[(b * h + i) * 2 + 1] = 0.f;
+        }
+    }
   if (n_items == 0) return;
 
   // Longest items first, handed out dynamically.
