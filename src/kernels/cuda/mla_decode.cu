@@ -147,12 +147,18 @@ struct SplitOutput {
   float2* ml;  // nullptr when there is one split
 };
 
-__device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, int num_splits, float* part_acc,
-                                                    float2* part_ml, int b, int split) {
+// The splits of one launch and their workspace (every main kernel's arguments hold one).
+struct Splits {
+  int num_splits = 1;
+  float* part_acc = nullptr;  // [batch, splits, heads, 2, R]
+  float2* part_ml = nullptr;  // [batch, splits, heads]: (running max in log2 units, sum of exponentials)
+};
+
+__device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, const Splits& sp, int b, int split) {
   const int64_t row_floats = static_cast<int64_t>(p.heads) * 2 * p.latent_dim;
-  if (num_splits == 1) return {p.out + b * row_floats, nullptr};
-  const int64_t slot = static_cast<int64_t>(b) * num_splits + split;
-  return {part_acc + slot * row_floats, part_ml + slot * p.heads};
+  if (sp.num_splits == 1) return {p.out + b * row_floats, nullptr};
+  const int64_t slot = static_cast<int64_t>(b) * sp.num_splits + split;
+  return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -160,9 +166,7 @@ __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, in
 
 struct TcArgs {
   MlaDecodeParams p;
-  int num_splits;
-  float* part_acc;    // [batch, splits, heads, 2, R]
-  float2* part_ml;    // [batch, splits, heads]: (running max in log2 units, sum of exponentials)
+  Splits sp;
   float score_scale;  // p.scale * log2(e)
   int stages;         // cp.async ring depth, 2..kMaxStages
   int smem_bytes;     // multiple of 16
@@ -225,13 +229,13 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
   const int lat_tiles = R / 16;
 
   const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.num_splits);
+  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
   const int c0 = seq_begin + split * chunk;
   const int c1 = min(seq_end, c0 + chunk);
-  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
     // Empty split: the combine skips it; a lone empty split (empty sequence) still defines `out`.
-    if (a.num_splits == 1)
+    if (a.sp.num_splits == 1)
       for (int i = tid; i < H * 2 * R; i += kThreads) dst.acc[i] = 0.f;
     return;
   }
@@ -681,9 +685,7 @@ constexpr int kRvStages = 3;
 
 struct RvArgs {
   MlaDecodeParams p;
-  int num_splits;
-  float* part_acc;    // [batch, splits, heads, 2, R]
-  float2* part_ml;    // [batch, splits, heads]
+  Splits sp;
   float score_scale;  // p.scale * log2(e)
   int block_shift;    // log2(block_size)
   int stage_bytes;    // one stage: rope [kTile x kKR] bf16, latent [kTile x kR] bf16 (tile_offset), is_image [kTile]
@@ -812,13 +814,13 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const int begin = p.seq_begin[b], end = p.seq_end[b];
   const int t_first = begin / kTile;
   const int t_count = end > begin ? (end + kTile - 1) / kTile - t_first : 0;
-  const int per_split = (t_count + a.num_splits - 1) / a.num_splits;
+  const int per_split = (t_count + a.sp.num_splits - 1) / a.sp.num_splits;
   const int t_lo = t_first + split * per_split;
   const int t_hi = min(t_first + t_count, t_lo + per_split);
-  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     // No tokens: a weight of zero for the combine, or zeros when this CTA writes `out` itself.
-    if (a.num_splits == 1) {
+    if (a.sp.num_splits == 1) {
       for (int i = tid; i < H * 2 * kR; i += kRvConsumers * kThreadsC) dst.acc[i] = 0.f;
     } else {
       for (int h = tid; h < H; h += kRvConsumers * kThreadsC) dst.ml[h] = make_float2(-INFINITY, 0.f);
@@ -1099,9 +1101,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 
 struct CcArgs {
   MlaDecodeParams p;
-  int num_splits;
-  float* part_acc;
-  float2* part_ml;
+  Splits sp;
   float score_scale;
   int head_group;  // query heads per CTA
   int kv_span;     // KV heads one head group can touch
@@ -1154,12 +1154,12 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
   const int ldk = a.ldk, ldc = a.ldc;
 
   const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.num_splits);
+  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
   const int c0 = seq_begin + split * chunk;
   const int c1 = min(seq_end, c0 + chunk);
-  const SplitOutput dst = split_output(p, a.num_splits, a.part_acc, a.part_ml, b, split);
+  const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
-    if (a.num_splits == 1)
+    if (a.sp.num_splits == 1)
       for (int i = tid; i < hg * 2 * R; i += kThreads) dst.acc[h0 * 2 * R + i] = 0.f;
     return;
   }
@@ -1769,20 +1769,17 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     part_ml = reinterpret_cast<float2*>(static_cast<char*>(workspace) + rows * 2 * p.latent_dim * 4);
   }
 
+  const Splits sp{splits, part_acc, part_ml};
   bool launched = false;
   if (rv.kernel != nullptr) {
-    rv.args.num_splits = splits;
-    rv.args.part_acc = part_acc;
-    rv.args.part_ml = part_ml;
+    rv.args.sp = sp;
     rv.kernel<<<dim3(splits, p.batch), rv.threads, rv.args.smem_bytes, s>>>(rv.args);
     launched = true;
   }
   if (!launched && !forced_path("cc")) {
     TcPlan tc = plan_tc(p, dev, splits);
     if (tc.kernel != nullptr) {
-      tc.args.num_splits = splits;
-      tc.args.part_acc = part_acc;
-      tc.args.part_ml = part_ml;
+      tc.args.sp = sp;
       tc.kernel<<<dim3(splits, p.batch), kThreads, tc.args.smem_bytes, s>>>(tc.args);
       launched = true;
     }
@@ -1790,9 +1787,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   if (!launched) {
     CcPlan cc = plan_cc(p, dev);
     if (cc.kernel == nullptr) return;
-    cc.args.num_splits = splits;
-    cc.args.part_acc = part_acc;
-    cc.args.part_ml = part_ml;
+    cc.args.sp = sp;
     cc.kernel<<<dim3(splits, p.batch, cc.groups), kThreads, cc.smem_bytes, s>>>(cc.args);
   }
   if (splits > 1) {
