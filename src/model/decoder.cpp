@@ -123,6 +123,8 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
   if (!latent) {
     check(fmt == KvFormat::F32 || fmt == KvFormat::BF16, "--kv-cache",
           "int8 and int4 quantize the latent of an MLA checkpoint; this model caches keys and values (auto or bf16)");
+    check(options.window == 0, "--kv-window",
+          "keeps recent positions of an MLA checkpoint's latent cache unquantized; this model caches keys and values");
     auto opts = at::TensorOptions().dtype(fmt == KvFormat::BF16 ? at::kBFloat16 : embed_w_.scalar_type()).device(device);
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
       c.k.push_back(at::zeros({batch, cfg_.num_kv_heads, capacity, cfg_.head_dim}, opts));
