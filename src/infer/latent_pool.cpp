@@ -231,6 +231,24 @@ std::pair<at::Tensor, at::Tensor> batch_slots(const PagedBatch& batch, int64_t b
   return {slots, valid};
 }
 
+// The absorbed scores q_rope . k_rope + q_m(t) . c_t of every query head against tokens given in the
+// open: q_rope [B, h, 2r], q_latent [B, h, 2, R], KR [B, S, g, 2r], C [B, S, R], img [B, 1, S] bool -> [B, h, S]
+// (unscaled).
+at::Tensor absorbed_scores(const at::Tensor& q_rope, const at::Tensor& q_latent, const at::Tensor& KR,
+                           const at::Tensor& C, const at::Tensor& img) {
+  const int64_t B = q_rope.size(0), h = q_rope.size(1), g = KR.size(2), S = KR.size(1);
+  at::Tensor s_rope = at::matmul(q_rope.view({B, g, h / g, -1}), KR.permute({0, 2, 3, 1})).reshape({B, h, S});
+  at::Tensor s_lat = at::matmul(q_latent, C.transpose(1, 2).unsqueeze(1));  // [B, h, 2, S]
+  return s_rope + at::where(img, s_lat.select(2, 1), s_lat.select(2, 0));
+}
+
+// Weights p [B, h, S] summed over the latents C [B, S, R] of text and of image tokens (img [B, 1, S]):
+// [B, h, 2, R].
+at::Tensor modality_sums(const at::Tensor& p, const at::Tensor& C, const at::Tensor& img) {
+  at::Tensor p_img = p * img.to(p.scalar_type());
+  return at::stack({at::matmul(p - p_img, C), at::matmul(p_img, C)}, 2);
+}
+
 void check_decode_args(const LatentPool& pool, const at::Tensor& q_rope, const at::Tensor& q_latent,
                        const PagedBatch& batch) {
   const int64_t B = q_rope.size(0), h = q_rope.size(1);
@@ -249,19 +267,16 @@ void check_decode_args(const LatentPool& pool, const at::Tensor& q_rope, const a
 at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope,
                                 const at::Tensor& q_latent, const PagedBatch& batch, double scale) {
   check_decode_args(pool, q_rope, q_latent, batch);
-  const int64_t B = q_rope.size(0), h = q_rope.size(1), g = pool.kv_heads(), group = h / g;
+  const int64_t B = q_rope.size(0);
   const int64_t S = batch.seq_end.max().item<int64_t>();
   const auto dtype = q_rope.scalar_type();
   auto [slots, valid] = batch_slots(batch, pool.block_size(), S);
   at::Tensor KR = pool.read_k_rope(layer, slots, dtype);                       // [B, S, g, 2r]
   at::Tensor C = pool.read_latent(layer, slots, dtype);                        // [B, S, R]
   at::Tensor img = pool.read_modality(slots).view({B, 1, S});                  // [B, 1, S]
-  at::Tensor s_rope = at::matmul(q_rope.view({B, g, group, -1}), KR.permute({0, 2, 3, 1})).reshape({B, h, S});
-  at::Tensor s_lat = at::matmul(q_latent, C.transpose(1, 2).unsqueeze(1));     // [B, h, 2, S]
-  at::Tensor s = (s_rope + at::where(img, s_lat.select(2, 1), s_lat.select(2, 0))) * scale;
+  at::Tensor s = absorbed_scores(q_rope, q_latent, KR, C, img) * scale;
   at::Tensor p = at::softmax(s.masked_fill(valid.view({B, 1, S}).logical_not(), -INFINITY), -1);  // [B, h, S]
-  at::Tensor p_img = p * img.to(dtype);
-  return at::stack({at::matmul(p - p_img, C), at::matmul(p_img, C)}, 2);  // [B, h, 2, R]
+  return modality_sums(p, C, img);  // [B, h, 2, R]
 }
 
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
@@ -306,19 +321,17 @@ at::Tensor mla_decode_window(const LatentPool& pool, int64_t layer, const at::Te
                              const PagedBatch& batch, double scale, const DecodeWindow& window) {
   at::Tensor lse;
   at::Tensor out = mla_decode(pool, layer, q_rope, q_latent, batch, scale, &lse);  // [B, h, 2, R], [B, h, 2]
-  const int64_t B = q_rope.size(0), h = q_rope.size(1), g = pool.kv_heads(), group = h / g;
+  const int64_t B = q_rope.size(0), g = pool.kv_heads();
   const int64_t W = window.latent.size(1);
   check(window.rope.dim() == 4 && window.rope.size(0) == B && window.rope.size(1) == W && window.rope.size(2) == g &&
             window.latent.dim() == 3 && window.latent.size(0) == B && window.img.sizes() == window.valid.sizes() &&
             window.img.size(0) == B && window.img.size(1) == W,
         "mla decode", "window tensors do not match the batch of ", B, " and ", g, " KV heads");
   // Window scores in the kernel's units (base 2): s = scale * log2(e) * (q_rope . k_rope + q_m(t) . c_t).
-  at::Tensor qr = q_rope.to(at::kFloat), ql = q_latent.to(at::kFloat);
-  at::Tensor kr = window.rope.to(at::kFloat), c = window.latent.to(at::kFloat);  // [B, W, g, 2r], [B, W, R]
-  at::Tensor s_rope = at::matmul(qr.view({B, g, group, -1}), kr.permute({0, 2, 3, 1})).reshape({B, h, W});
-  at::Tensor s_lat = at::matmul(ql, c.transpose(1, 2).unsqueeze(1));  // [B, h, 2, W]
+  at::Tensor c = window.latent.to(at::kFloat);  // [B, W, R]
   at::Tensor img = window.img.view({B, 1, W});
-  at::Tensor s = (s_rope + at::where(img, s_lat.select(2, 1), s_lat.select(2, 0))) * (scale * 1.4426950408889634);
+  at::Tensor s = absorbed_scores(q_rope.to(at::kFloat), q_latent.to(at::kFloat), window.rope.to(at::kFloat), c, img) *
+                 (scale * 1.4426950408889634);
   s = s.masked_fill(window.valid.view({B, 1, W}).logical_not(), -INFINITY);
   // Merge: out = (2^(m_k - M) l_k out_k + sum_t 2^(s_t - M) c_t) / (2^(m_k - M) l_k + sum_t 2^(s_t - M)).
   at::Tensor m_k = lse.select(-1, 0).unsqueeze(-1), l_k = lse.select(-1, 1).unsqueeze(-1);  // [B, h, 1]
@@ -326,8 +339,7 @@ at::Tensor mla_decode_window(const LatentPool& pool, int64_t layer, const at::Te
   M = at::where(at::isinf(M), at::zeros_like(M), M);  // a sequence without any token: everything 0
   at::Tensor p = at::exp2(s - M);                      // [B, h, W]
   at::Tensor w_k = at::exp2(m_k - M) * l_k;            // [B, h, 1]
-  at::Tensor p_img = p * img.to(at::kFloat);
-  at::Tensor out_w = at::stack({at::matmul(p - p_img, c), at::matmul(p_img, c)}, 2);  // [B, h, 2, R]
+  at::Tensor out_w = modality_sums(p, c, img);  // [B, h, 2, R]
   at::Tensor denom = (w_k + p.sum(-1, true)).clamp_min(1e-30).unsqueeze(-1);
   return (out * w_k.unsqueeze(-1) + out_w) / denom;
 }
