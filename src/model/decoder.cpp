@@ -260,10 +260,8 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
       at::Tensor kr_all = pool.read_k_rope(int64_t(layer), cache.all_slots, dt);   // [B, S, g, 2r]
       if (cache.window > 0) {  // the last positions as the window keeps them, unquantized
         const int64_t w = std::min(S, cache.window);
-        at::Tensor wslots = at::remainder(at::arange(S - w, S, at::TensorOptions().dtype(at::kLong).device(x.device())),
-                                          cache.window);
-        lat_all.narrow(1, S - w, w).copy_(cache.win_latent[layer].index_select(1, wslots));
-        kr_all.narrow(1, S - w, w).copy_(cache.win_rope[layer].index_select(1, wslots));
+        lat_all.narrow(1, S - w, w).copy_(cache.win_latent[layer].index_select(1, cache.win_read_slots));
+        kr_all.narrow(1, S - w, w).copy_(cache.win_rope[layer].index_select(1, cache.win_read_slots));
       }
       at::Tensor kv = expand_latent(L, lat_all, pool.read_modality(cache.all_slots));
       at::Tensor K = at::cat({kr_all, kv.narrow(-1, 0, g * nope).view({B, S, g, nope})}, -1);

@@ -103,6 +103,7 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
   const int64_t w = std::min(T, W);
   c.win_first = T - w;
   c.win_slots = at::remainder(at::arange(S - w, S, lopts), W);
+  c.win_read_slots = at::remainder(at::arange(S - std::min(S, W), S, lopts), W);
 }
 
 void select_cache_rows(KVCache& c, const at::Tensor& rows) {

@@ -43,8 +43,9 @@ struct KVCache {
   std::vector<at::Tensor> win_rope, win_latent;  // per layer: [B, window, g, 2r], [B, window, R]
   at::Tensor win_img;                            // [B, window] bool
   // Per forward call: [B, window] the slots a decoding step attends; the slots of the last new positions
-  // and where they start among the call's T new positions.
-  at::Tensor win_valid, win_slots;
+  // and where they start among the call's T new positions; the slots of positions [S - min(S, window), S)
+  // (what prefill reads from the window).
+  at::Tensor win_valid, win_slots, win_read_slots;
   int64_t win_first = 0;
 };
 
