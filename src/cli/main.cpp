@@ -110,7 +110,7 @@ int cmd_inspect(const std::string& model_dir) {
   return 0;
 }
 
-// --kv-cache, --kv-rope and --kv-window, on every command that decodes.
+// --kv-cache, --kv-rope, --kv-window and --no-cuda-graph, on every command that decodes.
 void add_cache_options(CLI::App* cmd, CacheOptions& c) {
   cmd->add_option("--kv-cache", c.latent,
                   "KV cache storage: auto (the compute dtype), bf16, or for MLA checkpoints the latent in int8 or "
@@ -122,9 +122,13 @@ void add_cache_options(CLI::App* cmd, CacheOptions& c) {
       ->capture_default_str();
   cmd->add_option("--kv-window", c.window,
                   "MLA latent cache: also keep the last N positions of every sequence unquantized, in the compute "
-                  "dtype, and decode over them exactly (CPU only for now; 0: off)")
+                  "dtype, and decode over them exactly (0: off)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  cmd->add_flag_function(
+      "--no-cuda-graph", [&c](int64_t) { c.cuda_graph = false; },
+      "On cuda, launch every decoding step's kernels one by one instead of replaying a CUDA graph captured per "
+      "cache shape (slower: the step is then bound by the host's launches)");
 }
 
 int cmd_generate(const std::string& model_dir, const std::vector<std::string>& images, const std::string& prompt,

@@ -49,6 +49,7 @@ double copy_bandwidth(const at::Device& dev) {
 
 struct Measured {
   double prefill_tok_s = 0, decode_tok_s = 0;
+  double decode_graph_tok_s = 0;                // decoding steps replayed from a CUDA graph (cuda only)
   double attention_s = 0, attention_bytes = 0;  // one layer's decode attention, whole batch
   double sdpa_s = 0;                            // PyTorch's SDPA on the same keys and values (original only)
   int64_t kv_bytes = 0, kv_slots = 0;           // allocated cache and the token slots it holds
@@ -63,7 +64,7 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
                  bool is_original) {
   Measured r;
   const TextConfig& t = m.config();
-  const int64_t B = o.batch, S = o.context, cap = S + o.decode_steps;
+  const int64_t B = o.batch, S = o.context, cap = S + 2 * o.decode_steps;  // eager steps, then graph steps
   auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
   auto flags = at::TensorOptions().dtype(at::kBool).device(dev);
   {
@@ -104,15 +105,18 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
   }
   c.key_valid.narrow(1, 0, S).fill_(true);
   c.len = S;
-  at::Tensor tok = at::randint(t.vocab_size, {B, 1}, long_opts);
-  at::Tensor no_img = at::zeros({B, 1}, flags), valid = at::ones({B, 1}, flags);
+  at::Tensor tok = at::randint(t.vocab_size, {B}, long_opts);
   int64_t step = 0;
-  const double s = seconds_per_call(dev, o.decode_steps - 2, [&] {
-    at::Tensor h = m.forward(m.embed(tok), text_positions(B, S + step, 1, dev), valid, no_img, c);
-    tok = m.logits(h).argmax(-1);
+  auto decode = [&] {
+    tok = m.decode_step(tok, text_positions(B, S + step, 1, dev), c).argmax(-1);
     ++step;
-  });
-  r.decode_tok_s = double(B) / s;
+  };
+  c.cuda_graph = false;
+  r.decode_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
+  if (dev.is_cuda() && o.cache.cuda_graph) {
+    c.cuda_graph = true;  // the first two calls (not timed) run eagerly on the capture stream, then capture
+    r.decode_graph_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
+  }
 
   // One layer's decode attention over the S cached tokens of every sequence.
   const int64_t h = t.num_heads, g = t.num_kv_heads, dh = t.head_dim;
@@ -204,6 +208,7 @@ int run_bench(const BenchOptions& o) {
   row("KV bytes allocated (MiB)", double(mo.kv_bytes) / 1048576.0, double(mm.kv_bytes) / 1048576.0, "%.1f");
   row("prefill tokens/s (1 sequence)", mo.prefill_tok_s, mm.prefill_tok_s, "%.0f");
   row("decode tokens/s (batch)", mo.decode_tok_s, mm.decode_tok_s, "%.1f");
+  if (mo.decode_graph_tok_s > 0) row("decode tokens/s, CUDA graph", mo.decode_graph_tok_s, mm.decode_graph_tok_s, "%.1f");
   row("attention us per layer and step", mo.attention_s * 1e6, mm.attention_s * 1e6, "%.1f");
   row("attention GB/s", mo.attention_bytes / mo.attention_s / 1e9, mm.attention_bytes / mm.attention_s / 1e9, "%.1f");
   row("attention % of copy bandwidth", 100 * mo.attention_bytes / mo.attention_s / copy_bw,
@@ -219,7 +224,7 @@ int run_bench(const BenchOptions& o) {
                 mo.sdpa_s * 1e6, mo.attention_s / mo.sdpa_s, mo.sdpa_s / mm.attention_s);
   if (!o.report.empty()) {
     auto j = [&](const Measured& m) {
-      return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s},
+      return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s}, {"decode_graph_tokens_per_s", m.decode_graph_tok_s},
                             {"attention_us", m.attention_s * 1e6}, {"attention_gb_per_s", m.attention_bytes / m.attention_s / 1e9},
                             {"kv_bytes", m.kv_bytes}, {"kv_bytes_per_token", double(m.kv_bytes) / double(m.kv_slots)},
                             {"sdpa_us", m.sdpa_s * 1e6}};

@@ -299,8 +299,6 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
   p.seq_end = end.data_ptr<int32_t>();
   p.out = out.data_ptr<float>();
   if (lse != nullptr) {
-    check(pool.device().is_cpu(), "mla decode",
-          "the log-sum-exp output (--kv-window) is implemented in the CPU kernel only, not on ", pool.device());
     *lse = at::empty({B, h, 2}, qr.options());
     p.lse = lse->data_ptr<float>();
   }

@@ -100,7 +100,7 @@ at::Tensor position_slots(const at::Tensor& block_table, int64_t block_size, int
 at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope,
                                 const at::Tensor& q_latent, const PagedBatch& batch, double scale);
 // The same through the CPU or CUDA kernel (by the pool's device), in float32. With `lse`, also each
-// (sequence, head)'s log-sum-exp in base 2 (MlaDecodeParams::lse) as [B, h, 2] (CPU kernel only).
+// (sequence, head)'s log-sum-exp in base 2 (MlaDecodeParams::lse) as [B, h, 2].
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
                       const PagedBatch& batch, double scale, at::Tensor* lse = nullptr);
 
@@ -113,7 +113,7 @@ struct DecodeWindow {
 
 // Absorbed decode over the pool's positions [seq_begin, seq_end) (the kernel) and the window's valid
 // slots (ATen, float32), merged with the log-sum-exp rule: the same [B, h, 2, R] as if all those tokens
-// were in one cache. CPU only (the CUDA kernels do not return the log-sum-exp yet).
+// were in one cache.
 at::Tensor mla_decode_window(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
                              const PagedBatch& batch, double scale, const DecodeWindow& window);
 

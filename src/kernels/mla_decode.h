@@ -58,7 +58,7 @@ struct MlaDecodeParams {
   const int32_t* seq_end = nullptr;      // [batch]; seq_end > seq_begin
 
   float* out = nullptr;  // [batch, heads, 2, latent_dim]
-  // Optional (CPU kernel only): [batch, heads, 2] = (max over the tokens of scale * log2(e) * s_t, sum of
+  // Optional: [batch, heads, 2] = (max over the tokens of scale * log2(e) * s_t, sum of
   // 2^(scale * log2(e) * s_t - max)), so that another part of the sequence can be merged in; (-inf, 0)
   // for a sequence without tokens.
   float* lse = nullptr;

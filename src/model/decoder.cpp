@@ -6,6 +6,7 @@
 
 #include "core/error.h"
 #include "io/safetensors.h"
+#include "model/decode_graph.h"
 #include "model/ops.h"
 #include "model/rope.h"
 
@@ -116,6 +117,7 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
                              const CacheOptions& options) const {
   KVCache c;
   c.capacity = capacity;
+  c.cuda_graph = options.cuda_graph && device.is_cuda();
   auto flags = at::TensorOptions().dtype(at::kBool).device(device);
   c.key_valid = at::zeros({batch, capacity}, flags);
   const bool latent = mla_.enabled && mla_.latent_dim > 0 && !options.expanded;
@@ -155,9 +157,6 @@ KVCache DecoderLM::new_cache(int64_t batch, int64_t capacity, const at::Device& 
   c.row_begin.assign(size_t(batch), KVCache::kNoToken);
   c.block_table = at::full({batch, per_row}, c.scratch_block, at::TensorOptions().dtype(at::kInt).device(device));
   if (options.window > 0) {
-    check(device.is_cpu(), "--kv-window",
-          "the window of unquantized recent positions runs on the CPU kernel only for now (its CUDA path needs the "
-          "kernels' log-sum-exp, not written yet)");
     c.window = options.window;
     auto wopts = at::TensorOptions().dtype(dtype).device(device);
     for (int64_t i = 0; i < cfg_.num_layers; ++i) {
@@ -208,8 +207,8 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   at::Tensor uv_all = tied ? uv(0).transpose(1, 2) : at::cat({uv(0).transpose(1, 2), uv(1).transpose(1, 2)}, 1);
   at::Tensor out = at::matmul(s.reshape({B, g, group, M * R}).transpose(0, 1).reshape({g, B * group, M * R}), uv_all);
   out = out.view({g, B, group, dh}).transpose(0, 1).reshape({B, 1, h * dh});
-  if (L.kv_up_b.defined())
-    out = out + L.kv_up_b.narrow(0, g * nope, g * dh).view({g, dh}).repeat_interleave(group, 0).view({1, 1, h * dh});
+  if (L.kv_up_b.defined())  // each KV head's value bias for its group of query heads
+    out = out + L.kv_up_b.narrow(0, g * nope, g * dh).view({g, 1, dh}).expand({g, group, dh}).reshape({1, 1, h * dh});
   return out;
 }
 
@@ -274,6 +273,11 @@ at::Tensor DecoderLM::attention(const DecoderLayer& L, const at::Tensor& x, cons
     v = kv.narrow(-1, g * nope, g * dh).view({B, T, g, dh}).transpose(1, 2);
     k = at::cat({k_rope, k_nope}, -1).transpose(1, 2);
   }
+  if (ctx.kv_write_pos.defined()) {  // decode_device: one fixed-shape step over the whole capacity
+    cache.k[layer].index_copy_(2, ctx.kv_write_pos, k.to(cache.k[layer].scalar_type()));
+    cache.v[layer].index_copy_(2, ctx.kv_write_pos, v.to(cache.v[layer].scalar_type()));
+    return attend(L, q, cache.k[layer], cache.v[layer], ctx, x, q_pre, k_pre, layer, taps);
+  }
   cache.k[layer].narrow(2, start, T).copy_(k);
   cache.v[layer].narrow(2, start, T).copy_(v);
   return attend(L, q, cache.k[layer].narrow(2, 0, S), cache.v[layer].narrow(2, 0, S), ctx, x, q_pre, k_pre, layer, taps);
@@ -316,10 +320,7 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   LayerContext ctx;
   ctx.start = start;
   ctx.end = S;
-  auto [cos_f, sin_f] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh] float32
-  // In the activations' dtype, as transformers applies them (bf16 models rotate in bf16).
-  ctx.cos = cos_f.to(x_in.scalar_type());
-  ctx.sin = sin_f.to(x_in.scalar_type());
+  rotary_tables(ctx, pos, x_in.scalar_type());
   cache.key_valid.narrow(1, start, T).copy_(valid);
   // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
@@ -332,6 +333,13 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   // One host sync per prefill where fused attention runs; none while decoding.
   if (T > 1 && start == 0 && fused_attention_applies(x_in)) ctx.unmasked = valid.all().item<bool>();
   return ctx;
+}
+
+void DecoderLM::rotary_tables(LayerContext& ctx, const at::Tensor& pos, at::ScalarType dtype) const {
+  auto [cos_f, sin_f] = rope_cos_sin(pos, inv_freq_, cfg_.mrope_section);  // [B, T, dh] float32
+  // In the activations' dtype, as transformers applies them (bf16 models rotate in bf16).
+  ctx.cos = cos_f.to(dtype);
+  ctx.sin = sin_f.to(dtype);
 }
 
 at::Tensor DecoderLM::run_layer(const DecoderLayer& L, size_t i, const at::Tensor& x, const LayerContext& ctx,
@@ -361,6 +369,36 @@ at::Tensor DecoderLM::forward(const at::Tensor& x_in, const at::Tensor& pos, con
 }
 
 at::Tensor DecoderLM::logits(const at::Tensor& h) const { return at::linear(h, head_w_); }
+
+at::Tensor DecoderLM::decode_step(const at::Tensor& tokens, const at::Tensor& pos, KVCache& cache) const {
+  const int64_t B = tokens.size(0);
+  at::Tensor ids = tokens.reshape({B, 1});
+  if (cache.cuda_graph) return graph_decode_step(*this, ids, pos, cache);
+  auto flags = at::TensorOptions().dtype(at::kBool).device(ids.device());
+  // Generated tokens are text.
+  at::Tensor h = forward(embed(ids), pos, at::ones({B, 1}, flags), at::zeros({B, 1}, flags), cache);
+  return logits(h.select(1, 0));
+}
+
+at::Tensor DecoderLM::decode_device(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& write_pos,
+                                    KVCache& cache) const {
+  const int64_t B = tokens.size(0);
+  at::Tensor x = embed(tokens);  // [B, 1, d]
+  LayerContext ctx;
+  ctx.start = cache.len;
+  ctx.end = cache.len + 1;
+  rotary_tables(ctx, pos, x.scalar_type());
+  if (!cache.is_latent()) {
+    // Keys at every capacity position: causal up to the new one, padding hidden, the new one visible.
+    at::Tensor key_pos = at::arange(cache.capacity, write_pos.options()).view({1, -1});
+    at::Tensor mask = ((key_pos <= write_pos) & cache.key_valid) | (key_pos == write_pos);  // [B, capacity]
+    ctx.mask = mask.view({B, 1, 1, 1, cache.capacity});
+    ctx.kv_write_pos = write_pos;
+  }
+  at::Tensor is_image = at::zeros({B, 1}, at::TensorOptions().dtype(at::kBool).device(x.device()));
+  for (size_t i = 0; i < layers_.size(); ++i) x = run_layer(layers_[i], i, x, ctx, is_image, cache);
+  return logits(rms_norm(x, final_norm_, cfg_.rms_norm_eps).select(1, 0));
+}
 
 std::vector<std::pair<std::string, at::Tensor*>> DecoderLM::named_weights() {
   std::vector<std::pair<std::string, at::Tensor*>> out;

@@ -56,6 +56,9 @@ struct LayerContext {
   at::Tensor cos, sin;  // [B, T, dh] in the activations' dtype
   at::Tensor mask;      // [B, 1, 1, T, S] bool: causal, padding keys hidden
   int64_t start = 0, end = 0;  // cache positions [start, end) the pass writes
+  // DecoderLM::decode_device: [1] int64 on the device, the position a K/V cache is written at (the whole
+  // capacity is then attended through `mask`, [B, 1, 1, 1, capacity]); undefined otherwise.
+  at::Tensor kv_write_pos;
   // Fused attention (fused_attention_applies, prefill) needs no mask: no key is padding and the pass
   // is a whole prefill (causal from position 0). transformers then passes no mask either, so the
   // same SDPA kernel runs.
@@ -93,6 +96,18 @@ class DecoderLM {
                      KVCache& cache, const ForwardTaps& taps = {}) const;
   at::Tensor logits(const at::Tensor& h) const;  // [..., d] -> [..., vocab]
 
+  // One decoding step of text tokens [B] or [B, 1] at positions pos [3, B, 1]: logits [B, vocab];
+  // cache.len advances by one. With cache.cuda_graph the device work replays a CUDA graph captured for
+  // the cache's current shape (model/decode_graph.h); otherwise forward() then logits().
+  at::Tensor decode_step(const at::Tensor& tokens, const at::Tensor& pos, KVCache& cache) const;
+  // The device part of a decoding step, after reserve_positions has given the new position its slots
+  // (what DecodeGraph captures): embeddings of tokens [B, 1], rotary tables of pos [3, B, 1], every
+  // layer, logits [B, vocab]. A K/V cache is written at write_pos ([1] int64 on the device) and
+  // attended over its whole capacity through a mask, so no shape or offset depends on the step. No
+  // host sync; cache.len is left to the caller.
+  at::Tensor decode_device(const at::Tensor& tokens, const at::Tensor& pos, const at::Tensor& write_pos,
+                           KVCache& cache) const;
+
   // forward() one layer at a time: begin_layers reserves cache positions [cache.len, cache.len + T)
   // and builds the rotary tables and mask; run_layer maps layer `i`'s input x [B, T, d] to its
   // output. The caller sets cache.len = ctx.end after the last layer.
@@ -123,6 +138,8 @@ class DecoderLM {
   at::Tensor expand_latent(const DecoderLayer& L, const at::Tensor& latent, const at::Tensor& is_image) const;
   // True when one down/up pair serves both modalities (shared conversion or a text-only model).
   static bool tied_latent(const DecoderLayer& L);
+  // ctx.cos / ctx.sin [B, T, dh] of positions pos [3, B, T], in the activations' dtype.
+  void rotary_tables(LayerContext& ctx, const at::Tensor& pos, at::ScalarType dtype) const;
   TextConfig cfg_;
   MlaConfig mla_;
   at::Tensor embed_w_, final_norm_, head_w_, inv_freq_;

@@ -107,6 +107,7 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
 }
 
 void select_cache_rows(KVCache& c, const at::Tensor& rows) {
+  c.graph.reset();  // captured for the old rows' tensors
   for (auto* list : {&c.k, &c.v, &c.win_rope, &c.win_latent})
     for (auto& t : *list) t = t.index_select(0, rows.to(t.device()));  // [B, ...] -> [n, ...]
   if (c.win_img.defined()) c.win_img = c.win_img.index_select(0, rows.to(c.win_img.device()));
@@ -142,6 +143,7 @@ void append_cache_rows(KVCache& c, const KVCache& j) {
   check(c.is_latent() == j.is_latent() && c.k.size() == j.k.size(), "kv cache", "joining rows use another cache kind");
   check(j.len <= c.len, "kv cache", "joining rows hold ", j.len, " positions, the batch only ", c.len);
   const int64_t shift = c.len - j.len, n = j.batch(), L = c.len;
+  c.graph.reset();  // captured for the old rows' tensors
   if (L > c.capacity) grow(c, L);
   // key_valid: [n, capacity], the joining rows' validity shifted right by `shift`.
   at::Tensor kv = at::zeros({n, c.capacity}, c.key_valid.options());

@@ -13,6 +13,8 @@
 
 namespace mlaforge {
 
+struct DecodeGraph;  // model/decode_graph.cpp: a captured decoding step and its input buffers
+
 // The attention cache of every layer for a batch whose rows share position indices 0..len-1 (rows
 // shorter than others are left-padded). Either the keys and values (original attention, or MLA
 // expanded), or MLA's paged latent cache (DESIGN.md section 3): per token the rotated rotary keys,
@@ -47,6 +49,10 @@ struct KVCache {
   // (what prefill reads from the window).
   at::Tensor win_valid, win_slots, win_read_slots;
   int64_t win_first = 0;
+  // Decoding steps on a CUDA device replay a captured CUDA graph (DecoderLM::decode_step): the option,
+  // and the graph of the cache's current shape (rebuilt when rows leave or join or the cache grows).
+  bool cuda_graph = false;
+  std::shared_ptr<DecodeGraph> graph;
 };
 
 // How a cache stores tokens: --kv-cache / --kv-rope, and whether an MLA model caches the expanded
@@ -55,8 +61,9 @@ struct CacheOptions {
   std::string latent = "auto";  // auto (the compute dtype), f32, bf16, int8, int4
   std::string rope = "auto";    // auto (bf16 when the latent is bf16 or quantized), f32, bf16, int8
   int64_t block_size = 64;
-  int64_t window = 0;  // --kv-window: recent positions also kept unquantized (latent cache, CPU)
+  int64_t window = 0;  // --kv-window: recent positions also kept unquantized (latent cache)
   bool expanded = false;
+  bool cuda_graph = true;  // on a CUDA device, decoding steps replay a captured CUDA graph (--no-cuda-graph)
 };
 
 // Makes room for positions [0, S) and, for a latent cache, gives every row blocks for its positions

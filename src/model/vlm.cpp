@@ -402,12 +402,7 @@ at::Tensor Vlm::prefill(const Batch& batch, KVCache& cache, const ForwardTaps& t
 
 at::Tensor Vlm::decode_step(const at::Tensor& tokens, const at::Tensor& positions, KVCache& cache) const {
   const int64_t B = tokens.size(0);
-  at::Tensor x = decoder_->embed(tokens.view({B, 1}));
-  at::Tensor pos = positions.view({1, B, 1}).expand({3, B, 1});
-  auto flags = at::TensorOptions().dtype(at::kBool).device(tokens.device());
-  // Generated tokens are text.
-  at::Tensor h = decoder_->forward(x, pos, at::ones({B, 1}, flags), at::zeros({B, 1}, flags), cache);
-  return decoder_->logits(h.select(1, 0));
+  return decoder_->decode_step(tokens, positions.view({1, B, 1}).expand({3, B, 1}), cache);
 }
 
 }  // namespace mlaforge

@@ -144,7 +144,7 @@ __device__ __forceinline__ int64_t pool_row(const int32_t* table, int block_size
 // Where a split's results go: normalised accumulators [heads, 2, R] and (max, sum) per head.
 struct SplitOutput {
   float* acc;  // out + b*heads*2R when there is one split, else the workspace row of (b, split)
-  float2* ml;  // nullptr when there is one split
+  float2* ml;  // one split: p.lse + b*heads (nullptr when the caller wants no log-sum-exp); else the workspace's
 };
 
 // The splits of one launch and their workspace (every main kernel's arguments hold one).
@@ -156,7 +156,8 @@ struct Splits {
 
 __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, const Splits& sp, int b, int split) {
   const int64_t row_floats = static_cast<int64_t>(p.heads) * 2 * p.latent_dim;
-  if (sp.num_splits == 1) return {p.out + b * row_floats, nullptr};
+  if (sp.num_splits == 1)
+    return {p.out + b * row_floats, p.lse == nullptr ? nullptr : reinterpret_cast<float2*>(p.lse) + static_cast<int64_t>(b) * p.heads};
   const int64_t slot = static_cast<int64_t>(b) * sp.num_splits + split;
   return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
 }
@@ -234,9 +235,12 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
   const int c1 = min(seq_end, c0 + chunk);
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
-    // Empty split: the combine skips it; a lone empty split (empty sequence) still defines `out`.
-    if (a.sp.num_splits == 1)
+    // Empty split: the combine skips it; a lone empty split (empty sequence) still defines `out` (and lse).
+    if (a.sp.num_splits == 1) {
       for (int i = tid; i < H * 2 * R; i += kThreads) dst.acc[i] = 0.f;
+      if (dst.ml != nullptr)
+        for (int h = tid; h < H; h += kThreads) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    }
     return;
   }
   const int num_tiles = (c1 - c0 + kTile - 1) / kTile;
@@ -819,12 +823,11 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const int t_hi = min(t_first + t_count, t_lo + per_split);
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
-    // No tokens: a weight of zero for the combine, or zeros when this CTA writes `out` itself.
-    if (a.sp.num_splits == 1) {
+    // No tokens: a weight of zero for the combine, or zeros when this CTA writes `out` (and lse) itself.
+    if (a.sp.num_splits == 1)
       for (int i = tid; i < H * 2 * kR; i += kRvConsumers * kThreadsC) dst.acc[i] = 0.f;
-    } else {
+    if (dst.ml != nullptr)
       for (int h = tid; h < H; h += kRvConsumers * kThreadsC) dst.ml[h] = make_float2(-INFINITY, 0.f);
-    }
     return;
   }
   const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
@@ -1159,8 +1162,11 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
   const int c1 = min(seq_end, c0 + chunk);
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
-    if (a.sp.num_splits == 1)
+    if (a.sp.num_splits == 1) {
       for (int i = tid; i < hg * 2 * R; i += kThreads) dst.acc[h0 * 2 * R + i] = 0.f;
+      if (dst.ml != nullptr)
+        for (int h = tid; h < hg; h += kThreads) dst.ml[h0 + h] = make_float2(-INFINITY, 0.f);
+    }
     return;
   }
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
@@ -1308,12 +1314,13 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Combine: out[b,h] = sum_s w_s acc_s / sum_s w_s with w_s = l_s 2^(m_s - max m); splits past the end of the
-// sequence hold nothing (they were never written) and are not read. Grid (heads, batch).
+// Combine: out[b,h] = sum_s w_s acc_s / sum_s w_s with w_s = l_s 2^(m_s - max m), and lse[b,h] = (max m, sum_s w_s);
+// splits past the end of the sequence hold nothing (they were never written) and are not read. Grid (heads, batch).
 struct CombineArgs {
   const float* part_acc;  // [batch, splits, heads, 2, R]
   const float2* part_ml;  // [batch, splits, heads]
   float* out;             // [batch, heads, 2, R]
+  float2* lse;            // [batch, heads]: the merged (max, sum), or nullptr
   const int32_t* seq_begin;
   const int32_t* seq_end;
   int heads, latent_dim, num_splits;
@@ -1357,6 +1364,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
 #pragma unroll
     for (int w = 0; w < kCombineThreads / 32; ++w) t += red_s[w];
     total_s = t;
+    if (a.lse != nullptr) a.lse[static_cast<int64_t>(b) * a.heads + h] = make_float2(mx, t);
   }
   __syncthreads();
   const float inv_total = total_s > 0.f ? 1.f / total_s : 0.f;
@@ -1795,6 +1803,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     c.part_acc = part_acc;
     c.part_ml = part_ml;
     c.out = p.out;
+    c.lse = reinterpret_cast<float2*>(p.lse);
     c.seq_begin = p.seq_begin;
     c.seq_end = p.seq_end;
     c.heads = p.heads;

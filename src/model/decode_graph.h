@@ -1,0 +1,22 @@
+// Decoding steps replayed from a CUDA graph. A decoding step launches a few hundred small kernels (about
+// 30 ATen ops per layer at batch 16); on the H200 the host needs ~20 ms to launch them while the GPU needs
+// ~5 ms to run them, so the step is bound by the host. A graph captured once per cache shape launches the
+// whole step at once.
+//
+// What changes from step to step lives in device buffers the graph reads (tokens, positions, the new
+// position's pool slots, the block table, each row's attended range, the window's slots, the K/V write
+// position); the host fills them before each replay. A graph is captured on the second step of a cache
+// shape (the first runs eagerly on the capture stream, which also warms up cuBLAS) and dropped when rows
+// leave or join or the cache grows (KVCache::graph).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace mlaforge {
+
+class DecoderLM;
+struct KVCache;
+
+// DecoderLM::decode_step on a cache with cuda_graph set: tokens [B, 1], pos [3, B, 1] -> logits [B, vocab].
+at::Tensor graph_decode_step(const DecoderLM& model, const at::Tensor& tokens, const at::Tensor& pos, KVCache& cache);
+
+}  // namespace mlaforge
