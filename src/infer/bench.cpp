@@ -13,6 +13,7 @@
 #include "core/device.h"
 #include "core/error.h"
 #include "io/config.h"
+#include "model/decode_graph.h"
 #include "model/ops.h"
 
 #ifdef MLAFORGE_WITH_CUDA
@@ -64,7 +65,8 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
                  bool is_original) {
   Measured r;
   const TextConfig& t = m.config();
-  const int64_t B = o.batch, S = o.context, cap = S + 2 * o.decode_steps;  // eager steps, then graph steps
+  // Eager steps, then steps replayed from a CUDA graph (after the eager ones a graph waits for).
+  const int64_t B = o.batch, S = o.context, cap = S + 2 * o.decode_steps + kEagerStepsBeforeCapture;
   auto long_opts = at::TensorOptions().dtype(at::kLong).device(dev);
   auto flags = at::TensorOptions().dtype(at::kBool).device(dev);
   {
@@ -114,7 +116,8 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
   c.cuda_graph = false;
   r.decode_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
   if (dev.is_cuda() && o.cache.cuda_graph) {
-    c.cuda_graph = true;  // the first two calls (not timed) run eagerly on the capture stream, then capture
+    c.cuda_graph = true;
+    for (int i = 0; i < kEagerStepsBeforeCapture; ++i) decode();  // then seconds_per_call's 2 untimed calls capture and replay
     r.decode_graph_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
   }
 

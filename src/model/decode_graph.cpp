@@ -23,7 +23,7 @@ struct DecodeGraph {
   // What the capture depends on: batch, capacity, block-table width and the addresses of the cache's
   // tensors (select/append/grow replace them).
   std::vector<int64_t> shape;
-  bool warmed_up = false;  // one eager step on `stream` ran for this shape
+  int eager_steps = 0;  // eager steps run on `stream` for this shape
   // Inputs the graph reads, refilled before every replay.
   at::Tensor tokens, pos, write_pos;                           // [B, 1], [3, B, 1], [1] int64
   at::Tensor new_slots, table, seq_begin, seq_end;             // latent cache
@@ -56,6 +56,9 @@ at::Tensor graph_decode_step(const DecoderLM& model, const at::Tensor& tokens, c
   const int64_t B = tokens.size(0), start = cache.len, S = start + 1;
   const at::Device dev = tokens.device();
   check(dev.is_cuda(), "decode", "CUDA graphs need the tokens on a CUDA device");
+  // A K/V cache is attended over its whole capacity: a multiple of 64 keeps the rows of the scores
+  // [.., capacity] aligned for cuBLAS's fast kernels (at capacity 8227 the original's step ran 2.3x slower).
+  if (!cache.is_latent() && cache.capacity % 64 != 0) reserve_capacity(cache, (cache.capacity + 63) / 64 * 64);
   // Host side, outside the graph: blocks and slots of the new position, the key mask's new column.
   reserve_positions(cache, at::ones({B, 1}, at::TensorOptions().dtype(at::kBool).device(dev)), S);
   cache.key_valid.narrow(1, start, 1).fill_(true);
@@ -93,10 +96,10 @@ at::Tensor graph_decode_step(const DecoderLM& model, const at::Tensor& tokens, c
     inputs_ready.block(*g.stream);
     {
       c10::cuda::CUDAStreamGuard on_side(*g.stream);
-      if (!g.warmed_up) {
+      if (g.eager_steps < kEagerStepsBeforeCapture) {
         out = model.decode_device(g.tokens, g.pos, g.write_pos, cache);
         out.record_stream(main);  // allocated on the side stream, read on the main one
-        g.warmed_up = true;
+        ++g.eager_steps;
       } else {
         g.graph = std::make_unique<at::cuda::CUDAGraph>();
         g.graph->capture_begin();

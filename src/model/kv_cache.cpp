@@ -106,6 +106,10 @@ void reserve_positions(KVCache& c, const at::Tensor& valid, int64_t S) {
   c.win_read_slots = at::remainder(at::arange(S - std::min(S, W), S, lopts), W);
 }
 
+void reserve_capacity(KVCache& c, int64_t capacity) {
+  if (capacity > c.capacity) grow(c, capacity);
+}
+
 void select_cache_rows(KVCache& c, const at::Tensor& rows) {
   c.graph.reset();  // captured for the old rows' tensors
   for (auto* list : {&c.k, &c.v, &c.win_rope, &c.win_latent})

@@ -71,6 +71,9 @@ struct CacheOptions {
 // Then fills new_slots / all_slots / paged for the forward pass writing [len, S).
 void reserve_positions(KVCache& cache, const at::Tensor& valid, int64_t S);
 
+// Widens the per-position tensors to at least `capacity` positions (no-op when they hold that many).
+void reserve_capacity(KVCache& cache, int64_t capacity);
+
 // Keeps the batch rows `rows` ([n] int64 indices into the cache's batch, in that order) of every
 // per-row tensor, copying them; a latent cache hands the dropped rows' blocks back to the pool.
 void select_cache_rows(KVCache& cache, const at::Tensor& rows);
