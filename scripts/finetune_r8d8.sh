@@ -7,7 +7,8 @@
 #   bash scripts/finetune_r8d8.sh [SHAPES_DATA_DIR] [cpu|cuda] [MLAFORGE_BINARY] [RUN...]
 # RUN: epochs2, text4, text4-epochs2, calibtext-epochs2 (default: these four), epochs3, epochs4,
 # lr4e-4-epochs2, attnmse-epochs2, epochs2-seed1, epochs2-seed2 (the 2-epoch run with other data orders:
-# how much of text_add's 30 questions is the order's noise). calibtext converts with the text-only rows of train.jsonl added to
+# how much of text_add's 30 questions is the order's noise), kl30-epochs2 (KL weight 30 instead of 10),
+# attn-epochs2 (attention weights only, input norms frozen). calibtext converts with the text-only rows of train.jsonl added to
 # the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
 # of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -31,11 +32,12 @@ if [[ " $runs " == *" calibtext"* ]] && [ ! -d "$out/r8-d8-calibtext" ]; then
   $mf convert --model $orig --out "$out/r8-d8-calibtext" --calib "$calibtext" --calib-samples 100000 --rope-pairs 8 \
     --dkv 8 --device "$dev" --dtype f32 >/dev/null
 fi
-run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED]]]
-  local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0}
+run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE]]]]]
+  local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
   [[ " $runs " == *" $name "* ]] || return 0
   [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$model" --teacher $orig --data "$train" \
-    --out "$out/$name" --epochs "$epochs" --batch 16 --lr "$lr" --loss "$loss" --kl-weight 10 --seed "$seed" --device "$dev" >/dev/null
+    --out "$out/$name" --epochs "$epochs" --batch 16 --lr "$lr" --loss "$loss" --kl-weight "$klw" --seed "$seed" \
+    --trainable "$trainable" --device "$dev" >/dev/null
   [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
     --device "$dev" --dtype f32 --report "$out/$name.eval.json" >/dev/null
   printf "%-28s " "$name"
@@ -56,3 +58,5 @@ run lr4e-4-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 4e-4
 run attnmse-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+attn-mse
 run epochs2-seed1 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 1
 run epochs2-seed2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 2
+run kl30-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 0 30
+run attn-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 0 10 attn

@@ -117,7 +117,8 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
   r.decode_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
   if (dev.is_cuda() && o.cache.cuda_graph) {
     c.cuda_graph = true;
-    for (int i = 0; i < kEagerStepsBeforeCapture; ++i) decode();  // then seconds_per_call's 2 untimed calls capture and replay
+    // The eager steps a shape runs before its capture; seconds_per_call's 2 untimed calls then capture.
+    for (int i = 0; i < kEagerStepsBeforeCapture; ++i) decode();
     r.decode_graph_tok_s = double(B) / seconds_per_call(dev, o.decode_steps - 2, decode);
   }
 
@@ -227,7 +228,8 @@ int run_bench(const BenchOptions& o) {
                 mo.sdpa_s * 1e6, mo.attention_s / mo.sdpa_s, mo.sdpa_s / mm.attention_s);
   if (!o.report.empty()) {
     auto j = [&](const Measured& m) {
-      return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s}, {"decode_graph_tokens_per_s", m.decode_graph_tok_s},
+      return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s},
+                            {"decode_graph_tokens_per_s", m.decode_graph_tok_s},
                             {"attention_us", m.attention_s * 1e6}, {"attention_gb_per_s", m.attention_bytes / m.attention_s / 1e9},
                             {"kv_bytes", m.kv_bytes}, {"kv_bytes_per_token", double(m.kv_bytes) / double(m.kv_slots)},
                             {"sdpa_us", m.sdpa_s * 1e6}};

@@ -36,14 +36,15 @@ struct DecodeGraph {
 namespace {
 
 std::vector<int64_t> cache_shape(const KVCache& c) {
-  auto addr = [](const std::vector<at::Tensor>& v) { return v.empty() ? int64_t(0) : int64_t(reinterpret_cast<intptr_t>(v[0].data_ptr())); };
-  return {c.batch(), c.capacity, c.block_table.defined() ? c.block_table.size(1) : 0,
-          int64_t(reinterpret_cast<intptr_t>(c.pool.get())), int64_t(reinterpret_cast<intptr_t>(c.key_valid.data_ptr())),
-          addr(c.k), addr(c.v), addr(c.win_rope), addr(c.win_latent),
-          c.win_img.defined() ? int64_t(reinterpret_cast<intptr_t>(c.win_img.data_ptr())) : 0};
+  auto addr = [](const void* p) { return int64_t(reinterpret_cast<intptr_t>(p)); };
+  auto first = [&](const std::vector<at::Tensor>& v) { return v.empty() ? int64_t(0) : addr(v[0].data_ptr()); };
+  return {c.batch(),         c.capacity,      c.block_table.defined() ? c.block_table.size(1) : 0,
+          addr(c.pool.get()), addr(c.key_valid.data_ptr()), first(c.k), first(c.v), first(c.win_rope),
+          first(c.win_latent), c.win_img.defined() ? addr(c.win_img.data_ptr()) : 0};
 }
 
-// `dst` (a graph input) takes `src`'s values; the cache then refers to dst, so the captured kernels read it.
+// The graph input `dst` takes the values the host just computed into `cache_field`, and the cache then
+// refers to dst, so the kernels captured from it read dst at every replay.
 void refill(at::Tensor& dst, at::Tensor& cache_field) {
   if (!dst.defined()) dst = at::empty_like(cache_field);
   dst.copy_(cache_field);

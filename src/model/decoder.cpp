@@ -384,9 +384,7 @@ at::Tensor DecoderLM::decode_device(const at::Tensor& tokens, const at::Tensor& 
                                     KVCache& cache) const {
   const int64_t B = tokens.size(0);
   at::Tensor x = embed(tokens);  // [B, 1, d]
-  LayerContext ctx;
-  ctx.start = cache.len;
-  ctx.end = cache.len + 1;
+  LayerContext ctx;  // start/end stay 0: nothing reads them here, and cache.len is the caller's
   rotary_tables(ctx, pos, x.scalar_type());
   if (!cache.is_latent()) {
     // Keys at every capacity position: causal up to the new one, padding hidden, the new one visible.
