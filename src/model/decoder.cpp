@@ -49,6 +49,13 @@ struct FnLoader {
   at::Tensor get_required(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, true); }
   at::Tensor maybe(const std::string& n, const std::vector<int64_t>& s) const { return get(prefix + n, s, false); }
 };
+
+// Which keys each query attends: causal, padding keys hidden, and every query its own key so that padded
+// rows stay finite. key_pos [S], query_pos [T] (int64 positions), keys [B, S] bool (real tokens) -> [B, T, S].
+at::Tensor attention_mask(const at::Tensor& key_pos, const at::Tensor& query_pos, const at::Tensor& keys) {
+  at::Tensor k = key_pos.view({1, -1}), q = query_pos.view({-1, 1});
+  return ((k <= q).unsqueeze(0) & keys.unsqueeze(1)) | (k == q).unsqueeze(0);
+}
 }  // namespace
 
 DecoderLM::DecoderLM(const TextConfig& cfg, const MlaConfig& mla, const WeightFn& get, bool with_layers)
@@ -322,14 +329,8 @@ LayerContext DecoderLM::begin_layers(const at::Tensor& x_in, const at::Tensor& p
   ctx.end = S;
   rotary_tables(ctx, pos, x_in.scalar_type());
   cache.key_valid.narrow(1, start, T).copy_(valid);
-  // mask [B, 1, 1, T, S]: causal, padding keys hidden; every query sees itself so padded rows stay finite.
   at::Tensor key_pos = at::arange(S, at::TensorOptions().dtype(at::kLong).device(x_in.device()));
-  at::Tensor query_pos = key_pos.narrow(0, start, T);
-  at::Tensor causal = key_pos.view({1, S}) <= query_pos.view({T, 1});     // [T, S]
-  at::Tensor self = key_pos.view({1, S}) == query_pos.view({T, 1});       // [T, S]
-  at::Tensor keys = cache.key_valid.narrow(1, 0, S).view({B, 1, S});      // [B, 1, S]
-  at::Tensor mask = (causal.unsqueeze(0) & keys) | self.unsqueeze(0);     // [B, T, S]
-  ctx.mask = mask.view({B, 1, 1, T, S});
+  ctx.mask = attention_mask(key_pos, key_pos.narrow(0, start, T), cache.key_valid.narrow(1, 0, S)).view({B, 1, 1, T, S});
   // One host sync per prefill where fused attention runs; none while decoding.
   if (T > 1 && start == 0 && fused_attention_applies(x_in)) ctx.unmasked = valid.all().item<bool>();
   return ctx;
@@ -387,10 +388,9 @@ at::Tensor DecoderLM::decode_device(const at::Tensor& tokens, const at::Tensor& 
   LayerContext ctx;  // start/end stay 0: nothing reads them here, and cache.len is the caller's
   rotary_tables(ctx, pos, x.scalar_type());
   if (!cache.is_latent()) {
-    // Keys at every capacity position: causal up to the new one, padding hidden, the new one visible.
-    at::Tensor key_pos = at::arange(cache.capacity, write_pos.options()).view({1, -1});
-    at::Tensor mask = ((key_pos <= write_pos) & cache.key_valid) | (key_pos == write_pos);  // [B, capacity]
-    ctx.mask = mask.view({B, 1, 1, 1, cache.capacity});
+    // Keys at every capacity position, the new one at write_pos.
+    at::Tensor key_pos = at::arange(cache.capacity, write_pos.options());
+    ctx.mask = attention_mask(key_pos, write_pos, cache.key_valid).view({B, 1, 1, 1, cache.capacity});
     ctx.kv_write_pos = write_pos;
   }
   at::Tensor is_image = at::zeros({B, 1}, at::TensorOptions().dtype(at::kBool).device(x.device()));
