@@ -147,7 +147,8 @@ TEST(LatentPool, BytesPerTokenOf7BShape) {
 // --kv-window's merge: the kernel over [begin, mid) plus the window's exact copies of [mid, end), merged
 // through the kernel's log-sum-exp, equals the kernel over [begin, end); rows whose window holds all of
 // the sequence (empty kernel range) included. On every device: with float32 storage (CPU kernel, CUDA-core
-// kernel), bf16 at the Qwen2.5-VL-7B shape (row-pair kernel) and int4/int8 (tensor-core kernel); rows of up
+// kernel), bf16 at the Qwen2.5-VL-7B shape (row-pair kernel) and llava-1.5-7b's at 4 pairs and dkv 8 (MHA
+// row-pair kernel on a Hopper), and int4/int8 (tensor-core kernel); rows of up
 // to 1500 positions so that the CUDA kernels split the sequence and the combine writes the log-sum-exp.
 TEST(MlaDecode, WindowMergeEqualsOneCache) {
   struct Case {
@@ -156,6 +157,7 @@ TEST(MlaDecode, WindowMergeEqualsOneCache) {
   };
   const std::vector<Case> cases{{2, 8, 32, 16, 6, KvFormat::F32, KvFormat::F32},
                                 {4, 32, 128, 64, 28, KvFormat::BF16, KvFormat::BF16},
+                                {32, 8, 256, 64, 32, KvFormat::BF16, KvFormat::BF16},
                                 {2, 8, 32, 16, 6, KvFormat::Int8, KvFormat::Int4}};
   for (at::Device dev : devices()) {
     for (const Case& k : cases) {
@@ -218,10 +220,12 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
   for (at::Device dev : devices()) {
     for (KvFormat rope : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8}) {
       for (KvFormat latent : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
-        // The last shape is Qwen2.5-VL-7B's at 16 rotary pairs and dkv 32 (28 heads, 4 KV heads, 128
-        // rotary values and latent 128 per token, 64-token blocks): on CUDA, the row-pair kernel.
+        // The last two shapes: Qwen2.5-VL-7B's at 16 rotary pairs and dkv 32 (28 heads, 4 KV heads, 128
+        // rotary values and latent 128 per token, 64-token blocks), on CUDA the row-pair kernel; llava-1.5-7b's
+        // at 4 pairs and dkv 8 (32 heads and KV heads, 8 rotary values per head, latent 256), on a Hopper the
+        // MHA row-pair kernel.
         for (auto shape : std::vector<std::array<int64_t, 5>>{
-                 {8, 2, 4, 32, 16}, {3, 3, 8, 16, 64}, {4, 1, 2, 24, 7}, {28, 4, 32, 128, 64}}) {
+                 {8, 2, 4, 32, 16}, {3, 3, 8, 16, 64}, {4, 1, 2, 24, 7}, {28, 4, 32, 128, 64}, {32, 32, 8, 256, 64}}) {
           DecodeCase c{shape[0], shape[1], shape[2], shape[3], shape[4], rope, latent, dev};
           const DecodeErrors err = decode_error(c, 7);
           // The reference reads the same stored (quantized) values, so only arithmetic differs: float32

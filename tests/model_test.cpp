@@ -15,6 +15,7 @@
 #include "infer/generate.h"
 #include "io/dataset.h"
 #include "io/safetensors.h"
+#include "model/ops.h"
 #include "model/vlm.h"
 #include "test_util.h"
 
@@ -240,3 +241,29 @@ TEST(Llava, ImageTokenCountMustMatchFeatures) {
 }
 
 }  // namespace
+
+// The fused RMSNorm that inference takes on CUDA (kernels/rms_norm.h) against float64, and against the ATen
+// composition it replaces (which a gradient-tracking input still takes).
+TEST(Ops, FusedRmsNormMatchesFloat64AndAten) {
+  if (!at::hasCUDA()) GTEST_SKIP() << "needs CUDA";
+  at::manual_seed(5);
+  for (auto t : {at::kFloat, at::kBFloat16, at::kHalf}) {
+    for (int64_t dim : {4096, 37}) {
+      at::Tensor x = (at::randn({3, 5, dim}, at::kDouble) * 3).to(t).to(at::kCUDA);
+      at::Tensor w = (at::rand({dim}, at::kDouble) + 0.5).to(t).to(at::kCUDA);
+      at::Tensor fused = rms_norm(x, w, 1e-6);
+      at::Tensor aten = rms_norm(x.clone().requires_grad_(true), w, 1e-6).detach();
+      at::Tensor xd = x.to(at::kDouble).cpu(), wd = w.to(at::kDouble).cpu();
+      at::Tensor ref = wd * xd * at::rsqrt(xd.pow(2).mean(-1, true) + 1e-6);
+      const double err = rel_err(fused.to(at::kDouble).cpu(), ref);
+      const double vs_aten = rel_err(fused.to(at::kDouble).cpu(), aten.to(at::kDouble).cpu());
+      std::printf("fused rms_norm %s dim %lld: vs float64 %.2e, vs ATen %.2e\n", c10::toString(t), (long long)dim, err,
+                  vs_aten);
+      // Two roundings to the input type (as ATen does): bf16 and f16 ~2^-8 and 2^-11 of each value.
+      EXPECT_LE(err, t == at::kFloat ? 1e-6 : 1e-2);
+      EXPECT_LE(vs_aten, t == at::kFloat ? 1e-6 : 1e-2);
+      EXPECT_EQ(fused.sizes(), x.sizes());
+    }
+  }
+}
+

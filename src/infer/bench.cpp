@@ -18,6 +18,10 @@
 
 #ifdef MLAFORGE_WITH_CUDA
 #include <c10/cuda/CUDAFunctions.h>
+#if __has_include(<nvtx3/nvToolsExt.h>)
+#include <nvtx3/nvToolsExt.h>
+#define MLAFORGE_HAVE_NVTX 1
+#endif
 #endif
 
 namespace mlaforge {
@@ -110,7 +114,16 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
   at::Tensor tok = at::randint(t.vocab_size, {B}, long_opts);
   int64_t step = 0;
   auto decode = [&] {
+#ifdef MLAFORGE_HAVE_NVTX
+    // One eager step in an NVTX range, for a per-kernel profile of a whole step:
+    // ncu --nvtx --nvtx-include decode_step_mla/ (or decode_step_original/) mlaforge bench ...
+    const bool marked = step == 3;
+    if (marked) nvtxRangePushA(is_original ? "decode_step_original" : "decode_step_mla");
+#endif
     tok = m.decode_step(tok, text_positions(B, S + step, 1, dev), c).argmax(-1);
+#ifdef MLAFORGE_HAVE_NVTX
+    if (marked) nvtxRangePop();
+#endif
     ++step;
   };
   c.cuda_graph = false;

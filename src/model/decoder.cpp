@@ -198,7 +198,19 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   at::Tensor q_nope = q.narrow(-1, r2, nope).reshape({B, g, group, nope}).transpose(0, 1).reshape({g, B * group, nope});
   // Absorbed queries of both modalities in one product, qa^m = W_uk^m^T q_nope:
   // [g, B*group, nope] x [g, nope, M*R] -> [B, h, M, R] (each step's launches are the decode's cost at batch 16).
-  at::Tensor uk_all = tied ? uk(0) : at::cat({uk(0), uk(1)}, 2);
+  DecoderLayer::AbsorbedUp& up = L.absorbed;
+  bool stale = false;
+  for (int m = 0; m < 2; ++m)
+    stale = stale || up.source[m] != L.kv_up[m].data_ptr() || up.version[m] != L.kv_up[m]._version();
+  if (stale) {
+    up.uk_all = tied ? uk(0) : at::cat({uk(0), uk(1)}, 2);
+    up.uv_all = tied ? uv(0).transpose(1, 2) : at::cat({uv(0).transpose(1, 2), uv(1).transpose(1, 2)}, 1);
+    for (int m = 0; m < 2; ++m) {
+      up.source[m] = L.kv_up[m].data_ptr();
+      up.version[m] = L.kv_up[m]._version();
+    }
+  }
+  const at::Tensor &uk_all = up.uk_all, &uv_all = up.uv_all;
   at::Tensor qa = at::matmul(q_nope, uk_all).view({g, B, group, M, R}).permute({1, 0, 2, 3, 4}).reshape({B, h, M, R});
   at::Tensor q_latent = tied ? qa.expand({B, h, 2, R}) : qa;
   const double scale = 1.0 / std::sqrt(double(dh));
@@ -211,7 +223,6 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   // o = W_uv^txt (text sums) + W_uv^img (image sums) per KV head, both in one product:
   // [g, B*group, M*R] x [g, M*R, dh] -> [B, 1, h*dh].
   at::Tensor s = tied ? sums.sum(2) : sums;
-  at::Tensor uv_all = tied ? uv(0).transpose(1, 2) : at::cat({uv(0).transpose(1, 2), uv(1).transpose(1, 2)}, 1);
   at::Tensor out = at::matmul(s.reshape({B, g, group, M * R}).transpose(0, 1).reshape({g, B * group, M * R}), uv_all);
   out = out.view({g, B, group, dh}).transpose(0, 1).reshape({B, 1, h * dh});
   if (L.kv_up_b.defined())  // each KV head's value bias for its group of query heads

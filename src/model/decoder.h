@@ -28,6 +28,15 @@ struct DecoderLayer {
   at::Tensor kv_up_b;                    // [g*(dh-2r) + g*dh] or undefined
   at::Tensor kv_w;                       // [g*(dh-2r) + g*dh, d]: no latent (stage 1, latent_dim 0)
   at::Tensor rope_dims;                  // [g, 2r] int64: which of the head's dh dims the rotary dims are
+  // The absorbed decode's up-projections of both modalities side by side, kept between steps (a per-step
+  // concatenation rewrote them every step) and rebuilt when kv_up changes (fine-tuning updates it in place).
+  struct AbsorbedUp {
+    at::Tensor uk_all;  // [g, dh-2r, M*R]: key-nope rows, text then image latent columns (M = 1 when tied)
+    at::Tensor uv_all;  // [g, M*R, dh]: value rows, transposed
+    const void* source[2] = {nullptr, nullptr};
+    int64_t version[2] = {-1, -1};
+  };
+  mutable AbsorbedUp absorbed;
 };
 
 // What calibration sees of one layer's attention in a forward pass of an original (MHA/GQA) model.

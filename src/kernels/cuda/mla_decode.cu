@@ -6,10 +6,12 @@
 // the workspace. A combine kernel merges the splits with the log-sum-exp rule. With one split the main
 // kernel writes `out` itself and there is no combine.
 //
-// Three main kernels, the first that applies:
+// Four main kernels, the first that applies:
 //  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
 //    128 per token, at most 32 heads, blocks of a power-of-two multiple of 64 tokens): see its own comment;
 //    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync.
+//  - MHA row-pair kernel (sm_90a; bf16 cache of 32 heads over 32 KV heads, 8 rotary values per head and
+//    latent 256, e.g. llava-1.5-7b at --rope-pairs 4 --dkv 8): two warpgroups share each tile, see its comment.
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
 //    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
 //    products run on tensor cores (ldmatrix + mma.sync m16n8k16 bf16, fp32 accumulation):
@@ -1099,6 +1101,209 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// MHA row-pair kernel (sm_90a only; bf16 cache of an MHA model at 4 rotary pairs and dkv 8 per head: 32 heads
+// over 32 KV heads, 8 rotary values per head (256 per token) and latent 256, e.g. llava-1.5-7b converted with
+// --rope-pairs 4 --dkv 8). The row-pair layout of the kernel above, with two changes its shape forces:
+//  - O [64 rows x 256] in fp32 is 128 registers per thread of a warpgroup, on top of the scores (32) and the
+//    latent queries (64). The CTA runs two warpgroups over the same tiles: both compute the same scores and
+//    softmax (bitwise the same: the same instructions on the same data) and each accumulates half of O's
+//    columns (warpgroup w: latent columns 128w..128w+127). The duplicated score product costs tensor-core time,
+//    of which a memory-bound kernel has plenty.
+//  - Each head has its own 8 rotary values: as a product the rotary score would be block-diagonal over 256
+//    columns (15 of 16 k-steps zeros). It runs on CUDA cores instead, while the latent score's wgmma is in
+//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunk of each of its 16 tokens.
+// Rotary tile layout: token t's 32 chunks (one per head) at t * 512, chunk c at 16 (c ^ (t % 8)): the 8 lanes of
+// a shared-memory load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8 distinct bank groups. The latent tile
+// uses the row-pair kernel's swizzled layout (tile_offset<true>). Three stages of 65 KB; one CTA per SM.
+constexpr int kMhaHeads = 32, kMhaRopeDim = 8, kMhaR = 256, kMhaStages = 3, kMhaThreads = 256;
+constexpr int kMhaRopeBytes = kTile * kMhaHeads * kMhaRopeDim * 2;  // 32 KB
+constexpr int kMhaLatBytes = kTile * kMhaR * 2;                     // 32 KB
+constexpr int kMhaStageBytes = kMhaRopeBytes + kMhaLatBytes + 1024;  // + the 64 modality bytes, 1024-aligned
+
+__global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(const __grid_constant__ RvArgs a) {
+  constexpr int kRowBytes = kMhaR * 2;  // 512: one token's rotary keys, or its latent
+  constexpr int kChunks = kRowBytes / 16;
+  constexpr int kLatSteps = kMhaR / 16;   // k-steps of the latent score
+  constexpr int kOBlocks = kMhaR / 2 / 8;  // this warpgroup's 128 columns of O, 8 per block
+  static_assert(kMhaHeads * kMhaRopeDim * 2 == kRowBytes && kMhaRopeDim * 2 == 16, "one 16-byte chunk per head");
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const MlaDecodeParams& p = a.p;
+  const int tid = threadIdx.x, lane = tid & 31;
+  const int wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int head = 8 * warp + g;
+  const int split = blockIdx.x, b = blockIdx.y, bs = p.block_size;
+
+  // Tiles as in the row-pair kernel: aligned to kTile positions, split s takes a contiguous run of them.
+  const int begin = p.seq_begin[b], end = p.seq_end[b];
+  const int t_first = begin / kTile;
+  const int t_count = end > begin ? (end + kTile - 1) / kTile - t_first : 0;
+  const int per_split = (t_count + a.sp.num_splits - 1) / a.sp.num_splits;
+  const int t_lo = t_first + split * per_split;
+  const int t_hi = min(t_first + t_count, t_lo + per_split);
+  const SplitOutput dst = split_output(p, a.sp, b, split);
+  if (t_lo >= t_hi) {
+    if (a.sp.num_splits == 1)
+      for (int i = tid; i < kMhaHeads * 2 * kMhaR; i += kMhaThreads) dst.acc[i] = 0.f;
+    if (dst.ml != nullptr)
+      for (int h = tid; h < kMhaHeads; h += kMhaThreads) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    return;
+  }
+  const int n = t_hi - t_lo;
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+
+  auto issue = [&](int i, int blk) {
+    unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
+    const int pos0 = (t_lo + i) * kTile;
+    const int64_t row0 = static_cast<int64_t>(blk) * bs + (pos0 & (bs - 1));
+    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * kRowBytes;
+    const unsigned char* lsrc = static_cast<const unsigned char*>(p.latent) + row0 * kRowBytes;
+    const bool interior = pos0 >= begin && pos0 + kTile <= end;
+    // Copy e: token e / 32, chunk e % 32; a warp copies one whole 512-byte row.
+#pragma unroll
+    for (int k = 0; k < kTile * kChunks / kMhaThreads; ++k) {
+      const int e = tid + k * kMhaThreads, tok = e / kChunks, col = e % kChunks;
+      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+      cp_async(st + tok * kRowBytes + ((col ^ (tok & 7)) << 4), rsrc + e * 16, 16, valid);
+      cp_async(st + kMhaRopeBytes + tile_offset<true>(tok, col, kChunks), lsrc + e * 16, 16, valid);
+    }
+    if (tid < kTile / 16) cp_async(st + kMhaRopeBytes + kMhaLatBytes + tid * 16, p.is_image + row0 + tid * 16, 16, true);
+  };
+  for (int i = 0; i < kMhaStages - 1; ++i) {
+    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  int next_blk = kMhaStages - 1 < n ? table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift] : 0;
+
+  // Latent queries as A fragments (row g: text query of `head`, row g + 8: its image query), and the head's
+  // rotary query in fp32.
+  uint32_t qa[kLatSteps][4];
+  {
+    const float2* ql = reinterpret_cast<const float2*>(p.q_latent + (static_cast<int64_t>(b) * kMhaHeads + head) * 2 * kMhaR);
+#pragma unroll
+    for (int ks = 0; ks < kLatSteps; ++ks) {
+      const int c2 = 8 * ks + q4;
+      const float2 t0 = ql[c2], i0 = ql[kMhaR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kMhaR / 2 + c2 + 4];
+      qa[ks][0] = pack_bf16x2(t0.x, t0.y);
+      qa[ks][1] = pack_bf16x2(i0.x, i0.y);
+      qa[ks][2] = pack_bf16x2(t1.x, t1.y);
+      qa[ks][3] = pack_bf16x2(i1.x, i1.y);
+    }
+  }
+  float qr[kMhaRopeDim];
+#pragma unroll
+  for (int d = 0; d < kMhaRopeDim; ++d) qr[d] = p.q_rope[(static_cast<int64_t>(b) * kMhaHeads + head) * kMhaRopeDim + d];
+
+  float o[kOBlocks][4];
+#pragma unroll
+  for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
+  float m_run = -INFINITY, l_run = 0.f;
+
+  for (int i = 0; i < n; ++i) {
+    cp_async_wait(kMhaStages - 2);
+    __syncthreads();  // tile i has landed for all
+    const unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
+    const unsigned char* lat_t = st + kMhaRopeBytes;
+    const unsigned char* img = lat_t + kMhaLatBytes;
+    const int pos0 = (t_lo + i) * kTile;
+    const int v_lo = max(begin - pos0, 0), v_hi = min(end - pos0, kTile);
+    const bool full = v_lo == 0 && v_hi == kTile;
+    const unsigned img_lo = __ballot_sync(0xffffffffu, img[lane] != 0);
+    const unsigned img_hi = __ballot_sync(0xffffffffu, img[32 + lane] != 0);
+
+    // S = [Q_text; Q_image] . C^T for 64 tokens (asynchronous), and meanwhile the rotary scores.
+    float s[8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kLatSteps; ++ks)
+      wgmma_64x64(s, qa[ks], wgmma_desc(lat_t + (ks >> 2) * (kTile * 128) + (ks & 3) * 32, 16, 1024), ks > 0 ? 1 : 0);
+    wgmma_commit();
+    float rs[8][2];
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = 8 * nb + 2 * q4 + e;
+        const uint4 k = *reinterpret_cast<const uint4*>(st + t * kRowBytes + ((head ^ (t & 7)) << 4));
+        const uint32_t w[4] = {k.x, k.y, k.z, k.w};
+        float acc = 0.f;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          acc = fmaf(qr[2 * j], __uint_as_float(w[j] << 16), acc);
+          acc = fmaf(qr[2 * j + 1], __uint_as_float(w[j] & 0xffff0000u), acc);
+        }
+        rs[nb][e] = acc;
+      }
+    wgmma_wait_all();  // also this warpgroup's accumulation of tile i-1
+    __syncthreads();   // both warpgroups are done with tile i-1's stage: refill it
+    {
+      const int f = i + kMhaStages - 1;
+      if (f < n) {
+        issue(f, next_blk);
+        if (f + 1 < n) next_blk = table[((t_lo + f + 1) * kTile) >> a.block_shift];
+      }
+      cp_async_commit();
+    }
+
+    float v[8][2];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = 8 * nb + 2 * q4 + e;
+        const bool is_img = (((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 1u) != 0u;
+        const float x = ((is_img ? s[nb][2 + e] : s[nb][e]) + rs[nb][e]) * a.score_scale;
+        v[nb][e] = full || (t >= v_lo && t < v_hi) ? x : -INFINITY;
+        mx = fmaxf(mx, v[nb][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a valid token
+    const float alpha = exp2f(m_run - m_new);
+    m_run = m_new;
+    uint32_t pa[4][4];
+    float sum = 0.f;
+#pragma unroll
+    for (int nb = 0; nb < 8; ++nb) {
+      const float p0 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][0] - m_new)));
+      const float p1 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][1] - m_new)));
+      sum += p0 + p1;
+      const int t = 8 * nb + 2 * q4;
+      const unsigned bits = ((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 3u;
+      pa[nb / 2][(nb & 1) * 2] = pack_bf16x2((bits & 1u) ? 0.f : p0, (bits & 2u) ? 0.f : p1);      // text row
+      pa[nb / 2][(nb & 1) * 2 + 1] = pack_bf16x2((bits & 1u) ? p0 : 0.f, (bits & 2u) ? p1 : 0.f);  // image row
+    }
+    l_run = l_run * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < kOBlocks; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[j][e] *= alpha;
+    // O[:, 128 wg ..] += P . C[:, 128 wg ..]: column blocks 2 wg and 2 wg + 1 of the swizzled latent tile.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_64x128_mn(o, pa[kk], wgmma_desc(lat_t + 2 * wg * (kTile * 128) + kk * 16 * 128, MLAFORGE_RV_MN_LBO, MLAFORGE_RV_MN_SBO));
+    wgmma_commit();  // completes at the next tile's wait
+  }
+  wgmma_wait_all();
+  cp_async_wait(0);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  if (dst.ml != nullptr && wg == 0 && q4 == 0) dst.ml[head] = make_float2(m_run, l_run);
+  const float inv_l = 1.f / l_run;  // l >= 1: the row max contributes exp2(0)
+  float* out = dst.acc + static_cast<int64_t>(head) * 2 * kMhaR;
+#pragma unroll
+  for (int j = 0; j < kOBlocks; ++j) {
+    const int col = 128 * wg + 8 * j + 2 * q4;
+    *reinterpret_cast<float2*>(out + col) = make_float2(o[j][0] * inv_l, o[j][1] * inv_l);
+    *reinterpret_cast<float2*>(out + kMhaR + col) = make_float2(o[j][2] * inv_l, o[j][3] * inv_l);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // CUDA-core kernel: fp32 end to end (the F32 path must match a float64 reference to ~1e-5), any shape.
 // Grid (split, sequence, head group); 32-token steps; lane t of a warp handles token t when scoring.
 
@@ -1369,13 +1574,39 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
   __syncthreads();
   const float inv_total = total_s > 0.f ? 1.f / total_s : 0.f;
 
+  // out = sum_s w_s acc_s / total. A split with weight 0 may hold no accumulators at all (never written):
+  // its values are loaded but selected away, never multiplied (0 * NaN). Four splits' loads are issued
+  // before their sums, so a thread waits on memory once per four splits rather than once per split.
   const int width = 2 * a.latent_dim;
+  const int64_t split_stride = static_cast<int64_t>(a.heads) * width;
+  const float* src = a.part_acc + (slot0 * a.heads + h) * width;
   float* out = a.out + (static_cast<int64_t>(b) * a.heads + h) * width;
+  if (width % 4 == 0) {  // rows of 16-byte multiples at 16-byte aligned bases (workspace, ATen allocations)
+    for (int c4 = tid; c4 < width / 4; c4 += kCombineThreads) {
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      for (int s0 = 0; s0 < active; s0 += 4) {
+        float4 x[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u)
+          x[u] = s0 + u < active ? reinterpret_cast<const float4*>(src + (s0 + u) * split_stride)[c4] : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          const float w = s0 + u < active ? weight_s[s0 + u] : 0.f;
+          acc.x += w != 0.f ? w * x[u].x : 0.f;
+          acc.y += w != 0.f ? w * x[u].y : 0.f;
+          acc.z += w != 0.f ? w * x[u].z : 0.f;
+          acc.w += w != 0.f ? w * x[u].w : 0.f;
+        }
+      }
+      reinterpret_cast<float4*>(out)[c4] = make_float4(acc.x * inv_total, acc.y * inv_total, acc.z * inv_total, acc.w * inv_total);
+    }
+    return;
+  }
   for (int col = tid; col < width; col += kCombineThreads) {
     float acc = 0.f;
     for (int s = 0; s < active; ++s) {
       const float w = weight_s[s];
-      if (w != 0.f) acc += w * a.part_acc[((slot0 + s) * a.heads + h) * width + col];
+      if (w != 0.f) acc += w * src[s * split_stride + col];
     }
     out[col] = acc * inv_total;
   }
@@ -1423,6 +1654,15 @@ RvKernel rowpair_kernel(int row_warps, bool wgmma) {
   if (row_warps == 2) return mla_decode_rowpair_kernel<2, 128, 128, false>;
   if (row_warps == 4) return mla_decode_rowpair_kernel<4, 128, 128, false>;
   return nullptr;
+}
+
+// The MHA row-pair kernel where this build has sm_90a code (its wgmma traps elsewhere; the plan checks the device).
+RvKernel rowpair_mha_kernel() {
+#ifdef MLAFORGE_CUDA_SM90A
+  return mla_decode_rowpair_mha_kernel;
+#else
+  return nullptr;
+#endif
 }
 
 template <KvFormat RF>
@@ -1480,8 +1720,8 @@ DeviceInfo device_info() {
   info.cc = 10 * major + minor;
   if (info.sms <= 0) info.sms = 1;
   if (info.max_smem <= 0) info.max_smem = 48 * 1024;
-  for (const auto& [rw, wg] : {std::pair<int, bool>{2, false}, {4, false}, {4, true}}) {
-    RvKernel k = rowpair_kernel(rw, wg);
+  for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true), rowpair_mha_kernel()}) {
+    if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   }
@@ -1708,7 +1948,8 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
   if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
-  if (kv * rd != 128 || p.latent_dim != 128 || H <= 0 || H > 32 || H % kv != 0 || rd % 2 != 0) return plan;
+  const bool mha = H == kMhaHeads && kv == kMhaHeads && rd == kMhaRopeDim && p.latent_dim == kMhaR;
+  if (!mha && (kv * rd != 128 || p.latent_dim != 128 || H <= 0 || H > 32 || H % kv != 0 || rd % 2 != 0)) return plan;
   const int bs = p.block_size;
   if (bs < kTile || bs % kTile != 0 || (bs & (bs - 1)) != 0) return plan;
   for (const void* ptr : {p.k_rope, p.latent, static_cast<const void*>(p.is_image)})
@@ -1719,13 +1960,14 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
 #else
   const bool wgmma = false;
 #endif
+  if (mha && !wgmma) return plan;  // the MHA shape has no mma.sync twin: the tensor-core kernel takes it
   const int row_warps = wgmma || H > 16 ? 4 : 2;
   RvArgs& a = plan.args;
   a.p = p;
   // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
   const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
-  a.stage_bytes = wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
-  a.smem_bytes = kRvConsumers * kRvStages * a.stage_bytes;
+  a.stage_bytes = mha ? kMhaStageBytes : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
+  a.smem_bytes = mha ? kMhaStages * kMhaStageBytes : kRvConsumers * kRvStages * a.stage_bytes;
   if (a.smem_bytes > dev.max_smem) return plan;
   int shift = 0;
   while ((1 << shift) < bs) ++shift;
@@ -1736,8 +1978,8 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
   plan.splits = static_cast<int>(splits);
-  plan.threads = kRvConsumers * row_warps * 32;
-  plan.kernel = rowpair_kernel(row_warps, wgmma);
+  plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
+  plan.kernel = mha ? rowpair_mha_kernel() : rowpair_kernel(row_warps, wgmma);
   return plan;
 }
 
