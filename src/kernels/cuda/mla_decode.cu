@@ -138,6 +138,20 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Programmatic dependent launch (sm_90): a main kernel lets the combine kernel launch while it runs (the
+// combine's CTAs take the SMs main CTAs leave), and the combine waits for the main kernel's completion and
+// memory before it reads the workspace. Elsewhere (and without the launch attribute) both are no-ops.
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // Pool row (block * block_size + slot) of position `pos` of the sequence whose block-table row is `table`.
 __device__ __forceinline__ int64_t pool_row(const int32_t* table, int block_size, int pos) {
   return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
@@ -219,6 +233,7 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 
   extern __shared__ __align__(128) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
+  allow_dependent_launch();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, q4 = lane & 3;  // fragment row group and column pair (see mma_bf16_16816)
   const int split = blockIdx.x, b = blockIdx.y;
@@ -810,6 +825,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 
   extern __shared__ __align__(1024) unsigned char smem[];  // swizzle atoms are 1024-byte aligned
   const MlaDecodeParams& p = a.p;
+  allow_dependent_launch();
   const int tid = threadIdx.x, lane = tid & 31;
   const int consumer = tid / kThreadsC, tid_c = tid % kThreadsC, warp_c = tid_c >> 5;
   const int g = lane >> 2, q4 = lane & 3;
@@ -1103,15 +1119,18 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 // ---------------------------------------------------------------------------------------------------------
 // MHA row-pair kernel (sm_90a only; bf16 cache of an MHA model at 4 rotary pairs and dkv 8 per head: 32 heads
 // over 32 KV heads, 8 rotary values per head (256 per token) and latent 256, e.g. llava-1.5-7b converted with
-// --rope-pairs 4 --dkv 8). The row-pair layout of the kernel above, with two changes its shape forces:
-//  - O [64 rows x 256] in fp32 is 128 registers per thread of a warpgroup, on top of the scores (32) and the
-//    latent queries (64). The CTA runs two warpgroups over the same tiles: both compute the same scores and
-//    softmax (bitwise the same: the same instructions on the same data) and each accumulates half of O's
-//    columns (warpgroup w: latent columns 128w..128w+127). The duplicated score product costs tensor-core time,
-//    of which a memory-bound kernel has plenty.
+// --rope-pairs 4 --dkv 8). The row-pair layout of the kernel above, with the changes its shape forces:
+//  - O [64 rows x 256] in fp32 is 128 registers per thread of a warpgroup, on top of the latent queries (64).
+//    The CTA runs two warpgroups over the same tiles, and each accumulates half of O's columns (warpgroup w:
+//    latent columns 128w..128w+127) over all 64 tokens of a tile.
+//  - The scores are split the other way: warpgroup w scores tokens 32w..32w+31 (wgmma m64n32). The two halves
+//    meet through shared memory twice per tile: the per-head maxima (so both apply the same running max), then
+//    the probabilities, as the A fragments of O += P . C (a thread's fragment of the other half is what the
+//    thread of the same rank in the other warpgroup computed: both warpgroups map rows to threads alike) with
+//    their row sums. Scoring all 64 tokens in both warpgroups instead made the tile's tensor work 1.5x.
 //  - Each head has its own 8 rotary values: as a product the rotary score would be block-diagonal over 256
 //    columns (15 of 16 k-steps zeros). It runs on CUDA cores instead, while the latent score's wgmma is in
-//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunk of each of its 16 tokens.
+//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunk of each of its 8 tokens.
 // Rotary tile layout: token t's 32 chunks (one per head) at t * 512, chunk c at 16 (c ^ (t % 8)): the 8 lanes of
 // a shared-memory load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8 distinct bank groups. The latent tile
 // uses the row-pair kernel's swizzled layout (tile_offset<true>). Three stages of 65 KB; one CTA per SM.
@@ -1119,20 +1138,43 @@ constexpr int kMhaHeads = 32, kMhaRopeDim = 8, kMhaR = 256, kMhaStages = 3, kMha
 constexpr int kMhaRopeBytes = kTile * kMhaHeads * kMhaRopeDim * 2;  // 32 KB
 constexpr int kMhaLatBytes = kTile * kMhaR * 2;                     // 32 KB
 constexpr int kMhaStageBytes = kMhaRopeBytes + kMhaLatBytes + 1024;  // + the 64 modality bytes, 1024-aligned
+// After the stages: per warpgroup, the 128 threads' maxima, then their 8 P registers and row sum ([9][128]).
+constexpr int kMhaExchangeBytes = 2 * (128 + 9 * 128) * 4;
+constexpr int kMhaSmemBytes = kMhaStages * kMhaStageBytes + kMhaExchangeBytes;
+
+// d[64 x 32] (= or +=) a[64 x 16] . B[16 x 32], B K-major in shared memory; `accumulate` 0 overwrites d.
+__device__ __forceinline__ void wgmma_64x32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, {%16,%17,%18,%19}, %20, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
 
 __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(const __grid_constant__ RvArgs a) {
   constexpr int kRowBytes = kMhaR * 2;  // 512: one token's rotary keys, or its latent
   constexpr int kChunks = kRowBytes / 16;
-  constexpr int kLatSteps = kMhaR / 16;   // k-steps of the latent score
+  constexpr int kLatSteps = kMhaR / 16;    // k-steps of the latent score
   constexpr int kOBlocks = kMhaR / 2 / 8;  // this warpgroup's 128 columns of O, 8 per block
+  constexpr int kHalf = kTile / 2;         // tokens a warpgroup scores
   static_assert(kMhaHeads * kMhaRopeDim * 2 == kRowBytes && kMhaRopeDim * 2 == 16, "one 16-byte chunk per head");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
+  allow_dependent_launch();
   const int tid = threadIdx.x, lane = tid & 31;
-  const int wg = tid >> 7, warp = (tid >> 5) & 3;
+  const int wg = tid >> 7, tid_w = tid & 127, warp = tid_w >> 5;
   const int g = lane >> 2, q4 = lane & 3;
   const int head = 8 * warp + g;
   const int split = blockIdx.x, b = blockIdx.y, bs = p.block_size;
+  float* x_max = reinterpret_cast<float*>(smem + kMhaStages * kMhaStageBytes);  // [2][128]
+  uint32_t* x_p = reinterpret_cast<uint32_t*>(x_max + 2 * 128);                // [2][9][128]
 
   // Tiles as in the row-pair kernel: aligned to kTile positions, split s takes a contiguous run of them.
   const int begin = p.seq_begin[b], end = p.seq_end[b];
@@ -1210,22 +1252,22 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     const int pos0 = (t_lo + i) * kTile;
     const int v_lo = max(begin - pos0, 0), v_hi = min(end - pos0, kTile);
     const bool full = v_lo == 0 && v_hi == kTile;
-    const unsigned img_lo = __ballot_sync(0xffffffffu, img[lane] != 0);
-    const unsigned img_hi = __ballot_sync(0xffffffffu, img[32 + lane] != 0);
+    const unsigned img_bits = __ballot_sync(0xffffffffu, img[kHalf * wg + lane] != 0);  // this half's tokens
 
-    // S = [Q_text; Q_image] . C^T for 64 tokens (asynchronous), and meanwhile the rotary scores.
-    float s[8][4];
+    // S = [Q_text; Q_image] . C^T for this warpgroup's 32 tokens (asynchronous), and meanwhile their rotary scores.
+    float s[4][4];
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kLatSteps; ++ks)
-      wgmma_64x64(s, qa[ks], wgmma_desc(lat_t + (ks >> 2) * (kTile * 128) + (ks & 3) * 32, 16, 1024), ks > 0 ? 1 : 0);
+      wgmma_64x32(s, qa[ks], wgmma_desc(lat_t + (ks >> 2) * (kTile * 128) + kHalf * wg * 128 + (ks & 3) * 32, 16, 1024),
+                  ks > 0 ? 1 : 0);
     wgmma_commit();
-    float rs[8][2];
+    float rs[4][2];
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
+    for (int nb = 0; nb < 4; ++nb)
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const int t = 8 * nb + 2 * q4 + e;
+        const int t = kHalf * wg + 8 * nb + 2 * q4 + e;
         const uint4 k = *reinterpret_cast<const uint4*>(st + t * kRowBytes + ((head ^ (t & 7)) << 4));
         const uint32_t w[4] = {k.x, k.y, k.z, k.w};
         float acc = 0.f;
@@ -1237,7 +1279,24 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
         rs[nb][e] = acc;
       }
     wgmma_wait_all();  // also this warpgroup's accumulation of tile i-1
-    __syncthreads();   // both warpgroups are done with tile i-1's stage: refill it
+
+    float v[4][2];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int t = 8 * nb + 2 * q4 + e;  // within the half
+        const bool is_img = ((img_bits >> t) & 1u) != 0u;
+        const float x = ((is_img ? s[nb][2 + e] : s[nb][e]) + rs[nb][e]) * a.score_scale;
+        const int ta = kHalf * wg + t;
+        v[nb][e] = full || (ta >= v_lo && ta < v_hi) ? x : -INFINITY;
+        mx = fmaxf(mx, v[nb][e]);
+      }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    x_max[wg * 128 + tid_w] = mx;
+    __syncthreads();  // both halves' maxima are in; both warpgroups are done with tile i-1's stage: refill it
     {
       const int f = i + kMhaStages - 1;
       if (f < n) {
@@ -1246,41 +1305,46 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
       }
       cp_async_commit();
     }
-
-    float v[8][2];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int nb = 0; nb < 8; ++nb)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int t = 8 * nb + 2 * q4 + e;
-        const bool is_img = (((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 1u) != 0u;
-        const float x = ((is_img ? s[nb][2 + e] : s[nb][e]) + rs[nb][e]) * a.score_scale;
-        v[nb][e] = full || (t >= v_lo && t < v_hi) ? x : -INFINITY;
-        mx = fmaxf(mx, v[nb][e]);
-      }
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-    const float m_new = fmaxf(m_run, mx);  // finite: every tile holds a valid token
+    // The same running max in both warpgroups (fmaxf is exact and commutative); finite: the tile holds a
+    // valid token.
+    const float m_new = fmaxf(m_run, fmaxf(mx, x_max[(1 - wg) * 128 + tid_w]));
     const float alpha = exp2f(m_run - m_new);
     m_run = m_new;
-    uint32_t pa[4][4];
+    uint32_t own[2][4];  // P of this half's 32 tokens: k-steps 2 wg, 2 wg + 1 of O += P . C
     float sum = 0.f;
 #pragma unroll
-    for (int nb = 0; nb < 8; ++nb) {
+    for (int nb = 0; nb < 4; ++nb) {
       const float p0 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][0] - m_new)));
       const float p1 = __bfloat162float(__float2bfloat16_rn(exp2f(v[nb][1] - m_new)));
       sum += p0 + p1;
-      const int t = 8 * nb + 2 * q4;
-      const unsigned bits = ((nb < 4 ? img_lo : img_hi) >> (t & 31)) & 3u;
-      pa[nb / 2][(nb & 1) * 2] = pack_bf16x2((bits & 1u) ? 0.f : p0, (bits & 2u) ? 0.f : p1);      // text row
-      pa[nb / 2][(nb & 1) * 2 + 1] = pack_bf16x2((bits & 1u) ? p0 : 0.f, (bits & 2u) ? p1 : 0.f);  // image row
+      const unsigned bits = (img_bits >> (8 * nb + 2 * q4)) & 3u;
+      own[nb / 2][(nb & 1) * 2] = pack_bf16x2((bits & 1u) ? 0.f : p0, (bits & 2u) ? 0.f : p1);      // text row
+      own[nb / 2][(nb & 1) * 2 + 1] = pack_bf16x2((bits & 1u) ? p0 : 0.f, (bits & 2u) ? p1 : 0.f);  // image row
     }
-    l_run = l_run * alpha + sum;
+    uint32_t* mine = x_p + wg * 9 * 128 + tid_w;
+#pragma unroll
+    for (int r = 0; r < 8; ++r) mine[r * 128] = own[r / 4][r % 4];
+    mine[8 * 128] = __float_as_uint(sum);
+    __syncthreads();  // both halves' probabilities are in
+    const uint32_t* theirs = x_p + (1 - wg) * 9 * 128 + tid_w;
+    uint32_t other[2][4];
+#pragma unroll
+    for (int r = 0; r < 8; ++r) other[r / 4][r % 4] = theirs[r * 128];
+    // Warpgroup 0's half first in both warpgroups (float addition commutes), so that both hold the same l.
+    const float sum_other = __uint_as_float(theirs[8 * 128]);
+    l_run = l_run * alpha + (wg == 0 ? sum + sum_other : sum_other + sum);
 #pragma unroll
     for (int j = 0; j < kOBlocks; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[j][e] *= alpha;
+    uint32_t pa[4][4];  // tokens 0-31 from warpgroup 0, 32-63 from warpgroup 1
+#pragma unroll
+    for (int j = 0; j < 2; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        pa[j][r] = wg == 0 ? own[j][r] : other[j][r];
+        pa[2 + j][r] = wg == 0 ? other[j][r] : own[j][r];
+      }
     // O[:, 128 wg ..] += P . C[:, 128 wg ..]: column blocks 2 wg and 2 wg + 1 of the swizzled latent tile.
     wgmma_fence();
 #pragma unroll
@@ -1351,6 +1415,7 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
   constexpr bool kLatQuant = LF == KvFormat::Int8 || LF == KvFormat::Int4;
   extern __shared__ __align__(128) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
+  allow_dependent_launch();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int split = blockIdx.x, b = blockIdx.y;
   const int H = p.heads, R = p.latent_dim, kv = p.kv_heads, rd = p.rope_dim, bs = p.block_size;
@@ -1537,6 +1602,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
   __shared__ float red_s[kCombineThreads / 32];
   __shared__ float total_s;
   const int h = blockIdx.x, b = blockIdx.y, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  wait_for_prerequisite_grid();
   const int len = a.seq_end[b] - a.seq_begin[b];
   const int chunk = split_chunk(len, a.num_splits);
   const int active = a.every_split_written ? a.num_splits : len > 0 ? min(a.num_splits, (len + chunk - 1) / chunk) : 0;
@@ -1967,7 +2033,7 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
   const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
   a.stage_bytes = mha ? kMhaStageBytes : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
-  a.smem_bytes = mha ? kMhaStages * kMhaStageBytes : kRvConsumers * kRvStages * a.stage_bytes;
+  a.smem_bytes = mha ? kMhaSmemBytes : kRvConsumers * kRvStages * a.stage_bytes;
   if (a.smem_bytes > dev.max_smem) return plan;
   int shift = 0;
   while ((1 << shift) < bs) ++shift;
@@ -2052,7 +2118,20 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     c.latent_dim = p.latent_dim;
     c.num_splits = splits;
     c.every_split_written = rv.kernel != nullptr;
-    mla_combine_kernel<<<dim3(p.heads, p.batch), kCombineThreads, 0, s>>>(c);
+    if (dev.cc >= 90) {  // launched while the main kernel runs (programmatic dependent launch)
+      cudaLaunchConfig_t cfg = {};
+      cfg.gridDim = dim3(p.heads, p.batch);
+      cfg.blockDim = dim3(kCombineThreads);
+      cfg.stream = s;
+      cudaLaunchAttribute attr[1];
+      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[0].val.programmaticStreamSerializationAllowed = 1;
+      cfg.attrs = attr;
+      cfg.numAttrs = 1;
+      cudaLaunchKernelEx(&cfg, mla_combine_kernel, c);
+    } else {
+      mla_combine_kernel<<<dim3(p.heads, p.batch), kCombineThreads, 0, s>>>(c);
+    }
   }
 }
 
