@@ -17,7 +17,10 @@
 #include "model/ops.h"
 
 #ifdef MLAFORGE_WITH_CUDA
+#include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #if __has_include(<nvtx3/nvToolsExt.h>)
 #include <nvtx3/nvToolsExt.h>
 #define MLAFORGE_HAVE_NVTX 1
@@ -44,6 +47,28 @@ double seconds_per_call(const at::Device& dev, int64_t reps, const std::function
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / double(reps);
 }
 
+// Seconds per call of f with `reps` calls captured in one CUDA graph and replayed: what the call costs inside
+// the decoding step's graph, where no host launch gap separates its kernels. 0 where there is no CUDA.
+double graph_seconds_per_call(const at::Device& dev, int64_t reps, const std::function<void()>& f) {
+#ifdef MLAFORGE_WITH_CUDA
+  if (!dev.is_cuda()) return 0;
+  f();  // allocations and first-call setup outside the capture
+  sync(dev);
+  c10::cuda::CUDAStream side = c10::cuda::getStreamFromPool(false, dev.index());
+  at::cuda::CUDAGraph graph;
+  {
+    c10::cuda::CUDAStreamGuard on_side(side);
+    graph.capture_begin();
+    for (int64_t i = 0; i < reps; ++i) f();
+    graph.capture_end();
+  }
+  return seconds_per_call(dev, 3, [&] { graph.replay(); }) / double(reps);
+#else
+  (void)dev, (void)reps, (void)f;
+  return 0;
+#endif
+}
+
 // Device-to-device copy bandwidth, counting bytes read and written.
 double copy_bandwidth(const at::Device& dev) {
   const int64_t n = dev.is_cuda() ? (int64_t(1) << 30) : (int64_t(1) << 28);
@@ -56,6 +81,7 @@ struct Measured {
   double prefill_tok_s = 0, decode_tok_s = 0;
   double decode_graph_tok_s = 0;                // decoding steps replayed from a CUDA graph (cuda only)
   double attention_s = 0, attention_bytes = 0;  // one layer's decode attention, whole batch
+  double attention_graph_s = 0;                 // the same, calls replayed from a CUDA graph (cuda only)
   double sdpa_s = 0;                            // PyTorch's SDPA on the same keys and values (original only)
   int64_t kv_bytes = 0, kv_slots = 0;           // allocated cache and the token slots it holds
 };
@@ -143,17 +169,21 @@ Measured measure(const DecoderLM& m, const BenchOptions& o, const CacheOptions& 
     const LatentPool& pool = *c.pool;
     PagedBatch pb{c.block_table, at::zeros({B}, fopts.dtype(at::kInt)), at::full({B}, S, fopts.dtype(at::kInt))};
     at::Tensor qr = at::randn({B, h, pool.rope_dim()}, fopts), ql = at::randn({B, h, 2, pool.latent_dim()}, fopts) * 0.1;
-    r.attention_s = seconds_per_call(dev, o.attention_reps, [&] { mla_decode(pool, 0, qr, ql, pb, 0.1); });
+    auto attend = [&] { mla_decode(pool, 0, qr, ql, pb, 0.1); };
+    r.attention_s = seconds_per_call(dev, o.attention_reps, attend);
+    r.attention_graph_s = graph_seconds_per_call(dev, o.attention_reps, attend);
     r.attention_bytes = double(B * S) * double(pool.bytes()) / double(pool.layers() * pool.num_blocks() * pool.block_size());
   } else {
     at::Tensor K = c.k[0].narrow(2, 0, S), V = c.v[0].narrow(2, 0, S);  // [B, g, S, dh]
     at::Tensor q = at::randn({B, g, h / g, dh}, fopts.dtype(dtype));
     const double scale = 1.0 / std::sqrt(double(dh));
     // Our MHA cache path: the attention of DecoderLM::attend for one query per sequence.
-    r.attention_s = seconds_per_call(dev, o.attention_reps, [&] {
+    auto attend = [&] {
       at::Tensor p = at::softmax(at::matmul(q, K.transpose(2, 3)) * scale, -1, at::kFloat);
       at::matmul(p.to(dtype), V);
-    });
+    };
+    r.attention_s = seconds_per_call(dev, o.attention_reps, attend);
+    r.attention_graph_s = graph_seconds_per_call(dev, o.attention_reps, attend);
     r.attention_bytes = double(B * S * 2 * g * dh) * double(K.element_size());
     if (have_fused_attention()) {
       at::Tensor q4 = q.reshape({B, h, 1, dh});
@@ -230,6 +260,11 @@ int run_bench(const BenchOptions& o) {
   row("attention GB/s", mo.attention_bytes / mo.attention_s / 1e9, mm.attention_bytes / mm.attention_s / 1e9, "%.1f");
   row("attention % of copy bandwidth", 100 * mo.attention_bytes / mo.attention_s / copy_bw,
       100 * mm.attention_bytes / mm.attention_s / copy_bw, "%.1f");
+  if (mo.attention_graph_s > 0) {
+    row("attention us, CUDA graph", mo.attention_graph_s * 1e6, mm.attention_graph_s * 1e6, "%.1f");
+    row("attention % of copy BW, CUDA graph", 100 * mo.attention_bytes / mo.attention_graph_s / copy_bw,
+        100 * mm.attention_bytes / mm.attention_graph_s / copy_bw, "%.1f");
+  }
   const double mla_per_token = double(mm.kv_bytes) / double(mm.kv_slots);
   const double bf16_mha_per_token = double(2 * text.num_layers * g * dh * 2);
   std::printf("tokens held in the same KV budget: %.2fx the original's cache above, %.2fx a bf16 MHA/GQA cache "
@@ -244,6 +279,7 @@ int run_bench(const BenchOptions& o) {
       return nlohmann::json{{"prefill_tokens_per_s", m.prefill_tok_s}, {"decode_tokens_per_s", m.decode_tok_s},
                             {"decode_graph_tokens_per_s", m.decode_graph_tok_s},
                             {"attention_us", m.attention_s * 1e6}, {"attention_gb_per_s", m.attention_bytes / m.attention_s / 1e9},
+                            {"attention_graph_us", m.attention_graph_s * 1e6},
                             {"kv_bytes", m.kv_bytes}, {"kv_bytes_per_token", double(m.kv_bytes) / double(m.kv_slots)},
                             {"sdpa_us", m.sdpa_s * 1e6}};
     };
