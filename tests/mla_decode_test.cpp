@@ -222,10 +222,14 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
       for (KvFormat latent : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
         // The last two shapes: Qwen2.5-VL-7B's at 16 rotary pairs and dkv 32 (28 heads, 4 KV heads, 128
         // rotary values and latent 128 per token, 64-token blocks), on CUDA the row-pair kernel; llava-1.5-7b's
-        // at 4 pairs and dkv 8 (32 heads and KV heads, 8 rotary values per head, latent 256), on a Hopper the
-        // MHA row-pair kernel.
-        for (auto shape : std::vector<std::array<int64_t, 5>>{
-                 {8, 2, 4, 32, 16}, {3, 3, 8, 16, 64}, {4, 1, 2, 24, 7}, {28, 4, 32, 128, 64}, {32, 32, 8, 256, 64}}) {
+        // at 4 and 8 pairs and dkv 8 (32 heads and KV heads, 8 or 16 rotary values per head, latent 256), on a
+        // Hopper the MHA row-pair kernel.
+        for (auto shape : std::vector<std::array<int64_t, 5>>{{8, 2, 4, 32, 16},
+                                                               {3, 3, 8, 16, 64},
+                                                               {4, 1, 2, 24, 7},
+                                                               {28, 4, 32, 128, 64},
+                                                               {32, 32, 8, 256, 64},
+                                                               {32, 32, 16, 256, 64}}) {
           DecodeCase c{shape[0], shape[1], shape[2], shape[3], shape[4], rope, latent, dev};
           const DecodeErrors err = decode_error(c, 7);
           // The reference reads the same stored (quantized) values, so only arithmetic differs: float32

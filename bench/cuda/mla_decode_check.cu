@@ -536,6 +536,7 @@ std::vector<Case> make_cases(bool quick) {
       {"h28_kv4_r32_R128_short", 28, 4, 32, 128, 32, 64, {0, 10, 63}, {1, 70, 64}, 0.5f},
       // The MHA row-pair kernel's shape (llava-1.5-7b at 4 rotary pairs, dkv 8): left padding, a row of one tile.
       {"mha_h32_kv32_r8_R256", 32, 32, 8, 256, 32, 64, {0, 70, 5}, {1300, 2000, 64}, 0.4f},
+      {"mha_h32_kv32_r16_R256", 32, 32, 16, 256, 32, 64, {3, 0, 64}, {900, 2100, 130}, 0.4f},
   };
   for (const Shape& s : small)
     for (F rf : rope_formats)
@@ -587,10 +588,12 @@ std::vector<Case> make_cases(bool quick) {
   }
   cases.push_back({"h32_kv8_r32_R256_ctx8192_b16", 32, 8, 32, 256, 32, 64, F::BF16, F::BF16,
                    std::vector<int>(16, 0), std::vector<int>(16, 8192), 0.4f, true, 2});
-  // llava-1.5-7b (MHA) at 4 rotary pairs and dkv 8 per head: the MHA row-pair kernel, 8K and 32K x 16.
+  // llava-1.5-7b (MHA) at 4 (and 8) rotary pairs and dkv 8 per head: the MHA row-pair kernel, 8K and 32K x 16.
   for (int ctx : {8192, 32768})
     cases.push_back({"llava7b_r4d8_ctx" + std::to_string(ctx) + "_b16", 32, 32, 8, 256, 32, 64, F::BF16, F::BF16,
                      std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
+  cases.push_back({"llava7b_r8d8_ctx8192_b16", 32, 32, 16, 256, 32, 64, F::BF16, F::BF16, std::vector<int>(16, 0),
+                   std::vector<int>(16, 8192), 0.4f, true, 2});
   return cases;
 }
 

@@ -10,8 +10,8 @@
 //  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
 //    128 per token, at most 32 heads, blocks of a power-of-two multiple of 64 tokens): see its own comment;
 //    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync.
-//  - MHA row-pair kernel (sm_90a; bf16 cache of 32 heads over 32 KV heads, 8 rotary values per head and
-//    latent 256, e.g. llava-1.5-7b at --rope-pairs 4 --dkv 8): two warpgroups share each tile, see its comment.
+//  - MHA row-pair kernel (sm_90a; bf16 cache of 32 heads over 32 KV heads, 8 or 16 rotary values per head and
+//    latent 256, e.g. llava-1.5-7b at --rope-pairs 4|8 --dkv 8): two warpgroups share each tile, see its comment.
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
 //    are copied to shared memory with cp.async (a ring of stages), dequantised there into bf16, and both
 //    products run on tensor cores (ldmatrix + mma.sync m16n8k16 bf16, fp32 accumulation):
@@ -1117,9 +1117,10 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// MHA row-pair kernel (sm_90a only; bf16 cache of an MHA model at 4 rotary pairs and dkv 8 per head: 32 heads
-// over 32 KV heads, 8 rotary values per head (256 per token) and latent 256, e.g. llava-1.5-7b converted with
-// --rope-pairs 4 --dkv 8). The row-pair layout of the kernel above, with the changes its shape forces:
+// MHA row-pair kernel (sm_90a only; bf16 cache of an MHA model at 4 or 8 rotary pairs and dkv 8 per head: 32
+// heads over 32 KV heads, kRopeDim = 8 or 16 rotary values per head (256 or 512 per token) and latent 256, e.g.
+// llava-1.5-7b converted with --rope-pairs 4|8 --dkv 8). The row-pair layout of the kernel above, with the
+// changes its shape forces:
 //  - O [64 rows x 256] in fp32 is 128 registers per thread of a warpgroup, on top of the latent queries (64).
 //    The CTA runs two warpgroups over the same tiles, and each accumulates half of O's columns (warpgroup w:
 //    latent columns 128w..128w+127) over all 64 tokens of a tile.
@@ -1128,19 +1129,24 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 //    the probabilities, as the A fragments of O += P . C (a thread's fragment of the other half is what the
 //    thread of the same rank in the other warpgroup computed: both warpgroups map rows to threads alike) with
 //    their row sums. Scoring all 64 tokens in both warpgroups instead made the tile's tensor work 1.5x.
-//  - Each head has its own 8 rotary values: as a product the rotary score would be block-diagonal over 256
-//    columns (15 of 16 k-steps zeros). It runs on CUDA cores instead, while the latent score's wgmma is in
-//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunk of each of its 8 tokens.
-// Rotary tile layout: token t's 32 chunks (one per head) at t * 512, chunk c at 16 (c ^ (t % 8)): the 8 lanes of
-// a shared-memory load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8 distinct bank groups. The latent tile
-// uses the row-pair kernel's swizzled layout (tile_offset<true>). Three stages of 65 KB; one CTA per SM.
-constexpr int kMhaHeads = 32, kMhaRopeDim = 8, kMhaR = 256, kMhaStages = 3, kMhaThreads = 256;
-constexpr int kMhaRopeBytes = kTile * kMhaHeads * kMhaRopeDim * 2;  // 32 KB
-constexpr int kMhaLatBytes = kTile * kMhaR * 2;                     // 32 KB
-constexpr int kMhaStageBytes = kMhaRopeBytes + kMhaLatBytes + 1024;  // + the 64 modality bytes, 1024-aligned
-// After the stages: per warpgroup, the 128 threads' maxima, then their 8 P registers and row sum ([9][128]).
-constexpr int kMhaExchangeBytes = 2 * (128 + 9 * 128) * 4;
-constexpr int kMhaSmemBytes = kMhaStages * kMhaStageBytes + kMhaExchangeBytes;
+//  - Each head has its own rotary values: as a product the rotary score would be block-diagonal (at most 2 of
+//    16 or 32 k-steps nonzero per row). It runs on CUDA cores instead, while the latent score's wgmma is in
+//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunks of each of its 8 tokens. At 8 pairs
+//    ptxas spills ~84 bytes per thread (255 registers), none at 4.
+// Rotary tile layout: token t's chunks (kRopeDim / 8 per head, heads in order) at t * kRopeDim * 64, chunk c at
+// 16 (c ^ (t % 8)): the 8 lanes of a shared-memory load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8
+// distinct bank groups at 4 pairs. The latent tile uses the row-pair kernel's swizzled layout
+// (tile_offset<true>). Stages of 65 KB (3) or 97 KB (2); one CTA per SM.
+constexpr int kMhaHeads = 32, kMhaR = 256, kMhaThreads = 256;
+constexpr int kMhaLatBytes = kTile * kMhaR * 2;  // 32 KB
+template <int kRopeDim>
+struct MhaShape {
+  static constexpr int kRopeBytes = kTile * kMhaHeads * kRopeDim * 2;            // 32 or 64 KB
+  static constexpr int kStageBytes = kRopeBytes + kMhaLatBytes + 1024;          // + the 64 modality bytes, 1024-aligned
+  static constexpr int kStages = kRopeDim == 8 ? 3 : 2;
+  // After the stages: per warpgroup, the 128 threads' maxima, then their 8 P registers and row sum ([9][128]).
+  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * (128 + 9 * 128) * 4;
+};
 
 // d[64 x 32] (= or +=) a[64 x 16] . B[16 x 32], B K-major in shared memory; `accumulate` 0 overwrites d.
 __device__ __forceinline__ void wgmma_64x32(float (&d)[4][4], const uint32_t (&a)[4], uint64_t desc, int accumulate) {
@@ -1158,13 +1164,18 @@ __device__ __forceinline__ void wgmma_64x32(float (&d)[4][4], const uint32_t (&a
 #endif
 }
 
+template <int kRopeDim>
 __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(const __grid_constant__ RvArgs a) {
-  constexpr int kRowBytes = kMhaR * 2;  // 512: one token's rotary keys, or its latent
+  using Shape = MhaShape<kRopeDim>;
+  constexpr int kMhaStages = Shape::kStages, kMhaStageBytes = Shape::kStageBytes, kMhaRopeBytes = Shape::kRopeBytes;
+  constexpr int kRowBytes = kMhaR * 2;  // 512: one token's latent
   constexpr int kChunks = kRowBytes / 16;
+  constexpr int kRopeRowBytes = kMhaHeads * kRopeDim * 2;  // one token's rotary keys
+  constexpr int kRopeChunks = kRopeRowBytes / 16, kHeadChunks = kRopeDim / 8;
   constexpr int kLatSteps = kMhaR / 16;    // k-steps of the latent score
   constexpr int kOBlocks = kMhaR / 2 / 8;  // this warpgroup's 128 columns of O, 8 per block
   constexpr int kHalf = kTile / 2;         // tokens a warpgroup scores
-  static_assert(kMhaHeads * kMhaRopeDim * 2 == kRowBytes && kMhaRopeDim * 2 == 16, "one 16-byte chunk per head");
+  static_assert(kRopeDim == 8 || kRopeDim == 16, "one or two 16-byte rotary chunks per head");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
@@ -1198,15 +1209,20 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
     const int pos0 = (t_lo + i) * kTile;
     const int64_t row0 = static_cast<int64_t>(blk) * bs + (pos0 & (bs - 1));
-    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * kRowBytes;
+    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * kRopeRowBytes;
     const unsigned char* lsrc = static_cast<const unsigned char*>(p.latent) + row0 * kRowBytes;
     const bool interior = pos0 >= begin && pos0 + kTile <= end;
-    // Copy e: token e / 32, chunk e % 32; a warp copies one whole 512-byte row.
+    // Copy e: token e / chunks, chunk e % chunks; a warp copies whole rows.
+#pragma unroll
+    for (int k = 0; k < kTile * kRopeChunks / kMhaThreads; ++k) {
+      const int e = tid + k * kMhaThreads, tok = e / kRopeChunks, col = e % kRopeChunks;
+      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+      cp_async(st + tok * kRopeRowBytes + ((col ^ (tok & 7)) << 4), rsrc + e * 16, 16, valid);
+    }
 #pragma unroll
     for (int k = 0; k < kTile * kChunks / kMhaThreads; ++k) {
       const int e = tid + k * kMhaThreads, tok = e / kChunks, col = e % kChunks;
       const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
-      cp_async(st + tok * kRowBytes + ((col ^ (tok & 7)) << 4), rsrc + e * 16, 16, valid);
       cp_async(st + kMhaRopeBytes + tile_offset<true>(tok, col, kChunks), lsrc + e * 16, 16, valid);
     }
     if (tid < kTile / 16) cp_async(st + kMhaRopeBytes + kMhaLatBytes + tid * 16, p.is_image + row0 + tid * 16, 16, true);
@@ -1232,9 +1248,24 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
       qa[ks][3] = pack_bf16x2(i1.x, i1.y);
     }
   }
-  float qr[kMhaRopeDim];
+  // This head's rotary query: fp32 at 4 pairs; bf16 pairs at 8 pairs, where fp32 spills more (packed, the
+  // inner loop's unpacking measured 5% slower at 4 pairs).
+  constexpr bool kPackedQ = kRopeDim > 8;
+  float qf[kPackedQ ? 1 : kRopeDim];
+  uint32_t qp[kPackedQ ? kRopeDim / 2 : 1];
+  {
+    const float2* q = reinterpret_cast<const float2*>(p.q_rope + (static_cast<int64_t>(b) * kMhaHeads + head) * kRopeDim);
 #pragma unroll
-  for (int d = 0; d < kMhaRopeDim; ++d) qr[d] = p.q_rope[(static_cast<int64_t>(b) * kMhaHeads + head) * kMhaRopeDim + d];
+    for (int d = 0; d < kRopeDim / 2; ++d) {
+      const float2 v = q[d];
+      if constexpr (kPackedQ) {
+        qp[d] = pack_bf16x2(v.x, v.y);
+      } else {
+        qf[2 * d] = v.x;
+        qf[2 * d + 1] = v.y;
+      }
+    }
+  }
 
   float o[kOBlocks][4];
 #pragma unroll
@@ -1268,13 +1299,25 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const int t = kHalf * wg + 8 * nb + 2 * q4 + e;
-        const uint4 k = *reinterpret_cast<const uint4*>(st + t * kRowBytes + ((head ^ (t & 7)) << 4));
-        const uint32_t w[4] = {k.x, k.y, k.z, k.w};
         float acc = 0.f;
 #pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          acc = fmaf(qr[2 * j], __uint_as_float(w[j] << 16), acc);
-          acc = fmaf(qr[2 * j + 1], __uint_as_float(w[j] & 0xffff0000u), acc);
+        for (int c = 0; c < kHeadChunks; ++c) {
+          const int chunk = head * kHeadChunks + c;
+          const uint4 k = *reinterpret_cast<const uint4*>(st + t * kRopeRowBytes + ((chunk ^ (t & 7)) << 4));
+          const uint32_t w[4] = {k.x, k.y, k.z, k.w};
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            float q0, q1;  // query values 8c + 2j, 8c + 2j + 1
+            if constexpr (kPackedQ) {
+              q0 = __uint_as_float(qp[4 * c + j] << 16);
+              q1 = __uint_as_float(qp[4 * c + j] & 0xffff0000u);
+            } else {
+              q0 = qf[8 * c + 2 * j];
+              q1 = qf[8 * c + 2 * j + 1];
+            }
+            acc = fmaf(q0, __uint_as_float(w[j] << 16), acc);
+            acc = fmaf(q1, __uint_as_float(w[j] & 0xffff0000u), acc);
+          }
         }
         rs[nb][e] = acc;
       }
@@ -1723,12 +1766,13 @@ RvKernel rowpair_kernel(int row_warps, bool wgmma) {
 }
 
 // The MHA row-pair kernel where this build has sm_90a code (its wgmma traps elsewhere; the plan checks the device).
-RvKernel rowpair_mha_kernel() {
+RvKernel rowpair_mha_kernel(int rope_dim) {
 #ifdef MLAFORGE_CUDA_SM90A
-  return mla_decode_rowpair_mha_kernel;
-#else
-  return nullptr;
+  if (rope_dim == 8) return mla_decode_rowpair_mha_kernel<8>;
+  if (rope_dim == 16) return mla_decode_rowpair_mha_kernel<16>;
 #endif
+  (void)rope_dim;
+  return nullptr;
 }
 
 template <KvFormat RF>
@@ -1786,7 +1830,8 @@ DeviceInfo device_info() {
   info.cc = 10 * major + minor;
   if (info.sms <= 0) info.sms = 1;
   if (info.max_smem <= 0) info.max_smem = 48 * 1024;
-  for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true), rowpair_mha_kernel()}) {
+  for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true), rowpair_mha_kernel(8),
+                     rowpair_mha_kernel(16)}) {
     if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -2014,7 +2059,7 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
   if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
-  const bool mha = H == kMhaHeads && kv == kMhaHeads && rd == kMhaRopeDim && p.latent_dim == kMhaR;
+  const bool mha = H == kMhaHeads && kv == kMhaHeads && (rd == 8 || rd == 16) && p.latent_dim == kMhaR;
   if (!mha && (kv * rd != 128 || p.latent_dim != 128 || H <= 0 || H > 32 || H % kv != 0 || rd % 2 != 0)) return plan;
   const int bs = p.block_size;
   if (bs < kTile || bs % kTile != 0 || (bs & (bs - 1)) != 0) return plan;
@@ -2032,8 +2077,10 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   a.p = p;
   // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
   const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
-  a.stage_bytes = mha ? kMhaStageBytes : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
-  a.smem_bytes = mha ? kMhaSmemBytes : kRvConsumers * kRvStages * a.stage_bytes;
+  a.stage_bytes = mha ? (rd == 8 ? MhaShape<8>::kStageBytes : MhaShape<16>::kStageBytes)
+                      : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
+  a.smem_bytes = mha ? (rd == 8 ? MhaShape<8>::kSmemBytes : MhaShape<16>::kSmemBytes)
+                     : kRvConsumers * kRvStages * a.stage_bytes;
   if (a.smem_bytes > dev.max_smem) return plan;
   int shift = 0;
   while ((1 << shift) < bs) ++shift;
@@ -2045,7 +2092,7 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
   plan.splits = static_cast<int>(splits);
   plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
-  plan.kernel = mha ? rowpair_mha_kernel() : rowpair_kernel(row_warps, wgmma);
+  plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma);
   return plan;
 }
 
