@@ -704,6 +704,50 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
 constexpr int kRvConsumers = 2;
 constexpr int kRvStages = 3;
 
+// The 64-position tiles [kTile t, kTile t + kTile) of a row-pair kernel's split: tiles from the one holding
+// seq_begin[b] on, split s taking a contiguous run of them; lo >= hi when the split holds no token.
+struct SplitTiles {
+  int begin, end;  // the sequence's positions
+  int lo, hi;      // tiles
+};
+__device__ __forceinline__ SplitTiles split_tiles(const MlaDecodeParams& p, const Splits& sp, int b, int split) {
+  SplitTiles s;
+  s.begin = p.seq_begin[b];
+  s.end = p.seq_end[b];
+  const int first = s.begin / kTile;
+  const int count = s.end > s.begin ? (s.end + kTile - 1) / kTile - first : 0;
+  const int per_split = (count + sp.num_splits - 1) / sp.num_splits;
+  s.lo = first + split * per_split;
+  s.hi = min(first + count, s.lo + per_split);
+  return s;
+}
+
+// What a split with no tokens writes: a weight of zero for the combine, or zeros when this CTA writes `out`
+// (and lse) itself. Threads [0, threads) of the CTA share the work.
+__device__ __forceinline__ void write_empty_split(const SplitOutput& dst, const Splits& sp, int heads, int R, int tid,
+                                                  int threads) {
+  if (sp.num_splits == 1)
+    for (int i = tid; i < heads * 2 * R; i += threads) dst.acc[i] = 0.f;
+  if (dst.ml != nullptr)
+    for (int h = tid; h < heads; h += threads) dst.ml[h] = make_float2(-INFINITY, 0.f);
+}
+
+// Latent queries of one head as the A fragments of the row-pair scores: row g the text query, row g + 8 the
+// image query, columns 16 ks + 2 q (+1, +8, +9). `ql`: the head's [2, R] floats (text, image); zeros where !ok.
+template <int kLatSteps, int kR>
+__device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4], const float* ql_row, int q4, bool ok) {
+  const float2* ql = reinterpret_cast<const float2*>(ql_row);  // 8-byte aligned: 2R floats per row, R even
+#pragma unroll
+  for (int ks = 0; ks < kLatSteps; ++ks) {
+    const int c2 = 8 * ks + q4;  // (16 ks + 2 q) / 2
+    const float2 t0 = ql[c2], i0 = ql[kR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kR / 2 + c2 + 4];
+    qa[ks][0] = ok ? pack_bf16x2(t0.x, t0.y) : 0u;
+    qa[ks][1] = ok ? pack_bf16x2(i0.x, i0.y) : 0u;
+    qa[ks][2] = ok ? pack_bf16x2(t1.x, t1.y) : 0u;
+    qa[ks][3] = ok ? pack_bf16x2(i1.x, i1.y) : 0u;
+  }
+}
+
 struct RvArgs {
   MlaDecodeParams p;
   Splits sp;
@@ -832,20 +876,11 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const int split = blockIdx.x, b = blockIdx.y;
   const int H = p.heads, group = H / p.kv_heads, rd = p.rope_dim, bs = p.block_size;
 
-  // Tiles [kTile t, kTile t + kTile) from the one holding `begin`; split s takes a contiguous run of them.
-  const int begin = p.seq_begin[b], end = p.seq_end[b];
-  const int t_first = begin / kTile;
-  const int t_count = end > begin ? (end + kTile - 1) / kTile - t_first : 0;
-  const int per_split = (t_count + a.sp.num_splits - 1) / a.sp.num_splits;
-  const int t_lo = t_first + split * per_split;
-  const int t_hi = min(t_first + t_count, t_lo + per_split);
+  const SplitTiles tiles = split_tiles(p, a.sp, b, split);
+  const int begin = tiles.begin, end = tiles.end, t_lo = tiles.lo, t_hi = tiles.hi;
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
-    // No tokens: a weight of zero for the combine, or zeros when this CTA writes `out` (and lse) itself.
-    if (a.sp.num_splits == 1)
-      for (int i = tid; i < H * 2 * kR; i += kRvConsumers * kThreadsC) dst.acc[i] = 0.f;
-    if (dst.ml != nullptr)
-      for (int h = tid; h < H; h += kRvConsumers * kThreadsC) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    write_empty_split(dst, a.sp, H, kR, tid, kRvConsumers * kThreadsC);
     return;
   }
   const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
@@ -894,20 +929,8 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const int head = 8 * warp_c + g;
   const bool rows_live = 8 * warp_c < H;  // warp-uniform
   uint32_t qa[kLatSteps][4];
-  {
-    // float2 loads: q_latent rows are 8-byte aligned (2R floats, R even) and c is even.
-    const float2* ql = reinterpret_cast<const float2*>(p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR);
-    const bool ok = head < H;
-#pragma unroll
-    for (int ks = 0; ks < kLatSteps; ++ks) {
-      const int c2 = 8 * ks + q4;  // (16 ks + 2 q) / 2
-      const float2 t0 = ql[c2], i0 = ql[kR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kR / 2 + c2 + 4];
-      qa[ks][0] = ok ? pack_bf16x2(t0.x, t0.y) : 0u;
-      qa[ks][1] = ok ? pack_bf16x2(i0.x, i0.y) : 0u;
-      qa[ks][2] = ok ? pack_bf16x2(t1.x, t1.y) : 0u;
-      qa[ks][3] = ok ? pack_bf16x2(i1.x, i1.y) : 0u;
-    }
-  }
+  load_query_fragments<kLatSteps, kR>(qa, p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR, q4,
+                                      head < H);
   // mma.sync visits only the rotary k-steps of this warp's KV heads; the warpgroup MMA takes all of them.
   const int kv_lo = min(8 * warp_c, H - 1) / group, kv_hi = min(8 * warp_c + 7, H - 1) / group;
   const int rope_ks0 = kWgmma ? 0 : kv_lo * rd / 16;
@@ -1187,19 +1210,11 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   float* x_max = reinterpret_cast<float*>(smem + kMhaStages * kMhaStageBytes);  // [2][128]
   uint32_t* x_p = reinterpret_cast<uint32_t*>(x_max + 2 * 128);                // [2][9][128]
 
-  // Tiles as in the row-pair kernel: aligned to kTile positions, split s takes a contiguous run of them.
-  const int begin = p.seq_begin[b], end = p.seq_end[b];
-  const int t_first = begin / kTile;
-  const int t_count = end > begin ? (end + kTile - 1) / kTile - t_first : 0;
-  const int per_split = (t_count + a.sp.num_splits - 1) / a.sp.num_splits;
-  const int t_lo = t_first + split * per_split;
-  const int t_hi = min(t_first + t_count, t_lo + per_split);
+  const SplitTiles tiles = split_tiles(p, a.sp, b, split);
+  const int begin = tiles.begin, end = tiles.end, t_lo = tiles.lo, t_hi = tiles.hi;
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
-    if (a.sp.num_splits == 1)
-      for (int i = tid; i < kMhaHeads * 2 * kMhaR; i += kMhaThreads) dst.acc[i] = 0.f;
-    if (dst.ml != nullptr)
-      for (int h = tid; h < kMhaHeads; h += kMhaThreads) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    write_empty_split(dst, a.sp, kMhaHeads, kMhaR, tid, kMhaThreads);
     return;
   }
   const int n = t_hi - t_lo;
@@ -1236,18 +1251,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   // Latent queries as A fragments (row g: text query of `head`, row g + 8: its image query), and the head's
   // rotary query in fp32.
   uint32_t qa[kLatSteps][4];
-  {
-    const float2* ql = reinterpret_cast<const float2*>(p.q_latent + (static_cast<int64_t>(b) * kMhaHeads + head) * 2 * kMhaR);
-#pragma unroll
-    for (int ks = 0; ks < kLatSteps; ++ks) {
-      const int c2 = 8 * ks + q4;
-      const float2 t0 = ql[c2], i0 = ql[kMhaR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kMhaR / 2 + c2 + 4];
-      qa[ks][0] = pack_bf16x2(t0.x, t0.y);
-      qa[ks][1] = pack_bf16x2(i0.x, i0.y);
-      qa[ks][2] = pack_bf16x2(t1.x, t1.y);
-      qa[ks][3] = pack_bf16x2(i1.x, i1.y);
-    }
-  }
+  load_query_fragments<kLatSteps, kMhaR>(qa, p.q_latent + (static_cast<int64_t>(b) * kMhaHeads + head) * 2 * kMhaR, q4, true);
   // This head's rotary query: fp32 at 4 pairs; bf16 pairs at 8 pairs, where fp32 spills more (packed, the
   // inner loop's unpacking measured 5% slower at 4 pairs).
   constexpr bool kPackedQ = kRopeDim > 8;
