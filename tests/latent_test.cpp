@@ -117,6 +117,42 @@ TEST(LatentCache, WindowOfUnquantizedPositions) {
   check_absorbed(dir, "qwen2vl-shapes r8 dkv16 decoupled", "auto", 1e-5, 4096);
 }
 
+// The absorbed decode keeps its concatenated up-projections between steps; fine-tuning updates kv_up in
+// place, and decoding afterwards must use the new weights: one model decodes, its up-projections are scaled
+// in place, then a fresh prefill and decoding step through the latent cache still match the expanded cache
+// (which reads kv_up directly).
+TEST(LatentCache, AbsorbedFollowsInPlaceWeightUpdates) {
+  TempDir d("absorbed-update");
+  auto m = Vlm::load(convert_to(d, source_path("models/qwen2vl-shapes"), 8, 16, true));
+  Batch b = m->prepare(mixed_prompts());
+  const int64_t B = b.batch(), T = b.length();
+  CacheOptions latent, expanded;
+  latent.block_size = 16;
+  expanded.expanded = true;
+  auto decode_both = [&] {
+    KVCache lat = m->decoder().new_cache(B, T + 1, at::kCPU, latent);
+    KVCache exp = m->decoder().new_cache(B, T + 1, at::kCPU, expanded);
+    at::Tensor tok = m->decoder().logits(m->prefill(b, exp).select(1, T - 1)).argmax(-1);
+    m->prefill(b, lat);
+    at::Tensor pos = at::tensor(b.next_position, at::kLong);
+    return rel_err(m->decode_step(tok, pos, lat), m->decode_step(tok, pos, exp));
+  };
+  EXPECT_LE(decode_both(), 1e-5);
+  int scaled = 0;
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, t] : m->mutable_decoder().named_weights())
+      if (name.find("kv_up_proj") != std::string::npos) {
+        t->mul_(1.5);
+        ++scaled;
+      }
+  }
+  ASSERT_GT(scaled, 0);
+  const double err = decode_both();
+  std::printf("after scaling %d up-projections in place: absorbed vs expanded logits %.2e\n", scaled, err);
+  EXPECT_LE(err, 1e-5);
+}
+
 TEST(LatentCache, AbsorbedEqualsExpandedMha) {
   if (!fs::exists(fixture("llava/llava-mha"))) GTEST_SKIP();
   TempDir d("absorbed");

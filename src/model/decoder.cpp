@@ -201,12 +201,12 @@ at::Tensor DecoderLM::absorbed_decode(const DecoderLayer& L, const at::Tensor& q
   DecoderLayer::AbsorbedUp& up = L.absorbed;
   bool stale = false;
   for (int m = 0; m < 2; ++m)
-    stale = stale || up.source[m] != L.kv_up[m].data_ptr() || up.version[m] != L.kv_up[m]._version();
+    stale = stale || !up.source[m].is_same(L.kv_up[m]) || up.version[m] != L.kv_up[m]._version();
   if (stale) {
     up.uk_all = tied ? uk(0) : at::cat({uk(0), uk(1)}, 2);
     up.uv_all = tied ? uv(0).transpose(1, 2) : at::cat({uv(0).transpose(1, 2), uv(1).transpose(1, 2)}, 1);
     for (int m = 0; m < 2; ++m) {
-      up.source[m] = L.kv_up[m].data_ptr();
+      up.source[m] = L.kv_up[m];
       up.version[m] = L.kv_up[m]._version();
     }
   }

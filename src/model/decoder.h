@@ -33,7 +33,7 @@ struct DecoderLayer {
   struct AbsorbedUp {
     at::Tensor uk_all;  // [g, dh-2r, M*R]: key-nope rows, text then image latent columns (M = 1 when tied)
     at::Tensor uv_all;  // [g, M*R, dh]: value rows, transposed
-    const void* source[2] = {nullptr, nullptr};
+    at::Tensor source[2];  // the kv_up tensors they were built from (held, so that no other tensor takes their place)
     int64_t version[2] = {-1, -1};
   };
   mutable AbsorbedUp absorbed;
