@@ -10,7 +10,8 @@
 # how much of text_add's 30 questions is the order's noise), kl30-epochs2 (KL weight 30 instead of 10),
 # kl30-epochs2-seed1, kl30-epochs3, attn-epochs2 (attention weights only, input norms frozen), lr1e-4-epochs3
 # (half the learning rate over three epochs), kl1000-epochs2 (KL weight 1000: AdamW normalises the step, so
-# this is distillation alone, the answers' cross-entropy a rounding error beside it). calibtext converts with the text-only rows of train.jsonl added to
+# this is distillation alone, the answers' cross-entropy a rounding error beside it), lr1e-4-epochs3-seed1 (the
+# lr 1e-4 run under another data order). calibtext converts with the text-only rows of train.jsonl added to
 # the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
 # of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -66,3 +67,4 @@ run kl30-epochs2-seed1 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 1 30
 run kl30-epochs3 "$data/train.jsonl" 3 "$out/r8-d8" 2e-4 ce+kl 0 30
 run lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4
 run kl1000-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 0 1000
+run lr1e-4-epochs3-seed1 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 1
