@@ -1,5 +1,6 @@
 // MLA's latent cache and absorbed attention against the expanded form (keys and values rebuilt from
 // the latent): prefill and decoding steps, both modalities mixed, GQA and MHA, batched with padding.
+#include <c10/core/GradMode.h>
 #include <gtest/gtest.h>
 
 #include <filesystem>
@@ -140,7 +141,7 @@ TEST(LatentCache, AbsorbedFollowsInPlaceWeightUpdates) {
   EXPECT_LE(decode_both(), 1e-5);
   int scaled = 0;
   {
-    at::NoGradGuard no_grad;
+    c10::AutoGradMode no_grad(false);  // at::NoGradGuard needs autograd headers on newer libtorch
     for (auto& [name, t] : m->mutable_decoder().named_weights())
       if (name.find("kv_up_proj") != std::string::npos) {
         t->mul_(1.5);

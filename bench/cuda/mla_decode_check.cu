@@ -537,6 +537,10 @@ std::vector<Case> make_cases(bool quick) {
       // The MHA row-pair kernel's shape (llava-1.5-7b at 4 rotary pairs, dkv 8): left padding, a row of one tile.
       {"mha_h32_kv32_r8_R256", 32, 32, 8, 256, 32, 64, {0, 70, 5}, {1300, 2000, 64}, 0.4f},
       {"mha_h32_kv32_r16_R256", 32, 32, 16, 256, 32, 64, {3, 0, 64}, {900, 2100, 130}, 0.4f},
+      // The two-pass kernels (bf16): llava-1.5-7b's default conversion (latent 1024, 32 rotary values per head),
+      // and GQA with fewer heads than the 32-row halves, 32-token blocks, a sequence of one token.
+      {"mha_h32_kv32_r32_R1024", 32, 32, 32, 1024, 64, 64, {0, 70, 5}, {1300, 2000, 64}, 0.4f},
+      {"gqa_h20_kv4_r32_R512", 20, 4, 32, 512, 32, 32, {0, 9, 40}, {1, 777, 2500}, 0.5f},
   };
   for (const Shape& s : small)
     for (F rf : rope_formats)
@@ -594,6 +598,10 @@ std::vector<Case> make_cases(bool quick) {
                      std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
   cases.push_back({"llava7b_r8d8_ctx8192_b16", 32, 32, 16, 256, 32, 64, F::BF16, F::BF16, std::vector<int>(16, 0),
                    std::vector<int>(16, 8192), 0.4f, true, 2});
+  // llava-1.5-7b at the default conversion (16 pairs, dkv 32: latent 1024): the two-pass kernels.
+  for (int ctx : {8192, 32768})
+    cases.push_back({"llava7b_r16d32_ctx" + std::to_string(ctx) + "_b16", 32, 32, 32, 1024, 64, 64, F::BF16, F::BF16,
+                     std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
   return cases;
 }
 

@@ -6,7 +6,7 @@
 // the workspace. A combine kernel merges the splits with the log-sum-exp rule. With one split the main
 // kernel writes `out` itself and there is no combine.
 //
-// Four main kernels, the first that applies:
+// Five main kernels, the first that applies:
 //  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
 //    128 per token, at most 32 heads, blocks of a power-of-two multiple of 64 tokens): see its own comment;
 //    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync.
@@ -23,6 +23,9 @@
 //    Hpad = heads rounded up to 16 (kHT row tiles); the rotary product only visits the column blocks of the KV
 //    heads a row tile uses. Queries are rounded to bf16 here, so this kernel serves the bf16/quantised caches
 //    (~2e-3 relative to float64); F32 caches go to the CUDA-core kernel.
+//  - two-pass kernels (bf16 cache, latents too wide for the tensor-core kernel's accumulators, e.g. llava-1.5-7b
+//    at the default conversion: latent 1024): scores first, then the latent columns in groups of 128; see their
+//    comment.
 //  - CUDA-core kernel (everything else, and every F32 cache): fp32 throughout, generic shapes.
 //
 // Scores are kept in log2 units (scale * log2(e) folded in) so that exp2f does the softmax.
@@ -97,14 +100,18 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, i
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
-// Waits until at most `pending` (0 .. kMaxStages-2) of this thread's cp.async groups are in flight.
+// Waits until at most `pending` (0 .. 4) of this thread's cp.async groups are in flight.
 __device__ __forceinline__ void cp_async_wait(int pending) {
   if (pending <= 0) {
     asm volatile("cp.async.wait_group 0;\n" ::: "memory");
   } else if (pending == 1) {
     asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-  } else {
+  } else if (pending == 2) {
     asm volatile("cp.async.wait_group 2;\n" ::: "memory");
+  } else if (pending == 3) {
+    asm volatile("cp.async.wait_group 3;\n" ::: "memory");
+  } else {
+    asm volatile("cp.async.wait_group 4;\n" ::: "memory");
   }
 }
 
@@ -1631,6 +1638,414 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
 }
 
 // ---------------------------------------------------------------------------------------------------------
+// Two-pass kernels for wide latents: bf16 rotary keys and latent, at most 32 heads, latent_dim a multiple of
+// 128, kv_heads * rope_dim a multiple of 128, rope_dim a multiple of 8 dividing 128. The case: llava-1.5-7b
+// at the default conversion (32 heads over 32 KV heads, 32 rotary values per head, latent 1024: 4 KB per
+// token). One CTA cannot hold O for 64 (head, modality) rows x 1024 latent columns (256 KB of fp32, the whole
+// register file), so the work is cut in two:
+//  pass 1, scores (grid (split, sequence), one CTA per SM): streams each 64-token tile through shared memory
+//    in chunks of 64 tokens x 128 values, the rotary keys' chunks first, then the latent's, and computes
+//        S[h, t] = scale * log2(e) * (q_rope[h] . k_rope[t, kv(h)] + q_latent[h, m(t)] . c_t)
+//    rotary dots on CUDA cores, latent products on tensor cores (mma.sync m16n8k16; the absorbed queries stay
+//    in shared memory as bf16 [64 rows: text heads 0..31, image heads 32..63][R]; a token keeps the product
+//    of its modality's row). Writes S ([batch, heads, capacity] fp32, position relative to seq_begin), the
+//    tokens' modality bytes and, per (sequence, split, head), the max of S and the sum of 2^(S - max).
+//  pass 2, values (grid (128-column group of the latent, split, sequence)): streams its split's S, modality
+//    bytes and the group's 128 latent columns; P = 2^(S - max) goes into a text row and an image row per head
+//    (zero for the other modality's tokens), O_m += P_m . C on tensor cores, and O / sum is the split's result
+//    for those columns (the combine kernel merges the splits as for the other kernels).
+// The latent is read twice and the rotary keys once: 1.5x the bytes of a single pass when they are the same
+// size, about 2.6x fewer than the MHA original's K and V at that conversion.
+constexpr int kWideRows = 64;     // MMA rows: text heads 0..31, image heads 32..63
+constexpr int kWideHeads = 32;
+constexpr int kWideChunk = 128;   // bf16 values per token in one pipeline stage
+constexpr int kWideLd = kWideChunk + 8;  // smem row stride (bf16) of a chunk: 272 bytes, ldmatrix conflict-free
+constexpr int kWideLds = kTile + 4;      // fp32 row stride of the score buffers
+constexpr int kWideLdp = kTile + 8;      // bf16 row stride of the probability buffer
+constexpr int kWideStages = 3;           // pass 2's ring (two CTAs per SM)
+constexpr int kWideMaxStages = 6;        // pass 1's deepest ring
+
+struct WideArgs {
+  MlaDecodeParams p;
+  Splits sp;
+  float score_scale;  // p.scale * log2(e)
+  int capacity;       // positions per sequence in the score workspace: max_blocks * block_size rounded up to kTile
+  float* scores;      // [batch, heads, capacity]: S of position seq_begin + i at i; -inf past the split's end
+  uint8_t* modality;  // [batch, capacity]: 1 for image tokens
+  float2* split_ml;   // [batch, splits, heads]: (max of S, sum of 2^(S - max)) of each split
+  int stages;         // pass 1's ring depth (3 .. kWideMaxStages)
+  int smem_bytes;
+  // Pass 1's shared memory (byte offsets): queries, then the ring, then the score buffers.
+  int off_q_lat;      // bf16 [kWideRows][R + 8]
+  int off_q_rope;     // fp32 [heads][rope_dim]
+  int off_stage;      // stages x kTile x kWideLd bf16
+  int off_img;        // uint8 [4][kTile]: modality of the tiles in flight (tile % 4)
+  int off_s;          // fp32 [kWideHeads][kWideLds]: the current tile's rotary scores, then (in place) its scores
+};
+
+// Pass 2's stage: the latent columns, the scores, the modality bytes.
+constexpr int kWideStageC = kTile * kWideLd * 2;                         // 17408
+constexpr int kWideStageS = kWideHeads * kTile * 4;                      // 8192
+constexpr int kWideStageBytes = (kWideStageC + kWideStageS + kTile + 127) / 128 * 128;
+constexpr int kWidePBytes = kWideRows * kWideLdp * 2;                    // bf16 P [64][72]
+constexpr int kWideValuesSmem = kWideStages * kWideStageBytes + kWidePBytes;
+
+__global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __grid_constant__ WideArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const MlaDecodeParams& p = a.p;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int split = blockIdx.x, b = blockIdx.y;
+  const int H = p.heads, R = p.latent_dim, rd = p.rope_dim, bs = p.block_size;
+  const int group = H / p.kv_heads;
+  const int kr = p.kv_heads * rd;
+  const int n_rope = kr / kWideChunk, n_lat = R / kWideChunk, per_tile = n_rope + n_lat;
+  const int ldq = R + 8;
+  const int a_row = lane & 15, a_col = (lane >> 4) * 8;
+  const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_col = ((lane >> 3) & 1) * 8;
+
+  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
+  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
+  const int c0 = seq_begin + split * chunk;
+  const int c1 = min(seq_end, c0 + chunk);
+  float2* ml_out = a.split_ml + (static_cast<int64_t>(b) * a.sp.num_splits + split) * H;
+  if (c0 >= c1) {
+    for (int h = tid; h < H; h += kThreads) ml_out[h] = make_float2(-INFINITY, 0.f);
+    return;
+  }
+  const int num_tiles = (c1 - c0 + kTile - 1) / kTile;
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+  const int rel0 = c0 - seq_begin;  // a multiple of kTile
+
+  bf16* q_lat_s = reinterpret_cast<bf16*>(smem + a.off_q_lat);
+  float* q_rope_s = reinterpret_cast<float*>(smem + a.off_q_rope);
+  uint8_t* img_s = smem + a.off_img;
+  float* s_buf = reinterpret_cast<float*>(smem + a.off_s);
+  auto stage_ptr = [&](int step) { return reinterpret_cast<bf16*>(smem + a.off_stage) + (step % a.stages) * kTile * kWideLd; };
+
+  // Copy plan: 4 threads per token, each 4 of the chunk's 16 pieces of 16 bytes. A token's pool row is looked
+  // up when its tile's first chunk is issued, from a block id loaded one tile ahead; its modality byte is
+  // loaded then and stored to shared memory at the next step (read no earlier than two steps later).
+  const int tok = tid >> 2, part = tid & 3;
+  int64_t row = 0;
+  bool valid = false;
+  int next_block = 0;
+  {
+    const int pos = c0 + tok;
+    if (pos < c1) next_block = table[pos / bs];
+  }
+  uint32_t pend_img = 0;
+  int pend_tile = -1;
+  const int total_steps = num_tiles * per_tile;
+  auto flush_img = [&]() {
+    if (pend_tile >= 0) {
+      img_s[(pend_tile & 3) * kTile + tok] = static_cast<uint8_t>(pend_img);
+      pend_tile = -1;
+    }
+  };
+  auto issue = [&](int step) {
+    const int tile = step / per_tile, k = step - tile * per_tile;
+    if (k == 0) {
+      flush_img();  // only in the prologue does a tile's first chunk follow the previous one's within a step
+      const int pos = c0 + tile * kTile + tok;
+      valid = pos < c1;
+      row = valid ? static_cast<int64_t>(next_block) * bs + pos % bs : 0;
+      const int pos_next = pos + kTile;
+      if (tile + 1 < num_tiles && pos_next < c1) next_block = table[pos_next / bs];
+      if (part == 0) {
+        pend_img = valid ? static_cast<uint32_t>(p.is_image[row]) : 0u;
+        pend_tile = tile;
+      }
+    }
+    const bf16* src = k < n_rope ? static_cast<const bf16*>(p.k_rope) + row * kr + k * kWideChunk
+                                 : static_cast<const bf16*>(p.latent) + row * R + (k - n_rope) * kWideChunk;
+    bf16* dst = stage_ptr(step) + tok * kWideLd;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async(dst + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
+  };
+  for (int s = 0; s < a.stages - 1; ++s) {
+    if (s < total_steps) issue(s);
+    cp_async_commit();
+  }
+  // Queries: latent ones to bf16 rows (zero rows for absent heads), rotary ones as floats.
+  {
+    const float* ql = p.q_latent + static_cast<int64_t>(b) * H * 2 * R;
+    for (int i = tid; i < kWideRows * R; i += kThreads) {
+      const int r = i / R, col = i - r * R, h = r & (kWideHeads - 1), m = r >> 5;
+      q_lat_s[r * ldq + col] = __float2bfloat16_rn(h < H ? ql[(h * 2 + m) * R + col] : 0.f);
+    }
+    const float* qr = p.q_rope + static_cast<int64_t>(b) * H * rd;
+    for (int i = tid; i < H * rd; i += kThreads) q_rope_s[i] = qr[i];
+  }
+
+  // Warp w: MMA row tile rt = w & 3 (rows 16 rt..: text heads for rt < 2, image heads otherwise), tokens
+  // 32 th.. of the tile (th = w >> 2); four 8-token n-blocks.
+  const int rt = warp & 3, th = warp >> 2;
+  const bool rows_image = rt >= 2;
+  const bool rows_used = 16 * (rt & 1) < H;
+  float acc[4][4];
+  bool any_mine = false;
+  float m_run = -INFINITY, l_run = 0.f;  // head tid >> 3 (8 lanes per head)
+  const int sh = tid >> 3, sj = tid & 7;
+
+  for (int step = 0; step < total_steps; ++step) {
+    cp_async_wait(a.stages - 2);
+    __syncthreads();
+    flush_img();  // the byte's load has had a whole step to land
+    if (step + a.stages - 1 < total_steps) issue(step + a.stages - 1);
+    cp_async_commit();
+
+    const int tile = step / per_tile, k = step - tile * per_tile;
+    const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
+    const bf16* st = stage_ptr(step);
+    const uint8_t* img = img_s + (tile & 3) * kTile;
+    if (k < n_rope) {
+      // Rotary dots of the query heads whose KV heads lie in this chunk: (head, token) pairs, a warp per head
+      // and 32 tokens, 16-byte reads (conflict-free: 272-byte rows).
+      const int kv0 = k * kWideChunk / rd;
+      const int nh = (kWideChunk / rd) * group;
+      for (int i = tid; i < nh * kTile; i += kThreads) {
+        const int h = kv0 * group + i / kTile, t = i % kTile;
+        const bf16* kp = st + t * kWideLd + (h / group - kv0) * rd;
+        const float* qp = q_rope_s + h * rd;
+        float s = 0.f;
+        for (int d = 0; d < rd; d += 8) {
+          const uint4 raw = *reinterpret_cast<const uint4*>(kp + d);
+          const __nv_bfloat162* kv2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 kf = __bfloat1622float2(kv2[e]);
+            s += qp[d + 2 * e] * kf.x + qp[d + 2 * e + 1] * kf.y;
+          }
+        }
+        s_buf[h * kWideLds + t] = s;
+      }
+      continue;
+    }
+    const int kc = k - n_rope;
+    if (kc == 0) {
+      // Does any valid token among this warp's 32 have the modality of its rows? (Images come in long runs:
+      // half the warps usually skip the latent product.)
+      const int t = th * 32 + lane;
+      any_mine = rows_used && __any_sync(0xffffffffu, t < n_valid && (img[t] != 0) == rows_image);
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
+    }
+    if (any_mine) {
+#pragma unroll
+      for (int ks = 0; ks < kWideChunk / 16; ++ks) {
+        uint32_t qa[4];
+        ldmatrix_x4(qa, q_lat_s + (rt * 16 + a_row) * ldq + kc * kWideChunk + ks * 16 + a_col);
+#pragma unroll
+        for (int nb2 = 0; nb2 < 2; ++nb2) {
+          uint32_t kb[4];
+          ldmatrix_x4(kb, st + (th * 32 + nb2 * 16 + bn_row) * kWideLd + ks * 16 + bn_col);
+          mma_bf16_16816(acc[2 * nb2], qa, kb[0], kb[1]);
+          mma_bf16_16816(acc[2 * nb2 + 1], qa, kb[2], kb[3]);
+        }
+      }
+    }
+    if (kc != n_lat - 1) continue;
+
+    // Tile done: each (head, token) takes the row of the token's modality, plus its rotary part (in place: one
+    // thread per element).
+    if (any_mine) {
+#pragma unroll
+      for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int h = (rt & 1) * 16 + g + 8 * half;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int t = th * 32 + nb * 8 + 2 * q4 + e;
+            if (h < H && t < n_valid && (img[t] != 0) == rows_image)
+              s_buf[h * kWideLds + t] = (acc[nb][2 * half + e] + s_buf[h * kWideLds + t]) * a.score_scale;
+          }
+        }
+    }
+    __syncthreads();
+    // Running max and sum per head (8 lanes per head, 8 tokens per lane), and the scores to global memory.
+    {
+      const bool used = sh < H;
+      float v[8];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int t = sj * 8 + e;
+        v[e] = used && t < n_valid ? s_buf[sh * kWideLds + t] : -INFINITY;
+      }
+      float mx = v[0];
+#pragma unroll
+      for (int e = 1; e < 8; ++e) mx = fmaxf(mx, v[e]);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      if (used) {  // the tile's first token is valid: mx is finite
+        const float m_new = fmaxf(m_run, mx);
+        float sum = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum += exp2f(v[e] - m_new);
+        l_run = l_run * exp2f(m_run - m_new) + sum;  // partial: the 8 lanes' sums are added at the end
+        m_run = m_new;
+        const int64_t rel = rel0 + tile * kTile + sj * 8;
+        float4* dst = reinterpret_cast<float4*>(a.scores + (static_cast<int64_t>(b) * H + sh) * a.capacity + rel);
+        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
+        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
+        if (sh == 0) {
+          uint32_t w[2] = {0u, 0u};
+#pragma unroll
+          for (int e = 0; e < 8; ++e)
+            if (sj * 8 + e < n_valid && img[sj * 8 + e] != 0) w[e >> 2] |= 1u << (8 * (e & 3));
+          *reinterpret_cast<uint2*>(a.modality + static_cast<int64_t>(b) * a.capacity + rel) = make_uint2(w[0], w[1]);
+        }
+      }
+    }
+  }
+  cp_async_wait(0);
+  // Each lane's l_run is its 8 tokens' share under the common running max: sum over the 8 lanes.
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+  l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+  if (sh < H && sj == 0) ml_out[sh] = make_float2(m_run, l_run);
+}
+
+__global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __grid_constant__ WideArgs a) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const MlaDecodeParams& p = a.p;
+  allow_dependent_launch();
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, q4 = lane & 3;
+  const int cg = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+  const int H = p.heads, R = p.latent_dim, bs = p.block_size;
+  const int col0 = cg * kWideChunk;
+
+  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
+  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
+  const int c0 = seq_begin + split * chunk;
+  const int c1 = min(seq_end, c0 + chunk);
+  const SplitOutput dst = split_output(p, a.sp, b, split);
+  if (c0 >= c1) {  // an empty split: the combine skips it; a lone one (empty sequence) still defines out and lse
+    if (a.sp.num_splits == 1) {
+      for (int i = tid; i < H * 2 * kWideChunk; i += kThreads) dst.acc[(i / kWideChunk) * R + col0 + i % kWideChunk] = 0.f;
+      if (cg == 0 && dst.ml != nullptr)
+        for (int h = tid; h < H; h += kThreads) dst.ml[h] = make_float2(-INFINITY, 0.f);
+    }
+    return;
+  }
+  const int num_tiles = (c1 - c0 + kTile - 1) / kTile;
+  const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
+  const int rel0 = c0 - seq_begin;
+  const float2* ml = a.split_ml + (static_cast<int64_t>(b) * a.sp.num_splits + split) * H;
+  const float* s_src = a.scores + static_cast<int64_t>(b) * H * a.capacity + rel0;
+  const uint8_t* mod_src = a.modality + static_cast<int64_t>(b) * a.capacity + rel0;
+  bf16* p_buf = reinterpret_cast<bf16*>(smem + kWideStages * kWideStageBytes);
+  auto stage_ptr = [&](int tile) { return smem + (tile % kWideStages) * kWideStageBytes; };
+
+  const int tok = tid >> 2, part = tid & 3;
+  int next_block = 0;
+  if (c0 + tok < c1) next_block = table[(c0 + tok) / bs];
+  auto issue = [&](int tile) {
+    unsigned char* st = stage_ptr(tile);
+    const int pos = c0 + tile * kTile + tok;
+    const bool valid = pos < c1;
+    const int64_t row = valid ? static_cast<int64_t>(next_block) * bs + pos % bs : 0;
+    if (tile + 1 < num_tiles && pos + kTile < c1) next_block = table[(pos + kTile) / bs];
+    const bf16* src = static_cast<const bf16*>(p.latent) + row * R + col0;
+    bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) cp_async(d + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
+    // Scores [H][64] (pass 1 wrote whole tiles, -inf past the end) and the 64 modality bytes.
+    float* s_dst = reinterpret_cast<float*>(st + kWideStageC);
+    for (int q = tid; q < H * (kTile / 4); q += kThreads) {
+      const int h = q / (kTile / 4), c = q % (kTile / 4);
+      cp_async(s_dst + h * kTile + 4 * c, s_src + static_cast<int64_t>(h) * a.capacity + tile * kTile + 4 * c, 16, true);
+    }
+    if (tid < kTile / 16) cp_async(st + kWideStageC + kWideStageS + 16 * tid, mod_src + tile * kTile + 16 * tid, 16, true);
+  };
+  for (int t = 0; t < kWideStages - 1; ++t) {
+    if (t < num_tiles) issue(t);
+    cp_async_commit();
+  }
+
+  // P rows: thread (head sh, tokens 8 sj..): the split's max of that head.
+  const int sh = tid >> 3, sj = tid & 7;
+  const float m_head = sh < H ? ml[sh].x : 0.f;
+  const int rt = warp & 3, ch = warp >> 2;  // MMA: rows 16 rt.., latent columns 64 ch.. of the group
+  const bool rows_used = 16 * (rt & 1) < H;
+  const int a_row = lane & 15, a_col = (lane >> 4) * 8;
+  const int bk_row = (((lane >> 3) & 1) << 3) + (lane & 7), bk_col = (lane >> 4) * 8;
+  float acc[8][4];
+#pragma unroll
+  for (int nb = 0; nb < 8; ++nb)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait(kWideStages - 2);
+    __syncthreads();  // the tile has landed everywhere; everyone is done with P of tile - 1
+    if (tile + kWideStages - 1 < num_tiles) issue(tile + kWideStages - 1);
+    cp_async_commit();
+    const unsigned char* st = stage_ptr(tile);
+    {
+      uint32_t pt[4] = {0u, 0u, 0u, 0u}, pi[4] = {0u, 0u, 0u, 0u};
+      if (sh < H) {
+        const float* s = reinterpret_cast<const float*>(st + kWideStageC) + sh * kTile + sj * 8;
+        const float4 v0 = reinterpret_cast<const float4*>(s)[0], v1 = reinterpret_cast<const float4*>(s)[1];
+        const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
+        const uint2 img8 = *reinterpret_cast<const uint2*>(st + kWideStageC + kWideStageS + sj * 8);
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const float p0 = exp2f(v[e] - m_head), p1 = exp2f(v[e + 1] - m_head);
+          const uint32_t word = e < 4 ? img8.x : img8.y;
+          const bool i0 = ((word >> (8 * (e & 3))) & 0xffu) != 0u;
+          const bool i1 = ((word >> (8 * ((e + 1) & 3))) & 0xffu) != 0u;
+          pt[e / 2] = pack_bf16x2(i0 ? 0.f : p0, i1 ? 0.f : p1);
+          pi[e / 2] = pack_bf16x2(i0 ? p0 : 0.f, i1 ? p1 : 0.f);
+        }
+      }
+      *reinterpret_cast<uint4*>(p_buf + sh * kWideLdp + sj * 8) = make_uint4(pt[0], pt[1], pt[2], pt[3]);
+      *reinterpret_cast<uint4*>(p_buf + (kWideHeads + sh) * kWideLdp + sj * 8) = make_uint4(pi[0], pi[1], pi[2], pi[3]);
+    }
+    __syncthreads();
+    if (rows_used) {
+      const bf16* cs = reinterpret_cast<const bf16*>(st);
+#pragma unroll
+      for (int ks = 0; ks < kTile / 16; ++ks) {
+        uint32_t pa[4];
+        ldmatrix_x4(pa, p_buf + (rt * 16 + a_row) * kWideLdp + ks * 16 + a_col);
+#pragma unroll
+        for (int cb = 0; cb < 4; ++cb) {
+          uint32_t c4[4];  // latent rows 16 ks.., columns 64 ch + 16 cb..: n-block 2cb in c4[0..1], 2cb+1 in c4[2..3]
+          ldmatrix_x4_trans(c4, cs + (ks * 16 + bk_row) * kWideLd + ch * 64 + cb * 16 + bk_col);
+          mma_bf16_16816(acc[2 * cb], pa, c4[0], c4[1]);
+          mma_bf16_16816(acc[2 * cb + 1], pa, c4[2], c4[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait(0);
+
+  if (rows_used) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int h = (rt & 1) * 16 + g + 8 * half, m = rt >> 1;
+      if (h < H) {
+        const float inv_l = 1.f / ml[h].y;  // >= 1: the split's max contributes 2^0
+#pragma unroll
+        for (int nb = 0; nb < 8; ++nb) {
+          const int col = col0 + ch * 64 + nb * 8 + 2 * q4;
+          *reinterpret_cast<float2*>(dst.acc + (h * 2 + m) * R + col) =
+              make_float2(acc[nb][2 * half] * inv_l, acc[nb][2 * half + 1] * inv_l);
+        }
+      }
+    }
+  }
+  if (cg == 0 && dst.ml != nullptr)
+    for (int h = tid; h < H; h += kThreads) dst.ml[h] = ml[h];
+}
+
+// ---------------------------------------------------------------------------------------------------------
 // Combine: out[b,h] = sum_s w_s acc_s / sum_s w_s with w_s = l_s 2^(m_s - max m), and lse[b,h] = (max m, sum_s w_s);
 // splits past the end of the sequence hold nothing (they were never written) and are not read. Grid (heads, batch).
 struct CombineArgs {
@@ -1760,6 +2175,7 @@ TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
 }
 
 using RvKernel = void (*)(RvArgs);
+using WideKernel = void (*)(WideArgs);
 
 // Row-pair instantiations for kKR = kR = 128: warps per consumer (row tiles of 8 heads), wgmma or mma.sync.
 RvKernel rowpair_kernel(int row_warps, bool wgmma) {
@@ -1836,6 +2252,11 @@ DeviceInfo device_info() {
   if (info.max_smem <= 0) info.max_smem = 48 * 1024;
   for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true), rowpair_mha_kernel(8),
                      rowpair_mha_kernel(16)}) {
+    if (k == nullptr) continue;
+    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+    cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
+  for (WideKernel k : {mla_wide_scores_kernel, mla_wide_values_kernel}) {
     if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -2100,6 +2521,74 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   return plan;
 }
 
+// Bytes of the combine's partial results for `splits` splits (none for one split): part_acc [batch, splits,
+// heads, 2, R] floats, then part_ml [batch, splits, heads] float2.
+int64_t partial_bytes(const MlaDecodeParams& p, int splits) {
+  if (splits <= 1) return 0;
+  const int64_t rows = static_cast<int64_t>(p.batch) * splits * p.heads;
+  return rows * 2 * p.latent_dim * 4 + rows * 8;
+}
+
+struct WidePlan {
+  bool ok = false;
+  WideArgs args{};
+  int splits = 1;
+  int64_t bytes = 0;  // the scores, modality bytes and split (max, sum) in the workspace
+};
+
+// The two-pass kernels' launch (ok == false where they do not apply: see their comment). Their workspace
+// follows the partial results sized for choose_splits, in mla_decode_cuda_workspace_bytes as in the launch.
+WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  WidePlan plan;
+  const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim, R = p.latent_dim;
+  if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
+  if (H <= 0 || H > kWideHeads || kv <= 0 || H % kv != 0 || R <= 0 || R % kWideChunk != 0) return plan;
+  if (rd <= 0 || rd % 8 != 0 || kWideChunk % rd != 0 || (kv * rd) % kWideChunk != 0) return plan;
+  for (const void* ptr : {p.k_rope, p.latent})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
+  WideArgs& a = plan.args;
+  a.p = p;
+  a.score_scale = p.scale * kLog2e;
+  int off = 0;
+  a.off_q_lat = off;
+  off += align128(kWideRows * (R + 8) * 2);
+  a.off_q_rope = off;
+  off += align128(H * rd * 4);
+  a.off_img = off;
+  off += align128(4 * kTile);
+  a.off_s = off;
+  off += align128(kWideHeads * kWideLds * 4);
+  a.off_stage = off;
+  // The deepest ring that fits (5 stages at latent 1024 on a Hopper): one CTA per SM, so the bytes in flight
+  // per SM are the stages' (stages - 1 chunks of 16 KB).
+  const int stage = kTile * kWideLd * 2;
+  a.stages = std::min(kWideMaxStages, (dev.max_smem - off) / stage);
+  if (a.stages < 3) return plan;
+  a.smem_bytes = off + a.stages * stage;
+  if (a.smem_bytes > dev.max_smem || kWideValuesSmem > dev.max_smem) return plan;
+  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
+  a.capacity = static_cast<int>((capacity + kTile - 1) / kTile * kTile);
+  // One scores CTA per SM: splits fill the SMs once over the batch, each at least kMinSplitTokens of capacity.
+  int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
+  plan.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
+  const int64_t scores = static_cast<int64_t>(p.batch) * H * a.capacity * 4;
+  const int64_t modality = static_cast<int64_t>(p.batch) * a.capacity;  // a multiple of 64
+  plan.bytes = scores + modality + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
+  plan.ok = true;
+  return plan;
+}
+
+// Points the two-pass kernels' arrays into the workspace, from byte `offset` (16-byte aligned).
+void place_wide(WidePlan& plan, const MlaDecodeParams& p, void* workspace, int64_t offset) {
+  unsigned char* base = static_cast<unsigned char*>(workspace) + offset;
+  WideArgs& a = plan.args;
+  a.scores = reinterpret_cast<float*>(base);
+  base += static_cast<int64_t>(p.batch) * p.heads * a.capacity * 4;
+  a.modality = base;
+  base += static_cast<int64_t>(p.batch) * a.capacity;
+  a.split_ml = reinterpret_cast<float2*>(base);
+}
+
 bool params_usable(const MlaDecodeParams& p) {
   return p.batch > 0 && p.heads > 0 && p.kv_heads > 0 && p.latent_dim > 0 && p.rope_dim > 0 &&
          p.block_size > 0 && p.max_blocks > 0;
@@ -2109,12 +2598,11 @@ bool params_usable(const MlaDecodeParams& p) {
 
 int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
   if (!params_usable(p)) return 0;
-  // The row-pair kernel's split count (one CTA per SM) never exceeds this one (two per SM).
-  const int splits = choose_splits(p, device_info().sms);
-  if (splits <= 1) return 0;
-  // part_acc [batch, splits, heads, 2, R] floats, then part_ml [batch, splits, heads] float2.
-  const int64_t rows = static_cast<int64_t>(p.batch) * splits * p.heads;
-  return rows * 2 * p.latent_dim * 4 + rows * 8;
+  const DeviceInfo dev = device_info();
+  // The row-pair and two-pass kernels' split counts (one CTA per SM) never exceed this one (two per SM).
+  const int64_t partial = partial_bytes(p, choose_splits(p, dev.sms));
+  const WidePlan wide = plan_wide(p, dev);
+  return wide.ok ? (partial + 15) / 16 * 16 + wide.bytes : partial;
 }
 
 // Launches on `stream` without synchronising. Parameters the kernels cannot handle (heads not a multiple of
@@ -2124,12 +2612,19 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   if (!params_usable(p)) return;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const DeviceInfo dev = device_info();
+  // The first kernel that applies: row-pair, tensor-core, two-pass, CUDA-core.
   RvPlan rv;
+  TcPlan tc;
+  WidePlan wide;
   if (!forced_path("cc") && !forced_path("tc")) rv = plan_rowpair(p, dev);
-  const int splits = rv.kernel != nullptr ? rv.splits : choose_splits(p, dev.sms);
+  if (rv.kernel == nullptr && !forced_path("cc")) {
+    tc = plan_tc(p, dev, choose_splits(p, dev.sms));
+    if (tc.kernel == nullptr) wide = plan_wide(p, dev);
+  }
+  const int splits = rv.kernel != nullptr ? rv.splits : wide.ok ? wide.splits : choose_splits(p, dev.sms);
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
-  if (splits > 1) {
+  if (splits > 1 || wide.ok) {
     if (workspace == nullptr) return;
     const int64_t rows = static_cast<int64_t>(p.batch) * splits * p.heads;
     part_acc = static_cast<float*>(workspace);
@@ -2142,14 +2637,16 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     rv.args.sp = sp;
     rv.kernel<<<dim3(splits, p.batch), rv.threads, rv.args.smem_bytes, s>>>(rv.args);
     launched = true;
-  }
-  if (!launched && !forced_path("cc")) {
-    TcPlan tc = plan_tc(p, dev, splits);
-    if (tc.kernel != nullptr) {
-      tc.args.sp = sp;
-      tc.kernel<<<dim3(splits, p.batch), kThreads, tc.args.smem_bytes, s>>>(tc.args);
-      launched = true;
-    }
+  } else if (tc.kernel != nullptr) {
+    tc.args.sp = sp;
+    tc.kernel<<<dim3(splits, p.batch), kThreads, tc.args.smem_bytes, s>>>(tc.args);
+    launched = true;
+  } else if (wide.ok) {
+    place_wide(wide, p, workspace, (partial_bytes(p, choose_splits(p, dev.sms)) + 15) / 16 * 16);
+    wide.args.sp = sp;
+    mla_wide_scores_kernel<<<dim3(splits, p.batch), kThreads, wide.args.smem_bytes, s>>>(wide.args);
+    mla_wide_values_kernel<<<dim3(p.latent_dim / kWideChunk, splits, p.batch), kThreads, kWideValuesSmem, s>>>(wide.args);
+    launched = true;
   }
   if (!launched) {
     CcPlan cc = plan_cc(p, dev);
