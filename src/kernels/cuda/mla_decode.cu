@@ -1675,10 +1675,10 @@ struct WideArgs {
   float2* split_ml;   // [batch, splits, heads]: (max of S, sum of 2^(S - max)) of each split
   int stages;         // pass 1's ring depth (3 .. kWideMaxStages)
   int smem_bytes;
-  // Pass 1's shared memory (byte offsets): queries, then the ring, then the score buffers.
-  int off_q_lat;      // bf16 [kWideRows][R + 8]
+  // Pass 1's shared memory (byte offsets).
+  int off_q_lat;      // bf16 [kWideRows][R] in tile_offset<kWgmma>'s layout
   int off_q_rope;     // fp32 [heads][rope_dim]
-  int off_stage;      // stages x kTile x kWideLd bf16
+  int off_stage;      // stages x bf16 [kTile][kWideChunk] in tile_offset<kWgmma>'s layout
   int off_img;        // uint8 [4][kTile]: modality of the tiles in flight (tile % 4)
   int off_s;          // fp32 [kWideHeads][kWideLds]: the current tile's rotary scores, then (in place) its scores
 };
@@ -1690,8 +1690,29 @@ constexpr int kWideStageBytes = (kWideStageC + kWideStageS + kTile + 127) / 128 
 constexpr int kWidePBytes = kWideRows * kWideLdp * 2;                    // bf16 P [64][72]
 constexpr int kWideValuesSmem = kWideStages * kWideStageBytes + kWidePBytes;
 
+// d[64 x 32] (= or +=) A[64 x 16] . B[16 x 32], both K-major in shared memory; `accumulate` 0 overwrites d.
+__device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]),
+        "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]),
+        "+f"(d[3][2]), "+f"(d[3][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+#else
+  __trap();
+#endif
+}
+
+// kWgmma (sm_90a): the queries and the ring in Hopper's 128-byte swizzle (tile_offset<true>), and the latent
+// product as warpgroup MMAs reading both operands from shared memory (warpgroup w: tokens 32 w.., m64n32k16),
+// which spares the ldmatrix traffic and instructions of mma.sync (96 KB of shared-memory reads per 16 KB chunk);
+// otherwise padded rows (tile_offset<false>) and mma.sync.
+template <bool kWgmma>
 __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __grid_constant__ WideArgs a) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, q4 = lane & 3;
@@ -1700,7 +1721,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   const int group = H / p.kv_heads;
   const int kr = p.kv_heads * rd;
   const int n_rope = kr / kWideChunk, n_lat = R / kWideChunk, per_tile = n_rope + n_lat;
-  const int ldq = R + 8;
+  const int q_pieces = R / 8;  // 16-byte pieces per query row
   const int a_row = lane & 15, a_col = (lane >> 4) * 8;
   const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_col = ((lane >> 3) & 1) * 8;
 
@@ -1717,11 +1738,12 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
   const int rel0 = c0 - seq_begin;  // a multiple of kTile
 
-  bf16* q_lat_s = reinterpret_cast<bf16*>(smem + a.off_q_lat);
+  unsigned char* q_lat_s = smem + a.off_q_lat;
   float* q_rope_s = reinterpret_cast<float*>(smem + a.off_q_rope);
   uint8_t* img_s = smem + a.off_img;
   float* s_buf = reinterpret_cast<float*>(smem + a.off_s);
-  auto stage_ptr = [&](int step) { return reinterpret_cast<bf16*>(smem + a.off_stage) + (step % a.stages) * kTile * kWideLd; };
+  constexpr int kPieces = kWideChunk / 8;  // 16-byte pieces per token row of a chunk
+  auto stage_ptr = [&](int slot) { return smem + a.off_stage + slot * tile_bytes<kWgmma>(kPieces); };
 
   // Copy plan: 4 threads per token, each 4 of the chunk's 16 pieces of 16 bytes. A token's pool row is looked
   // up when its tile's first chunk is issued, from a block id loaded one tile ahead; its modality byte is
@@ -1743,8 +1765,10 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       pend_tile = -1;
     }
   };
-  auto issue = [&](int step) {
-    const int tile = step / per_tile, k = step - tile * per_tile;
+  // The next chunk to issue (tile, chunk in it, ring slot), advanced by each issue: no divisions per step.
+  int i_tile = 0, i_k = 0, i_slot = 0;
+  auto issue = [&]() {
+    const int tile = i_tile, k = i_k;
     if (k == 0) {
       flush_img();  // only in the prologue does a tile's first chunk follow the previous one's within a step
       const int pos = c0 + tile * kTile + tok;
@@ -1759,23 +1783,38 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
     }
     const bf16* src = k < n_rope ? static_cast<const bf16*>(p.k_rope) + row * kr + k * kWideChunk
                                  : static_cast<const bf16*>(p.latent) + row * R + (k - n_rope) * kWideChunk;
-    bf16* dst = stage_ptr(step) + tok * kWideLd;
+    unsigned char* dst = stage_ptr(i_slot);
+    if (++i_k == per_tile) {
+      i_k = 0;
+      ++i_tile;
+    }
+    if (++i_slot == a.stages) i_slot = 0;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async(dst + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
+    for (int i = 0; i < 4; ++i)
+      cp_async(dst + tile_offset<kWgmma>(tok, part + 4 * i, kPieces), src + (part + 4 * i) * 8, 16, valid);
   };
   for (int s = 0; s < a.stages - 1; ++s) {
-    if (s < total_steps) issue(s);
+    if (s < total_steps) issue();
     cp_async_commit();
   }
   // Queries: latent ones to bf16 rows (zero rows for absent heads), rotary ones as floats.
   {
     const float* ql = p.q_latent + static_cast<int64_t>(b) * H * 2 * R;
-    for (int i = tid; i < kWideRows * R; i += kThreads) {
-      const int r = i / R, col = i - r * R, h = r & (kWideHeads - 1), m = r >> 5;
-      q_lat_s[r * ldq + col] = __float2bfloat16_rn(h < H ? ql[(h * 2 + m) * R + col] : 0.f);
+    for (int i = tid; i < kWideRows * q_pieces; i += kThreads) {
+      const int r = i / q_pieces, piece = i - r * q_pieces, h = r & (kWideHeads - 1), m = r >> 5;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (h < H) {
+        const float4* src = reinterpret_cast<const float4*>(ql + (h * 2 + m) * R + piece * 8);
+        const float4 x0 = src[0], x1 = src[1];
+        v = make_uint4(pack_bf16x2(x0.x, x0.y), pack_bf16x2(x0.z, x0.w), pack_bf16x2(x1.x, x1.y), pack_bf16x2(x1.z, x1.w));
+      }
+      *reinterpret_cast<uint4*>(q_lat_s + tile_offset<kWgmma>(r, piece, q_pieces)) = v;
     }
     const float* qr = p.q_rope + static_cast<int64_t>(b) * H * rd;
     for (int i = tid; i < H * rd; i += kThreads) q_rope_s[i] = qr[i];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if constexpr (kWgmma) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // for wgmma's reads
+#endif
   }
 
   // Warp w: MMA row tile rt = w & 3 (rows 16 rt..: text heads for rt < 2, image heads otherwise), tokens
@@ -1788,16 +1827,22 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   float m_run = -INFINITY, l_run = 0.f;  // head tid >> 3 (8 lanes per head)
   const int sh = tid >> 3, sj = tid & 7;
 
+  int c_tile = 0, c_k = 0, c_slot = 0;  // the chunk this step consumes
   for (int step = 0; step < total_steps; ++step) {
     cp_async_wait(a.stages - 2);
     __syncthreads();
     flush_img();  // the byte's load has had a whole step to land
-    if (step + a.stages - 1 < total_steps) issue(step + a.stages - 1);
+    if (step + a.stages - 1 < total_steps) issue();
     cp_async_commit();
 
-    const int tile = step / per_tile, k = step - tile * per_tile;
+    const int tile = c_tile, k = c_k;
     const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
-    const bf16* st = stage_ptr(step);
+    const unsigned char* st = stage_ptr(c_slot);
+    if (++c_k == per_tile) {
+      c_k = 0;
+      ++c_tile;
+    }
+    if (++c_slot == a.stages) c_slot = 0;
     const uint8_t* img = img_s + (tile & 3) * kTile;
     if (k < n_rope) {
       // Rotary dots of the query heads whose KV heads lie in this chunk: (head, token) pairs, a warp per head
@@ -1806,11 +1851,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       const int nh = (kWideChunk / rd) * group;
       for (int i = tid; i < nh * kTile; i += kThreads) {
         const int h = kv0 * group + i / kTile, t = i % kTile;
-        const bf16* kp = st + t * kWideLd + (h / group - kv0) * rd;
+        const int piece0 = (h / group - kv0) * rd / 8;
         const float* qp = q_rope_s + h * rd;
         float s = 0.f;
         for (int d = 0; d < rd; d += 8) {
-          const uint4 raw = *reinterpret_cast<const uint4*>(kp + d);
+          const uint4 raw = *reinterpret_cast<const uint4*>(st + tile_offset<kWgmma>(t, piece0 + d / 8, kPieces));
           const __nv_bfloat162* kv2 = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
@@ -1823,27 +1868,42 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       continue;
     }
     const int kc = k - n_rope;
-    if (kc == 0) {
-      // Does any valid token among this warp's 32 have the modality of its rows? (Images come in long runs:
-      // half the warps usually skip the latent product.)
-      const int t = th * 32 + lane;
-      any_mine = rows_used && __any_sync(0xffffffffu, t < n_valid && (img[t] != 0) == rows_image);
-#pragma unroll
-      for (int nb = 0; nb < 4; ++nb)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
-    }
-    if (any_mine) {
+    if constexpr (kWgmma) {
+      // Warpgroup th: all 64 rows x its 32 tokens; the k-step's 16 columns are 32 bytes into a 128-byte atom.
+      any_mine = rows_used;
+      wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < kWideChunk / 16; ++ks) {
-        uint32_t qa[4];
-        ldmatrix_x4(qa, q_lat_s + (rt * 16 + a_row) * ldq + kc * kWideChunk + ks * 16 + a_col);
+        const int kq = kc * (kWideChunk / 16) + ks;  // k-step in the query row
+        const uint64_t da = wgmma_desc(q_lat_s + (kq >> 2) * (kWideRows * 128) + (kq & 3) * 32, 16, 1024);
+        const uint64_t db = wgmma_desc(st + (ks >> 2) * (kTile * 128) + th * 32 * 128 + (ks & 3) * 32, 16, 1024);
+        wgmma_64x32_ss(acc, da, db, kc > 0 || ks > 0 ? 1 : 0);
+      }
+      wgmma_commit();
+      wgmma_wait_all();  // the stage is refilled after the next step's barrier
+    } else {
+      if (kc == 0) {
+        // Does any valid token among this warp's 32 have the modality of its rows? (Images come in long runs:
+        // half the warps usually skip the latent product.)
+        const int t = th * 32 + lane;
+        any_mine = rows_used && __any_sync(0xffffffffu, t < n_valid && (img[t] != 0) == rows_image);
 #pragma unroll
-        for (int nb2 = 0; nb2 < 2; ++nb2) {
-          uint32_t kb[4];
-          ldmatrix_x4(kb, st + (th * 32 + nb2 * 16 + bn_row) * kWideLd + ks * 16 + bn_col);
-          mma_bf16_16816(acc[2 * nb2], qa, kb[0], kb[1]);
-          mma_bf16_16816(acc[2 * nb2 + 1], qa, kb[2], kb[3]);
+        for (int nb = 0; nb < 4; ++nb)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
+      }
+      if (any_mine) {
+#pragma unroll
+        for (int ks = 0; ks < kWideChunk / 16; ++ks) {
+          uint32_t qa[4];
+          ldmatrix_x4(qa, q_lat_s + tile_offset<false>(rt * 16 + a_row, (kc * kWideChunk + ks * 16 + a_col) / 8, q_pieces));
+#pragma unroll
+          for (int nb2 = 0; nb2 < 2; ++nb2) {
+            uint32_t kb[4];
+            ldmatrix_x4(kb, st + tile_offset<false>(th * 32 + nb2 * 16 + bn_row, (ks * 16 + bn_col) / 8, kPieces));
+            mma_bf16_16816(acc[2 * nb2], qa, kb[0], kb[1]);
+            mma_bf16_16816(acc[2 * nb2 + 1], qa, kb[2], kb[3]);
+          }
         }
       }
     }
@@ -2256,7 +2316,7 @@ DeviceInfo device_info() {
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   }
-  for (WideKernel k : {mla_wide_scores_kernel, mla_wide_values_kernel}) {
+  for (WideKernel k : {mla_wide_scores_kernel<false>, mla_wide_scores_kernel<true>, mla_wide_values_kernel}) {
     if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -2531,6 +2591,7 @@ int64_t partial_bytes(const MlaDecodeParams& p, int splits) {
 
 struct WidePlan {
   bool ok = false;
+  WideKernel scores_kernel = nullptr;
   WideArgs args{};
   int splits = 1;
   int64_t bytes = 0;  // the scores, modality bytes and split (max, sum) in the workspace
@@ -2541,6 +2602,11 @@ struct WidePlan {
 WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   WidePlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim, R = p.latent_dim;
+#ifdef MLAFORGE_CUDA_SM90A
+  const bool wgmma = dev.cc == 90 && !forced_path("mma");
+#else
+  const bool wgmma = false;
+#endif
   if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
   if (H <= 0 || H > kWideHeads || kv <= 0 || H % kv != 0 || R <= 0 || R % kWideChunk != 0) return plan;
   if (rd <= 0 || rd % 8 != 0 || kWideChunk % rd != 0 || (kv * rd) % kWideChunk != 0) return plan;
@@ -2549,22 +2615,24 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   WideArgs& a = plan.args;
   a.p = p;
   a.score_scale = p.scale * kLog2e;
-  int off = 0;
-  a.off_q_lat = off;
-  off += align128(kWideRows * (R + 8) * 2);
+  // Queries, then the ring (both in 1024-byte multiples: the swizzle atoms stay aligned), then the small arrays.
+  const int q_bytes = wgmma ? tile_bytes<true>(R / 8) : tile_bytes<false>(R / 8);  // [kWideRows = kTile][R] bf16
+  const int stage = wgmma ? tile_bytes<true>(kWideChunk / 8) : tile_bytes<false>(kWideChunk / 8);
+  const int small = align128(H * rd * 4) + align128(4 * kTile) + align128(kWideHeads * kWideLds * 4);
+  a.off_q_lat = 0;
+  a.off_stage = q_bytes;
+  // The deepest ring that fits (5 stages at latent 1024 on a Hopper): one CTA per SM, so the bytes in flight
+  // per SM are the stages' (stages - 1 chunks of 16 KB).
+  a.stages = std::min(kWideMaxStages, (dev.max_smem - q_bytes - small) / stage);
+  if (a.stages < 3) return plan;
+  int off = q_bytes + a.stages * stage;
   a.off_q_rope = off;
   off += align128(H * rd * 4);
   a.off_img = off;
   off += align128(4 * kTile);
   a.off_s = off;
   off += align128(kWideHeads * kWideLds * 4);
-  a.off_stage = off;
-  // The deepest ring that fits (5 stages at latent 1024 on a Hopper): one CTA per SM, so the bytes in flight
-  // per SM are the stages' (stages - 1 chunks of 16 KB).
-  const int stage = kTile * kWideLd * 2;
-  a.stages = std::min(kWideMaxStages, (dev.max_smem - off) / stage);
-  if (a.stages < 3) return plan;
-  a.smem_bytes = off + a.stages * stage;
+  a.smem_bytes = off;
   if (a.smem_bytes > dev.max_smem || kWideValuesSmem > dev.max_smem) return plan;
   const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
   a.capacity = static_cast<int>((capacity + kTile - 1) / kTile * kTile);
@@ -2574,6 +2642,7 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   const int64_t scores = static_cast<int64_t>(p.batch) * H * a.capacity * 4;
   const int64_t modality = static_cast<int64_t>(p.batch) * a.capacity;  // a multiple of 64
   plan.bytes = scores + modality + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
+  plan.scores_kernel = wgmma ? mla_wide_scores_kernel<true> : mla_wide_scores_kernel<false>;
   plan.ok = true;
   return plan;
 }
@@ -2644,7 +2713,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   } else if (wide.ok) {
     place_wide(wide, p, workspace, (partial_bytes(p, choose_splits(p, dev.sms)) + 15) / 16 * 16);
     wide.args.sp = sp;
-    mla_wide_scores_kernel<<<dim3(splits, p.batch), kThreads, wide.args.smem_bytes, s>>>(wide.args);
+    wide.scores_kernel<<<dim3(splits, p.batch), kThreads, wide.args.smem_bytes, s>>>(wide.args);
     mla_wide_values_kernel<<<dim3(p.latent_dim / kWideChunk, splits, p.batch), kThreads, kWideValuesSmem, s>>>(wide.args);
     launched = true;
   }
