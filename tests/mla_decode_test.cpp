@@ -228,8 +228,8 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
         // rotary values and latent 128 per token, 64-token blocks), on CUDA the row-pair kernel; llava-1.5-7b's
         // at 4 and 8 pairs and dkv 8 (32 heads and KV heads, 8 or 16 rotary values per head, latent 256), on a
         // Hopper the MHA row-pair kernel; then latents too wide for one CTA's accumulators (bf16 on CUDA: the
-        // two-pass kernels): llava-1.5-7b's default conversion (16 pairs, dkv 32: latent 1024) and a GQA shape
-        // with 32-token blocks.
+        // two-pass kernels): llava-1.5-7b's default conversion (16 pairs, dkv 32: latent 1024), a GQA shape
+        // with 32-token blocks, one with 16 rotary values per KV head.
         for (auto shape : std::vector<std::array<int64_t, 5>>{{8, 2, 4, 32, 16},
                                                                {3, 3, 8, 16, 64},
                                                                {4, 1, 2, 24, 7},
@@ -237,7 +237,8 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
                                                                {32, 32, 8, 256, 64},
                                                                {32, 32, 16, 256, 64},
                                                                {32, 32, 32, 1024, 64},
-                                                               {20, 4, 32, 512, 32}}) {
+                                                               {20, 4, 32, 512, 32},
+                                                               {24, 8, 16, 384, 64}}) {
           DecodeCase c{shape[0], shape[1], shape[2], shape[3], shape[4], rope, latent, dev};
           const DecodeErrors err = decode_error(c, 7);
           // The reference reads the same stored (quantized) values, so only arithmetic differs: float32

@@ -541,6 +541,9 @@ std::vector<Case> make_cases(bool quick) {
       // and GQA with fewer heads than the 32-row halves, 32-token blocks, a sequence of one token.
       {"mha_h32_kv32_r32_R1024", 32, 32, 32, 1024, 64, 64, {0, 70, 5}, {1300, 2000, 64}, 0.4f},
       {"gqa_h20_kv4_r32_R512", 20, 4, 32, 512, 32, 32, {0, 9, 40}, {1, 777, 2500}, 0.5f},
+      // Their rotary widths: 16 values per KV head (rotary MMA), 8 (rotary dots on CUDA cores).
+      {"gqa_h24_kv8_r16_R384", 24, 8, 16, 384, 32, 64, {5, 0}, {1700, 600}, 0.4f},
+      {"mha_h32_kv32_r8_R512", 32, 32, 8, 512, 32, 64, {0, 64}, {900, 1000}, 0.4f},
   };
   for (const Shape& s : small)
     for (F rf : rope_formats)

@@ -1710,8 +1710,13 @@ __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a
 // product as warpgroup MMAs reading both operands from shared memory (warpgroup w: tokens 32 w.., m64n32k16),
 // which spares the ldmatrix traffic and instructions of mma.sync (96 KB of shared-memory reads per 16 KB chunk);
 // otherwise padded rows (tile_offset<false>) and mma.sync.
-template <bool kWgmma>
+// kRopeMma (kWgmma only; the rope dimension, 16 or 32): the rotary part too as warpgroup MMAs into the same
+// accumulator, A from registers: row r's query is q_rope[head(r)] in the columns of that head's KV head and zero
+// elsewhere, so each lane keeps its two rows' rotary queries (rd / 4 bf16 pairs) and selects them per k-step.
+// The zeros cost tensor-core time that is idle anyway; the CUDA-core dots (0) cost issue slots the step lacks.
+template <bool kWgmma, int kRopeMma>
 __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __grid_constant__ WideArgs a) {
+  static_assert(kRopeMma == 0 || (kWgmma && (kRopeMma == 16 || kRopeMma == 32)), "rotary MMA: wgmma, rd 16 or 32");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1825,6 +1830,21 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   float acc[4][4];
   bool any_mine = false;
   float m_run = -INFINITY, l_run = 0.f;  // head tid >> 3 (8 lanes per head)
+  // kRopeMma: this lane's rows g and g + 8 of its warp's row tile are heads h_lo, h_hi (rows past 32: the same
+  // heads' image rows, with the same rotary query); pair j holds query dims 8 j + 2 q, +1.
+  constexpr int kRopePairs = kRopeMma > 0 ? kRopeMma / 8 : 1;
+  uint32_t q_pair[2][kRopePairs];
+  int kv_of_row[2];
+  if constexpr (kRopeMma > 0) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int h = (rt & 1) * 16 + g + 8 * half;
+      kv_of_row[half] = h < H ? h / group : -1;
+      const float* qr = p.q_rope + (static_cast<int64_t>(b) * H + (h < H ? h : 0)) * kRopeMma;
+#pragma unroll
+      for (int j = 0; j < kRopePairs; ++j) q_pair[half][j] = h < H ? pack_bf16x2(qr[8 * j + 2 * q4], qr[8 * j + 2 * q4 + 1]) : 0u;
+    }
+  }
   const int sh = tid >> 3, sj = tid & 7;
 
   int c_tile = 0, c_k = 0, c_slot = 0;  // the chunk this step consumes
@@ -1844,7 +1864,28 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
     }
     if (++c_slot == a.stages) c_slot = 0;
     const uint8_t* img = img_s + (tile & 3) * kTile;
-    if (k < n_rope) {
+    if constexpr (kRopeMma > 0) {
+      if (k < n_rope) {
+        // Columns 16 ks.. of this chunk belong to KV head kv0 + 16 ks / rd, dims 16 ks % rd + 2 q (+1) and + 8.
+        const int kv0 = k * (kWideChunk / kRopeMma);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kWideChunk / 16; ++ks) {
+          const int kvh = kv0 + ks * 16 / kRopeMma;
+          const int j0 = (ks * 16 % kRopeMma) / 8;
+          uint32_t qa[4];
+          qa[0] = kv_of_row[0] == kvh ? q_pair[0][j0] : 0u;
+          qa[1] = kv_of_row[1] == kvh ? q_pair[1][j0] : 0u;
+          qa[2] = kv_of_row[0] == kvh ? q_pair[0][j0 + 1] : 0u;
+          qa[3] = kv_of_row[1] == kvh ? q_pair[1][j0 + 1] : 0u;
+          const uint64_t db = wgmma_desc(st + (ks >> 2) * (kTile * 128) + th * 32 * 128 + (ks & 3) * 32, 16, 1024);
+          wgmma_64x32(acc, qa, db, k > 0 || ks > 0 ? 1 : 0);
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        continue;
+      }
+    } else if (k < n_rope) {
       // Rotary dots of the query heads whose KV heads lie in this chunk: (head, token) pairs, a warp per head
       // and 32 tokens, 16-byte reads (conflict-free: 272-byte rows).
       const int kv0 = k * kWideChunk / rd;
@@ -1877,7 +1918,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
         const int kq = kc * (kWideChunk / 16) + ks;  // k-step in the query row
         const uint64_t da = wgmma_desc(q_lat_s + (kq >> 2) * (kWideRows * 128) + (kq & 3) * 32, 16, 1024);
         const uint64_t db = wgmma_desc(st + (ks >> 2) * (kTile * 128) + th * 32 * 128 + (ks & 3) * 32, 16, 1024);
-        wgmma_64x32_ss(acc, da, db, kc > 0 || ks > 0 ? 1 : 0);
+        wgmma_64x32_ss(acc, da, db, kRopeMma > 0 || kc > 0 || ks > 0 ? 1 : 0);
       }
       wgmma_commit();
       wgmma_wait_all();  // the stage is refilled after the next step's barrier
@@ -1921,7 +1962,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
           for (int e = 0; e < 2; ++e) {
             const int t = th * 32 + nb * 8 + 2 * q4 + e;
             if (h < H && t < n_valid && (img[t] != 0) == rows_image)
-              s_buf[h * kWideLds + t] = (acc[nb][2 * half + e] + s_buf[h * kWideLds + t]) * a.score_scale;
+              s_buf[h * kWideLds + t] = (acc[nb][2 * half + e] + (kRopeMma > 0 ? 0.f : s_buf[h * kWideLds + t])) * a.score_scale;
           }
         }
     }
@@ -2316,7 +2357,8 @@ DeviceInfo device_info() {
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   }
-  for (WideKernel k : {mla_wide_scores_kernel<false>, mla_wide_scores_kernel<true>, mla_wide_values_kernel}) {
+  for (WideKernel k : {mla_wide_scores_kernel<false, 0>, mla_wide_scores_kernel<true, 0>, mla_wide_scores_kernel<true, 16>,
+                       mla_wide_scores_kernel<true, 32>, mla_wide_values_kernel}) {
     if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -2642,7 +2684,10 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   const int64_t scores = static_cast<int64_t>(p.batch) * H * a.capacity * 4;
   const int64_t modality = static_cast<int64_t>(p.batch) * a.capacity;  // a multiple of 64
   plan.bytes = scores + modality + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
-  plan.scores_kernel = wgmma ? mla_wide_scores_kernel<true> : mla_wide_scores_kernel<false>;
+  plan.scores_kernel = !wgmma ? mla_wide_scores_kernel<false, 0>
+                      : rd == 32 ? mla_wide_scores_kernel<true, 32>
+                      : rd == 16 ? mla_wide_scores_kernel<true, 16>
+                                 : mla_wide_scores_kernel<true, 0>;
   plan.ok = true;
   return plan;
 }
