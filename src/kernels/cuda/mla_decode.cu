@@ -1646,14 +1646,16 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
 //  pass 1, scores (grid (split, sequence), one CTA per SM): streams each 64-token tile through shared memory
 //    in chunks of 64 tokens x 128 values, the rotary keys' chunks first, then the latent's, and computes
 //        S[h, t] = scale * log2(e) * (q_rope[h] . k_rope[t, kv(h)] + q_latent[h, m(t)] . c_t)
-//    rotary dots on CUDA cores, latent products on tensor cores (mma.sync m16n8k16; the absorbed queries stay
-//    in shared memory as bf16 [64 rows: text heads 0..31, image heads 32..63][R]; a token keeps the product
-//    of its modality's row). Writes S ([batch, heads, capacity] fp32, position relative to seq_begin), the
-//    tokens' modality bytes and, per (sequence, split, head), the max of S and the sum of 2^(S - max).
-//  pass 2, values (grid (128-column group of the latent, split, sequence)): streams its split's S, modality
-//    bytes and the group's 128 latent columns; P = 2^(S - max) goes into a text row and an image row per head
-//    (zero for the other modality's tokens), O_m += P_m . C on tensor cores, and O / sum is the split's result
-//    for those columns (the combine kernel merges the splits as for the other kernels).
+//    with the absorbed queries in shared memory as bf16 [64 rows: text heads 0..31, image heads 32..63][R] (a
+//    token keeps the product of its modality's row): rotary dots on CUDA cores and latent products with
+//    mma.sync, or on a Hopper both as warpgroup MMAs (see the kernel's comment). Keeps per head a running max and sum of 2^S and writes, per 64-token tile, the
+//    weights 2^(S - tile max) as bf16 in a text row and an image row per head (zero for the other modality's
+//    tokens) and the tile max; at the end the split's (max, sum) per head.
+//  pass 2, values (grid (128-column group of the latent, split, sequence)): streams its split's weight rows,
+//    tile maxima and the group's 128 latent columns; scales each row's weights by 2^(tile max - split max)
+//    (no exponentials here: the column groups would repeat them) and accumulates O_m += P_m . C on tensor
+//    cores; writes O / sum as the split's result for those columns (the combine kernel merges the splits as for
+//    the other kernels).
 // The latent is read twice and the rotary keys once: 1.5x the bytes of a single pass when they are the same
 // size, about 2.6x fewer than the MHA original's K and V at that conversion.
 constexpr int kWideRows = 64;     // MMA rows: text heads 0..31, image heads 32..63
@@ -1670,8 +1672,9 @@ struct WideArgs {
   Splits sp;
   float score_scale;  // p.scale * log2(e)
   int capacity;       // positions per sequence in the score workspace: max_blocks * block_size rounded up to kTile
-  float* scores;      // [batch, heads, capacity]: S of position seq_begin + i at i; -inf past the split's end
-  uint8_t* modality;  // [batch, capacity]: 1 for image tokens
+  // Position seq_begin + i at i, per 64-token tile of a split (tile = i / 64):
+  bf16* probs;        // [batch, 2, heads, capacity]: 2^(S - tile max) of text (0) and image (1) tokens, else 0
+  float* tile_max;    // [batch, capacity / 64, heads]: the tile's max of S
   float2* split_ml;   // [batch, splits, heads]: (max of S, sum of 2^(S - max)) of each split
   int stages;         // pass 1's ring depth (3 .. kWideMaxStages)
   int smem_bytes;
@@ -1684,11 +1687,10 @@ struct WideArgs {
 };
 
 // Pass 2's stage: the latent columns, the scores, the modality bytes.
-constexpr int kWideStageC = kTile * kWideLd * 2;                         // 17408
-constexpr int kWideStageS = kWideHeads * kTile * 4;                      // 8192
-constexpr int kWideStageBytes = (kWideStageC + kWideStageS + kTile + 127) / 128 * 128;
-constexpr int kWidePBytes = kWideRows * kWideLdp * 2;                    // bf16 P [64][72]
-constexpr int kWideValuesSmem = kWideStages * kWideStageBytes + kWidePBytes;
+constexpr int kWideStageC = kTile * kWideLd * 2;                         // 17408: latent columns [64][136]
+constexpr int kWideStageP = kWideRows * kWideLdp * 2;                    // 9216: bf16 P [64 rows][72]
+constexpr int kWideStageBytes = kWideStageC + kWideStageP + kWideHeads * 4;  // then the tile max of each head
+constexpr int kWideValuesSmem = kWideStages * kWideStageBytes;
 
 // d[64 x 32] (= or +=) A[64 x 16] . B[16 x 32], both K-major in shared memory; `accumulate` 0 overwrites d.
 __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
@@ -1983,23 +1985,29 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
       if (used) {  // the tile's first token is valid: mx is finite
-        const float m_new = fmaxf(m_run, mx);
-        float sum = 0.f;
+        // The tile's weights 2^(S - tile max), to global memory as bf16 in a text row and an image row (zero
+        // for the other modality's tokens and past the end); the running sum takes them unrounded.
+        float pw[8], sum = 0.f;
 #pragma unroll
-        for (int e = 0; e < 8; ++e) sum += exp2f(v[e] - m_new);
-        l_run = l_run * exp2f(m_run - m_new) + sum;  // partial: the 8 lanes' sums are added at the end
-        m_run = m_new;
-        const int64_t rel = rel0 + tile * kTile + sj * 8;
-        float4* dst = reinterpret_cast<float4*>(a.scores + (static_cast<int64_t>(b) * H + sh) * a.capacity + rel);
-        dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-        dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-        if (sh == 0) {
-          uint32_t w[2] = {0u, 0u};
-#pragma unroll
-          for (int e = 0; e < 8; ++e)
-            if (sj * 8 + e < n_valid && img[sj * 8 + e] != 0) w[e >> 2] |= 1u << (8 * (e & 3));
-          *reinterpret_cast<uint2*>(a.modality + static_cast<int64_t>(b) * a.capacity + rel) = make_uint2(w[0], w[1]);
+        for (int e = 0; e < 8; ++e) {
+          pw[e] = exp2f(v[e] - mx);
+          sum += pw[e];
         }
+        const float m_new = fmaxf(m_run, mx);
+        l_run = l_run * exp2f(m_run - m_new) + sum * exp2f(mx - m_new);  // this lane's share; summed at the end
+        m_run = m_new;
+        uint32_t pt[4], pi[4];
+#pragma unroll
+        for (int e = 0; e < 8; e += 2) {
+          const bool i0 = img[sj * 8 + e] != 0, i1 = img[sj * 8 + e + 1] != 0;
+          pt[e / 2] = pack_bf16x2(i0 ? 0.f : pw[e], i1 ? 0.f : pw[e + 1]);
+          pi[e / 2] = pack_bf16x2(i0 ? pw[e] : 0.f, i1 ? pw[e + 1] : 0.f);
+        }
+        const int64_t rel = rel0 + tile * kTile + sj * 8;
+        bf16* dst = a.probs + (static_cast<int64_t>(b) * 2 * H + sh) * a.capacity + rel;
+        *reinterpret_cast<uint4*>(dst) = make_uint4(pt[0], pt[1], pt[2], pt[3]);
+        *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(H) * a.capacity) = make_uint4(pi[0], pi[1], pi[2], pi[3]);
+        if (sj == 0) a.tile_max[(static_cast<int64_t>(b) * (a.capacity / kTile) + (rel0 / kTile + tile)) * H + sh] = mx;
       }
     }
   }
@@ -2038,11 +2046,12 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
   const int rel0 = c0 - seq_begin;
   const float2* ml = a.split_ml + (static_cast<int64_t>(b) * a.sp.num_splits + split) * H;
-  const float* s_src = a.scores + static_cast<int64_t>(b) * H * a.capacity + rel0;
-  const uint8_t* mod_src = a.modality + static_cast<int64_t>(b) * a.capacity + rel0;
-  bf16* p_buf = reinterpret_cast<bf16*>(smem + kWideStages * kWideStageBytes);
+  const bf16* p_src = a.probs + static_cast<int64_t>(b) * 2 * H * a.capacity + rel0;
+  const float* tmax_src = a.tile_max + (static_cast<int64_t>(b) * (a.capacity / kTile) + rel0 / kTile) * H;
   auto stage_ptr = [&](int tile) { return smem + (tile % kWideStages) * kWideStageBytes; };
 
+  // Per tile: the latent columns (4 threads per token), the 64 probability rows (text heads, then image heads;
+  // absent heads zero-filled) and the heads' tile maxima.
   const int tok = tid >> 2, part = tid & 3;
   int next_block = 0;
   if (c0 + tok < c1) next_block = table[(c0 + tok) / bs];
@@ -2056,24 +2065,31 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
     bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
 #pragma unroll
     for (int i = 0; i < 4; ++i) cp_async(d + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
-    // Scores [H][64] (pass 1 wrote whole tiles, -inf past the end) and the 64 modality bytes.
-    float* s_dst = reinterpret_cast<float*>(st + kWideStageC);
-    for (int q = tid; q < H * (kTile / 4); q += kThreads) {
-      const int h = q / (kTile / 4), c = q % (kTile / 4);
-      cp_async(s_dst + h * kTile + 4 * c, s_src + static_cast<int64_t>(h) * a.capacity + tile * kTile + 4 * c, 16, true);
+    bf16* pd = reinterpret_cast<bf16*>(st + kWideStageC);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 64 rows x 8 pieces of 16 bytes
+      const int q = tid + kThreads * i, r = q >> 3, piece = q & 7, h = r & (kWideHeads - 1), m = r >> 5;
+      const bool used = h < H;
+      cp_async(pd + r * kWideLdp + piece * 8,
+               p_src + (static_cast<int64_t>(m) * H + (used ? h : 0)) * a.capacity + tile * kTile + piece * 8, 16, used);
     }
-    if (tid < kTile / 16) cp_async(st + kWideStageC + kWideStageS + 16 * tid, mod_src + tile * kTile + 16 * tid, 16, true);
+    if (tid < H) cp_async(st + kWideStageC + kWideStageP + 4 * tid, tmax_src + static_cast<int64_t>(tile) * H + tid, 4, true);
   };
   for (int t = 0; t < kWideStages - 1; ++t) {
     if (t < num_tiles) issue(t);
     cp_async_commit();
   }
 
-  // P rows: thread (head sh, tokens 8 sj..): the split's max of that head.
-  const int sh = tid >> 3, sj = tid & 7;
-  const float m_head = sh < H ? ml[sh].x : 0.f;
   const int rt = warp & 3, ch = warp >> 2;  // MMA: rows 16 rt.., latent columns 64 ch.. of the group
   const bool rows_used = 16 * (rt & 1) < H;
+  // This lane's rows g and g + 8: heads h_lo, h_hi and their split maxima.
+  int head[2];
+  float m_split[2];
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    head[half] = (rt & 1) * 16 + g + 8 * half;
+    m_split[half] = head[half] < H ? ml[head[half]].x : 0.f;
+  }
   const int a_row = lane & 15, a_col = (lane >> 4) * 8;
   const int bk_row = (((lane >> 3) & 1) << 3) + (lane & 7), bk_col = (lane >> 4) * 8;
   float acc[8][4];
@@ -2084,44 +2100,33 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
 
   for (int tile = 0; tile < num_tiles; ++tile) {
     cp_async_wait(kWideStages - 2);
-    __syncthreads();  // the tile has landed everywhere; everyone is done with P of tile - 1
+    __syncthreads();  // the tile has landed everywhere; everyone is done with the stage refilled below
     if (tile + kWideStages - 1 < num_tiles) issue(tile + kWideStages - 1);
     cp_async_commit();
+    if (!rows_used) continue;
     const unsigned char* st = stage_ptr(tile);
-    {
-      uint32_t pt[4] = {0u, 0u, 0u, 0u}, pi[4] = {0u, 0u, 0u, 0u};
-      if (sh < H) {
-        const float* s = reinterpret_cast<const float*>(st + kWideStageC) + sh * kTile + sj * 8;
-        const float4 v0 = reinterpret_cast<const float4*>(s)[0], v1 = reinterpret_cast<const float4*>(s)[1];
-        const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-        const uint2 img8 = *reinterpret_cast<const uint2*>(st + kWideStageC + kWideStageS + sj * 8);
+    const bf16* cs = reinterpret_cast<const bf16*>(st);
+    const bf16* ps = reinterpret_cast<const bf16*>(st + kWideStageC);
+    const float* tmax = reinterpret_cast<const float*>(st + kWideStageC + kWideStageP);
+    // P = 2^(S - split max) = 2^(S - tile max) * 2^(tile max - split max): the second factor per row, <= 1.
+    float alpha[2];
 #pragma unroll
-        for (int e = 0; e < 8; e += 2) {
-          const float p0 = exp2f(v[e] - m_head), p1 = exp2f(v[e + 1] - m_head);
-          const uint32_t word = e < 4 ? img8.x : img8.y;
-          const bool i0 = ((word >> (8 * (e & 3))) & 0xffu) != 0u;
-          const bool i1 = ((word >> (8 * ((e + 1) & 3))) & 0xffu) != 0u;
-          pt[e / 2] = pack_bf16x2(i0 ? 0.f : p0, i1 ? 0.f : p1);
-          pi[e / 2] = pack_bf16x2(i0 ? p0 : 0.f, i1 ? p1 : 0.f);
-        }
+    for (int half = 0; half < 2; ++half) alpha[half] = head[half] < H ? exp2f(tmax[head[half]] - m_split[half]) : 0.f;
+#pragma unroll
+    for (int ks = 0; ks < kTile / 16; ++ks) {
+      uint32_t pa[4];  // rows g, g + 8, g, g + 8 (tokens +8 in the last two)
+      ldmatrix_x4(pa, ps + (rt * 16 + a_row) * kWideLdp + ks * 16 + a_col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&pa[i]));
+        pa[i] = pack_bf16x2(f.x * alpha[i & 1], f.y * alpha[i & 1]);
       }
-      *reinterpret_cast<uint4*>(p_buf + sh * kWideLdp + sj * 8) = make_uint4(pt[0], pt[1], pt[2], pt[3]);
-      *reinterpret_cast<uint4*>(p_buf + (kWideHeads + sh) * kWideLdp + sj * 8) = make_uint4(pi[0], pi[1], pi[2], pi[3]);
-    }
-    __syncthreads();
-    if (rows_used) {
-      const bf16* cs = reinterpret_cast<const bf16*>(st);
 #pragma unroll
-      for (int ks = 0; ks < kTile / 16; ++ks) {
-        uint32_t pa[4];
-        ldmatrix_x4(pa, p_buf + (rt * 16 + a_row) * kWideLdp + ks * 16 + a_col);
-#pragma unroll
-        for (int cb = 0; cb < 4; ++cb) {
-          uint32_t c4[4];  // latent rows 16 ks.., columns 64 ch + 16 cb..: n-block 2cb in c4[0..1], 2cb+1 in c4[2..3]
-          ldmatrix_x4_trans(c4, cs + (ks * 16 + bk_row) * kWideLd + ch * 64 + cb * 16 + bk_col);
-          mma_bf16_16816(acc[2 * cb], pa, c4[0], c4[1]);
-          mma_bf16_16816(acc[2 * cb + 1], pa, c4[2], c4[3]);
-        }
+      for (int cb = 0; cb < 4; ++cb) {
+        uint32_t c4[4];  // latent rows 16 ks.., columns 64 ch + 16 cb..: n-block 2cb in c4[0..1], 2cb+1 in c4[2..3]
+        ldmatrix_x4_trans(c4, cs + (ks * 16 + bk_row) * kWideLd + ch * 64 + cb * 16 + bk_col);
+        mma_bf16_16816(acc[2 * cb], pa, c4[0], c4[1]);
+        mma_bf16_16816(acc[2 * cb + 1], pa, c4[2], c4[3]);
       }
     }
   }
@@ -2130,7 +2135,7 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
   if (rows_used) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int h = (rt & 1) * 16 + g + 8 * half, m = rt >> 1;
+      const int h = head[half], m = rt >> 1;
       if (h < H) {
         const float inv_l = 1.f / ml[h].y;  // >= 1: the split's max contributes 2^0
 #pragma unroll
@@ -2681,9 +2686,9 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   // One scores CTA per SM: splits fill the SMs once over the batch, each at least kMinSplitTokens of capacity.
   int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
   plan.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
-  const int64_t scores = static_cast<int64_t>(p.batch) * H * a.capacity * 4;
-  const int64_t modality = static_cast<int64_t>(p.batch) * a.capacity;  // a multiple of 64
-  plan.bytes = scores + modality + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
+  const int64_t probs = static_cast<int64_t>(p.batch) * 2 * H * a.capacity * 2;
+  const int64_t tile_max = static_cast<int64_t>(p.batch) * (a.capacity / kTile) * H * 4;
+  plan.bytes = probs + (tile_max + 15) / 16 * 16 + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
   plan.scores_kernel = !wgmma ? mla_wide_scores_kernel<false, 0>
                       : rd == 32 ? mla_wide_scores_kernel<true, 32>
                       : rd == 16 ? mla_wide_scores_kernel<true, 16>
@@ -2696,10 +2701,10 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
 void place_wide(WidePlan& plan, const MlaDecodeParams& p, void* workspace, int64_t offset) {
   unsigned char* base = static_cast<unsigned char*>(workspace) + offset;
   WideArgs& a = plan.args;
-  a.scores = reinterpret_cast<float*>(base);
-  base += static_cast<int64_t>(p.batch) * p.heads * a.capacity * 4;
-  a.modality = base;
-  base += static_cast<int64_t>(p.batch) * a.capacity;
+  a.probs = reinterpret_cast<bf16*>(base);
+  base += static_cast<int64_t>(p.batch) * 2 * p.heads * a.capacity * 2;
+  a.tile_max = reinterpret_cast<float*>(base);
+  base += (static_cast<int64_t>(p.batch) * (a.capacity / kTile) * p.heads * 4 + 15) / 16 * 16;
   a.split_ml = reinterpret_cast<float2*>(base);
 }
 
