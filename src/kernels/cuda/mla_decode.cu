@@ -159,6 +159,16 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #endif
 }
 
+// Max of v[0..7] over the 8 lanes 8k..8k+7 that share a softmax row (all 32 lanes take part).
+__device__ __forceinline__ float max_over_8_lanes(const float (&v)[8]) {
+  float mx = v[0];
+#pragma unroll
+  for (int e = 1; e < 8; ++e) mx = fmaxf(mx, v[e]);
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+  mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+  return fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+}
+
 // Pool row (block * block_size + slot) of position `pos` of the sequence whose block-table row is `table`.
 __device__ __forceinline__ int64_t pool_row(const int32_t* table, int block_size, int pos) {
   return static_cast<int64_t>(table[pos / block_size]) * block_size + pos % block_size;
@@ -552,12 +562,7 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
           const float4 v0 = *reinterpret_cast<const float4*>(s_buf + h * lds + j * 8);
           const float4 v1 = *reinterpret_cast<const float4*>(s_buf + h * lds + j * 8 + 4);
           const float v[8] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-          float mx = v[0];
-#pragma unroll
-          for (int e = 1; e < 8; ++e) mx = fmaxf(mx, v[e]);
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+          const float mx = max_over_8_lanes(v);
           const float m_new = fmaxf(m_run[q], mx);
           const float alpha = exp2f(m_run[q] - m_new);
           const uint2 img8 = *reinterpret_cast<const uint2*>(img_s + j * 8);
@@ -1980,12 +1985,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
         const int t = sj * 8 + e;
         v[e] = used && t < n_valid ? s_buf[sh * kWideLds + t] : -INFINITY;
       }
-      float mx = v[0];
-#pragma unroll
-      for (int e = 1; e < 8; ++e) mx = fmaxf(mx, v[e]);
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      const float mx = max_over_8_lanes(v);
       if (used) {  // the tile's first token is valid: mx is finite
         // The tile's weights 2^(S - tile max), to global memory as bf16 in a text row and an image row (zero
         // for the other modality's tokens and past the end); the running sum takes them unrounded.
