@@ -27,11 +27,14 @@ for spec in "${specs[@]}"; do
     --report "$out/bench-$1-$2-$3-$4.json" > "$out/bench-$1-$2-$3-$4.log" 2>&1
   echo "== bench context $1 batch $2 latent $3 rope $4 rc=$?"; tail -14 "$out/bench-$1-$2-$3-$4.log"
 done
-# llava-1.5-7b (MHA, 32 KV heads): 4 rotary pairs and dkv 8 per head (latent 256), the largest MHA shape the
-# tensor-core kernel takes.
+# llava-1.5-7b (MHA, 32 KV heads): 4 rotary pairs and dkv 8 per head (latent 256): the MHA row-pair kernel.
 timeout 150 build-cuda/mlaforge bench --model bench/configs/llava-1.5-7b --device cuda --context 8192 --batch 16 \
   --rope-pairs 4 --dkv 8 --report "$out/bench-llava-r4d8.json" > "$out/bench-llava-r4d8.log" 2>&1
 echo "== bench llava-1.5-7b r4 dkv8 rc=$?"; tail -14 "$out/bench-llava-r4d8.log"
+# llava-1.5-7b at the default conversion (16 pairs, dkv 32: latent 1024): the two-pass kernels.
+timeout 150 build-cuda/mlaforge bench --model bench/configs/llava-1.5-7b --device cuda --context 8192 --batch 16 \
+  --report "$out/bench-llava-default.json" > "$out/bench-llava-default.log" 2>&1
+echo "== bench llava-1.5-7b default conversion rc=$?"; tail -14 "$out/bench-llava-default.log"
 # The bundled model converted on cuda and evaluated there, decoding with and without CUDA graphs.
 mf=build-cuda/mlaforge
 $mf convert --model models/qwen2vl-shapes --out /tmp/mla-r8d16 --calib data/shapes-mini/calib.jsonl --rope-pairs 8 \
