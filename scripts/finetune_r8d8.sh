@@ -11,7 +11,8 @@
 # kl30-epochs2-seed1, kl30-epochs3, attn-epochs2 (attention weights only, input norms frozen), lr1e-4-epochs3
 # (half the learning rate over three epochs), kl1000-epochs2 (KL weight 1000: AdamW normalises the step, so
 # this is distillation alone, the answers' cross-entropy a rounding error beside it), lr1e-4-epochs3-seed1 (the
-# lr 1e-4 run under another data order). calibtext converts with the text-only rows of train.jsonl added to
+# lr 1e-4 run under another data order), lr1e-4-epochs3-kltext (the same, distilling the next-token
+# distribution at every text position, the prompts' too, not the answers' alone). calibtext converts with the text-only rows of train.jsonl added to
 # the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
 # of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -35,12 +36,13 @@ if [[ " $runs " == *" calibtext"* ]] && [ ! -d "$out/r8-d8-calibtext" ]; then
   $mf convert --model $orig --out "$out/r8-d8-calibtext" --calib "$calibtext" --calib-samples 100000 --rope-pairs 8 \
     --dkv 8 --device "$dev" --dtype f32 >/dev/null
 fi
-run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE]]]]]
+run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS]]]]]]
   local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
+  local klpos=${10:-answers}
   [[ " $runs " == *" $name "* ]] || return 0
   [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$model" --teacher $orig --data "$train" \
     --out "$out/$name" --epochs "$epochs" --batch 16 --lr "$lr" --loss "$loss" --kl-weight "$klw" --seed "$seed" \
-    --trainable "$trainable" --device "$dev" >/dev/null
+    --trainable "$trainable" --kl-positions "$klpos" --device "$dev" >/dev/null
   [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
     --device "$dev" --dtype f32 --report "$out/$name.eval.json" >/dev/null
   printf "%-28s " "$name"
@@ -68,3 +70,4 @@ run kl30-epochs3 "$data/train.jsonl" 3 "$out/r8-d8" 2e-4 ce+kl 0 30
 run lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4
 run kl1000-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 0 1000
 run lr1e-4-epochs3-seed1 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 1
+run lr1e-4-epochs3-kltext "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 0 10 attn+norms text

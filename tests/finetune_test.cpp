@@ -197,6 +197,28 @@ TEST(Finetune, BadOptions) {
   o.loss = "mse";
   EXPECT_NE(err(o).find("--loss"), std::string::npos);
   o = tiny_options(mla, d / "o");
+  o.kl_positions = "all";
+  EXPECT_NE(err(o).find("--kl-positions"), std::string::npos) << err(o);
+  // Distillation over every text position (the prompt's too) measures another KL than over the answers.
+  auto first_kl = [&](const std::string& positions, const std::string& out) {
+    FinetuneOptions k = tiny_options(mla, d / out);
+    k.kl_positions = positions;
+    k.steps = 1;
+    EXPECT_EQ(err(k), "") << positions;
+    std::ifstream log(k.out_dir + "/train_log.csv");
+    std::string header, row;
+    std::getline(log, header);
+    std::getline(log, row);
+    std::stringstream fields(row);
+    std::string v;
+    for (int i = 0; i < 5; ++i) std::getline(fields, v, ',');  // step, epoch, loss, ce, kl
+    return std::stod(v);
+  };
+  const double kl_answers = first_kl("answers", "o3"), kl_text = first_kl("text", "o4");
+  EXPECT_GT(kl_answers, 0.0);
+  EXPECT_GT(kl_text, 0.0);
+  EXPECT_NE(kl_answers, kl_text);
+  o = tiny_options(mla, d / "o");
   o.resume_dir = d / "nowhere";
   EXPECT_NE(err(o).find("no checkpoint to resume from"), std::string::npos) << err(o);
 }

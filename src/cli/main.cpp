@@ -311,6 +311,10 @@ int main(int argc, char** argv) {
   ft->add_option("--loss", fo.loss, "ce, ce+kl (distil logits) or ce+attn-mse (distil attention outputs)")
       ->capture_default_str();
   ft->add_option("--kl-weight", fo.kl_weight, "Weight of the KL term")->capture_default_str();
+  ft->add_option("--kl-positions", fo.kl_positions,
+                 "Where ce+kl compares next-token distributions: answers, or text (every text token of prompt "
+                 "and answer)")
+      ->capture_default_str();
   ft->add_option("--mse-weight", fo.mse_weight, "Weight of the attention-output term")->capture_default_str();
   auto* ep = ft->add_option("--epochs", fo.epochs, "Passes over the data")->capture_default_str();
   ft->add_option("--steps", fo.steps, "Optimizer steps (instead of --epochs)")->excludes(ep);

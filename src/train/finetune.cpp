@@ -45,6 +45,7 @@ struct ForcedBatch {
   Batch batch;
   at::Tensor where;    // [N] flat (row * T + position) of the positions that predict answer tokens
   at::Tensor targets;  // [N] the answer tokens (and end token) they predict
+  at::Tensor text_where;  // [M] flat positions of every real text token (--kl-positions text)
   int64_t tokens = 0;  // real tokens in the batch
 };
 
@@ -86,15 +87,17 @@ ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, co
   }
   f.where = at::tensor(where, at::kLong);
   f.targets = at::tensor(targets, at::kLong);
+  f.text_where = (f.batch.valid & f.batch.is_image.logical_not()).reshape({-1}).nonzero().squeeze(1).cpu();
   return f;
 }
 
 struct Outputs {
   at::Tensor logits;                 // [N, V] at the answer positions
+  at::Tensor text_logits;            // [M, V] at every real text position (when asked)
   std::vector<at::Tensor> attention; // per layer [B, T, d] (when asked)
 };
 
-Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention) {
+Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention, bool text_logits = false) {
   const Batch& b = f.batch;  // on the model's device (make_batch put it there)
   CacheOptions expanded;  // training runs the expanded form (DESIGN.md section 3)
   expanded.expanded = true;
@@ -103,14 +106,17 @@ Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool atte
   ForwardTaps taps;
   if (attention) taps.attention = &o.attention;
   at::Tensor h = m.prefill(b, cache, taps);
-  o.logits = m.decoder().logits(h.reshape({-1, h.size(-1)}).index_select(0, f.where.to(dev))).to(at::kFloat);
+  at::Tensor flat = h.reshape({-1, h.size(-1)});
+  o.logits = m.decoder().logits(flat.index_select(0, f.where.to(dev))).to(at::kFloat);
+  if (text_logits) o.text_logits = m.decoder().logits(flat.index_select(0, f.text_where.to(dev))).to(at::kFloat);
   return o;
 }
 
 std::string opt_summary(const FinetuneOptions& o) {
   return str("model=", o.model_dir, " data=", o.data_path, " limit=", o.limit, " loss=", o.loss, " trainable=",
              o.trainable, " lr=", o.lr, " batch=", o.batch, " grad_accum=", o.grad_accum, " seed=", o.seed,
-             " epochs=", o.epochs, " steps=", o.steps, " kl_weight=", o.kl_weight, " mse_weight=", o.mse_weight);
+             " epochs=", o.epochs, " steps=", o.steps, " kl_weight=", o.kl_weight, " kl_positions=", o.kl_positions,
+             " mse_weight=", o.mse_weight);
 }
 
 }  // namespace
@@ -120,6 +126,8 @@ FinetuneResult finetune(const FinetuneOptions& o) {
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(); };
   check(o.loss == "ce" || o.loss == "ce+kl" || o.loss == "ce+attn-mse", "--loss",
         "choose ce, ce+kl or ce+attn-mse (got \"", o.loss, "\")");
+  check(o.kl_positions == "answers" || o.kl_positions == "text", "--kl-positions",
+        "choose answers or text (got \"", o.kl_positions, "\")");
   check(o.trainable == "attn" || o.trainable == "attn+norms" || o.trainable == "all-lm", "--trainable",
         "choose attn, attn+norms or all-lm (got \"", o.trainable, "\")");
 
@@ -234,7 +242,8 @@ FinetuneResult finetune(const FinetuneOptions& o) {
     for (int64_t a = 0; a < o.grad_accum; ++a) {
       ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a));
       step_tokens += f.tokens;
-      Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse");
+      const bool kl_text = o.loss == "ce+kl" && o.kl_positions == "text";
+      Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse", kl_text);
       at::Tensor logp = at::log_softmax(s.logits, -1);
       at::Tensor targets = f.targets.to(dev);
       at::Tensor ce = -logp.gather(1, targets.unsqueeze(1)).mean();
@@ -243,11 +252,12 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         Outputs t;
         {
           at::NoGradGuard no_grad;
-          t = run(*teacher, f, dev, o.loss == "ce+attn-mse");
+          t = run(*teacher, f, dev, o.loss == "ce+attn-mse", kl_text);
         }
         if (o.loss == "ce+kl") {
-          at::Tensor tlogp = at::log_softmax(t.logits, -1);
-          at::Tensor kl = (tlogp.exp() * (tlogp - logp)).sum(-1).mean();
+          at::Tensor tlogp = at::log_softmax(kl_text ? t.text_logits : t.logits, -1);
+          at::Tensor slogp = kl_text ? at::log_softmax(s.text_logits, -1) : logp;
+          at::Tensor kl = (tlogp.exp() * (tlogp - slogp)).sum(-1).mean();
           loss = loss + o.kl_weight * kl;
           kl_sum += kl.item<double>();
         } else {

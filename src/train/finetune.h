@@ -22,6 +22,9 @@ struct FinetuneOptions {
   // (relative MSE over real tokens, averaged over layers).
   std::string loss = "ce+kl";
   double kl_weight = 10.0, mse_weight = 1.0;
+  // Where ce+kl compares the next-token distributions: answers (the answer tokens' positions, as the
+  // cross-entropy) or text (every real text position: the prompt's text tokens too; image tokens excluded).
+  std::string kl_positions = "answers";
   int64_t epochs = 1, steps = 0;  // steps > 0 overrides epochs (optimizer steps)
   int64_t limit = 0;              // use only the first N training rows
   double lr = 2e-4, min_lr = 0.0, weight_decay = 0.0, warmup = 0.05, clip = 1.0;
