@@ -236,13 +236,13 @@ FinetuneResult finetune(const FinetuneOptions& o) {
   int64_t tokens = 0;
   const double run_start = elapsed();
   double loss_v = 0;
+  const bool kl_text = o.loss == "ce+kl" && o.kl_positions == "text";  // KL over every text position
   for (; step < total; ++step) {
     double ce_sum = 0, kl_sum = 0, mse_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
       ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a));
       step_tokens += f.tokens;
-      const bool kl_text = o.loss == "ce+kl" && o.kl_positions == "text";
       Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse", kl_text);
       at::Tensor logp = at::log_softmax(s.logits, -1);
       at::Tensor targets = f.targets.to(dev);

@@ -2392,13 +2392,14 @@ DeviceInfo device_info() {
   return info;
 }
 
-// Splits per sequence: about two CTAs per SM over the batch (one full wave when two fit on an SM), each split
-// at least kMinSplitTokens of the longest possible sequence (max_blocks * block_size; the host does not see
-// the actual lengths, which live on the device).
-int choose_splits(const MlaDecodeParams& p, int sms) {
+// Splits per sequence: about `ctas_per_sm` CTAs per SM over the batch (one full wave when that many fit on an
+// SM: two for the tensor-core and CUDA-core kernels, one for the row-pair and two-pass ones), each split at
+// least kMinSplitTokens of the longest possible sequence (max_blocks * block_size; the host does not see the
+// actual lengths, which live on the device).
+int choose_splits(const MlaDecodeParams& p, int sms, int ctas_per_sm = 2) {
   const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
   const int64_t by_length = (capacity + kMinSplitTokens - 1) / kMinSplitTokens;
-  const int64_t by_sms = (2 * static_cast<int64_t>(sms)) / (p.batch > 0 ? p.batch : 1);
+  const int64_t by_sms = (ctas_per_sm * static_cast<int64_t>(sms)) / (p.batch > 0 ? p.batch : 1);
   int64_t s = by_length < by_sms ? by_length : by_sms;
   if (s > kMaxSplits) s = kMaxSplits;
   return s < 1 ? 1 : static_cast<int>(s);
@@ -2620,11 +2621,7 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   while ((1 << shift) < bs) ++shift;
   a.block_shift = shift;
   a.score_scale = p.scale * kLog2e;
-  // One CTA per SM: splits fill the SMs once over the batch, each at least kMinSplitTokens of capacity.
-  const int64_t capacity = static_cast<int64_t>(p.max_blocks) * bs;
-  int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
-  splits = std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits));
-  plan.splits = static_cast<int>(splits);
+  plan.splits = choose_splits(p, dev.sms, 1);  // one CTA per SM
   plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
   plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma);
   return plan;
@@ -2685,9 +2682,7 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   if (a.smem_bytes > dev.max_smem || kWideValuesSmem > dev.max_smem) return plan;
   const int64_t capacity = static_cast<int64_t>(p.max_blocks) * p.block_size;
   a.capacity = static_cast<int>((capacity + kTile - 1) / kTile * kTile);
-  // One scores CTA per SM: splits fill the SMs once over the batch, each at least kMinSplitTokens of capacity.
-  int64_t splits = std::min<int64_t>((capacity + kMinSplitTokens - 1) / kMinSplitTokens, dev.sms / std::max(p.batch, 1));
-  plan.splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, kMaxSplits)));
+  plan.splits = choose_splits(p, dev.sms, 1);  // one scores CTA per SM
   const int64_t probs = static_cast<int64_t>(p.batch) * 2 * H * a.capacity * 2;
   const int64_t tile_max = static_cast<int64_t>(p.batch) * (a.capacity / kTile) * H * 4;
   plan.bytes = probs + (tile_max + 15) / 16 * 16 + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
@@ -2697,6 +2692,12 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
                                  : mla_wide_scores_kernel<true, 0>;
   plan.ok = true;
   return plan;
+}
+
+// Where the two-pass kernels' arrays start in the workspace: after the partial results sized for choose_splits
+// (the row-pair and two-pass kernels' one-CTA-per-SM split counts never exceed it), 16-byte aligned.
+int64_t wide_offset(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  return (partial_bytes(p, choose_splits(p, dev.sms)) + 15) / 16 * 16;
 }
 
 // Points the two-pass kernels' arrays into the workspace, from byte `offset` (16-byte aligned).
@@ -2721,9 +2722,8 @@ int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
   if (!params_usable(p)) return 0;
   const DeviceInfo dev = device_info();
   // The row-pair and two-pass kernels' split counts (one CTA per SM) never exceed this one (two per SM).
-  const int64_t partial = partial_bytes(p, choose_splits(p, dev.sms));
   const WidePlan wide = plan_wide(p, dev);
-  return wide.ok ? (partial + 15) / 16 * 16 + wide.bytes : partial;
+  return wide.ok ? wide_offset(p, dev) + wide.bytes : partial_bytes(p, choose_splits(p, dev.sms));
 }
 
 // Launches on `stream` without synchronising. Parameters the kernels cannot handle (heads not a multiple of
@@ -2738,11 +2738,12 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   TcPlan tc;
   WidePlan wide;
   if (!forced_path("cc") && !forced_path("tc")) rv = plan_rowpair(p, dev);
+  const int two_per_sm = choose_splits(p, dev.sms);  // the tensor-core and CUDA-core kernels' splits
   if (rv.kernel == nullptr && !forced_path("cc")) {
-    tc = plan_tc(p, dev, choose_splits(p, dev.sms));
+    tc = plan_tc(p, dev, two_per_sm);
     if (tc.kernel == nullptr) wide = plan_wide(p, dev);
   }
-  const int splits = rv.kernel != nullptr ? rv.splits : wide.ok ? wide.splits : choose_splits(p, dev.sms);
+  const int splits = rv.kernel != nullptr ? rv.splits : wide.ok ? wide.splits : two_per_sm;
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
   if (splits > 1 || wide.ok) {
@@ -2763,7 +2764,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     tc.kernel<<<dim3(splits, p.batch), kThreads, tc.args.smem_bytes, s>>>(tc.args);
     launched = true;
   } else if (wide.ok) {
-    place_wide(wide, p, workspace, (partial_bytes(p, choose_splits(p, dev.sms)) + 15) / 16 * 16);
+    place_wide(wide, p, workspace, wide_offset(p, dev));
     wide.args.sp = sp;
     wide.scores_kernel<<<dim3(splits, p.batch), kThreads, wide.args.smem_bytes, s>>>(wide.args);
     mla_wide_values_kernel<<<dim3(p.latent_dim / kWideChunk, splits, p.batch), kThreads, kWideValuesSmem, s>>>(wide.args);
