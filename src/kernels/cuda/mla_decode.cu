@@ -1671,8 +1671,8 @@ constexpr int kWideRows = 64;     // MMA rows: text heads 0..31, image heads 32.
 constexpr int kWideHeads = 32;
 constexpr int kWideChunk = 128;   // bf16 values per token in one pipeline stage
 constexpr int kWideLd = kWideChunk + 8;  // smem row stride (bf16) of a chunk: 272 bytes, ldmatrix conflict-free
-constexpr int kWideLds = kTile + 4;      // fp32 row stride of the score buffers
-constexpr int kWideLdp = kTile + 8;      // bf16 row stride of the probability buffer
+constexpr int kWideLds = kTile + 4;      // fp32 row stride of the scores pass's score tile
+constexpr int kWideLdp = kTile + 8;      // bf16 row stride of the values pass's weight rows in a stage
 constexpr int kWideStages = 4;  // pass 2's ring: 107 KB, two CTAs per SM (3 stages: 1% slower; 5: one CTA, 16%)
 constexpr int kWideMaxStages = 6;        // pass 1's deepest ring
 
