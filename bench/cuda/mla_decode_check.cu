@@ -8,7 +8,8 @@
 //
 // Every case runs with the kernel's own path choice ("auto": tensor cores for BF16/Int8 rotary keys with
 // BF16/Int8/Int4 latent where the shape allows, else CUDA cores) and, for the small cases, again with
-// MLAFORGE_MLA_CUDA_PATH=cc (CUDA cores forced). The reference dequantises the stored cache exactly as
+// MLAFORGE_MLA_CUDA_PATH=cc (CUDA cores forced); "combine" is auto with the row-pair kernels' splits merged by
+// the combine kernel instead of by the kernel's own CTAs after a grid barrier. The reference dequantises the stored cache exactly as
 // kernels/mla_decode.h says, so quantisation error is not counted; tolerance on ||out - ref|| / ||ref||:
 // 1e-5 when queries, rotary keys and latent are all F32, else 1e-2.
 //
@@ -660,7 +661,7 @@ int main(int argc, char** argv) {
     }
     const bool all_f32 = c.rope_format == KvFormat::F32 && c.latent_format == KvFormat::F32;
     const double tol = all_f32 ? 1e-5 : 1e-2;
-    for (const char* path : {"auto", "mma", "tc", "cc"}) {
+    for (const char* path : {"auto", "combine", "mma", "tc", "cc"}) {
       if (std::strcmp(path, "auto") == 0) {
         unsetenv("MLAFORGE_MLA_CUDA_PATH");
       } else {

@@ -4,7 +4,9 @@
 // one chunk of the sequence's positions, so each cached token is read from memory once per CTA; it keeps
 // per head a running max and sum and two latent accumulators (text, image), and writes them, normalised, to
 // the workspace. A combine kernel merges the splits with the log-sum-exp rule. With one split the main
-// kernel writes `out` itself and there is no combine.
+// kernel writes `out` itself and there is no combine; the row-pair kernels, launched cooperatively where the
+// whole grid fits on the device at once, merge the splits themselves after a grid barrier
+// (merge_splits_in_grid) and there is no combine either.
 //
 // Five main kernels, the first that applies:
 //  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
@@ -37,11 +39,14 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cooperative_groups.h>
 
 #include <cuda/std/atomic>
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 namespace mlaforge {
 
@@ -193,6 +198,51 @@ __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, co
     return {p.out + b * row_floats, p.lse == nullptr ? nullptr : reinterpret_cast<float2*>(p.lse) + static_cast<int64_t>(b) * p.heads};
   const int64_t slot = static_cast<int64_t>(b) * sp.num_splits + split;
   return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
+}
+
+// The combine's merge inside a main kernel launched cooperatively (every CTA resident at once): after a grid-wide
+// barrier (all partial results written), the CTA of split `split` of sequence b merges rows split, split +
+// splits, ... of b's [heads, 2, kR] output from the partial results, as mla_combine_kernel does (every split
+// written: empty ones hold (-inf, 0)), and for even rows the log-sum-exp. Spread over all the sequence's CTAs,
+// the merge costs ~4 us inside llava r4/dkv8's kernel at 8K x 16 where the combine kernel took 7 us, and at
+// 32K x 1 (128 splits) the call takes 30 us instead of 39. All threads of every CTA call it.
+template <int kR>
+__device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, const Splits& sp, int heads, int b, int split, int tid,
+                                                  int threads) {
+  cooperative_groups::this_grid().sync();  // orders every CTA's partial results before the reads below
+  constexpr int kVec = kR / 4;             // float4 per row
+  const int splits = sp.num_splits;
+  const int64_t slot0 = static_cast<int64_t>(b) * splits;
+  const int64_t split_stride = static_cast<int64_t>(heads) * 2 * kR;  // floats between two splits' rows
+  float* out_b = p.out + static_cast<int64_t>(b) * heads * 2 * kR;
+  const int c4 = tid % kVec;
+  for (int k = tid / kVec; split + splits * k < 2 * heads; k += threads / kVec) {
+    const int row = split + splits * k, h = row >> 1;
+    const float2* ml = sp.part_ml + slot0 * heads + h;  // split s at ml[s * heads]
+    float mx = -INFINITY;
+    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(ml + s * heads).x);
+    // Another CTA wrote these rows: __ldcg reads them from L2, never a stale L1 line. A split of weight 0 is
+    // loaded but selected away, never multiplied (its accumulators may be anything).
+    const float4* x = reinterpret_cast<const float4*>(sp.part_acc + slot0 * split_stride + static_cast<int64_t>(row) * kR) + c4;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    float total = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+      const float2 m_l = __ldcg(ml + s * heads);
+      const float4 v = __ldcg(x + s * (split_stride / 4));
+      const float w = m_l.x == -INFINITY ? 0.f : m_l.y * exp2f(m_l.x - mx);
+      total += w;
+      acc.x += w != 0.f ? w * v.x : 0.f;
+      acc.y += w != 0.f ? w * v.y : 0.f;
+      acc.z += w != 0.f ? w * v.z : 0.f;
+      acc.w += w != 0.f ? w * v.w : 0.f;
+    }
+    const float inv_total = total > 0.f ? 1.f / total : 0.f;
+    reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row) * kR)[c4] =
+        make_float4(acc.x * inv_total, acc.y * inv_total, acc.z * inv_total, acc.w * inv_total);
+    if (p.lse != nullptr && (row & 1) == 0 && c4 == 0)
+      reinterpret_cast<float2*>(p.lse)[static_cast<int64_t>(b) * heads + h] = make_float2(mx, total);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -767,6 +817,7 @@ struct RvArgs {
   int block_shift;    // log2(block_size)
   int stage_bytes;    // one stage: rope [kTile x kKR] bf16, latent [kTile x kR] bf16 (tile_offset), is_image [kTile]
   int smem_bytes;     // kRvConsumers * kRvStages * stage_bytes
+  bool merge;         // launched cooperatively: the CTAs merge the splits themselves (merge_splits_in_grid)
 };
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -893,6 +944,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     write_empty_split(dst, a.sp, H, kR, tid, kRvConsumers * kThreadsC);
+    if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC);
     return;
   }
   const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
@@ -1149,6 +1201,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
       }
     }
   }
+  if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1231,6 +1284,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     write_empty_split(dst, a.sp, kMhaHeads, kMhaR, tid, kMhaThreads);
+    if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads);
     return;
   }
   const int n = t_hi - t_lo;
@@ -1428,6 +1482,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     *reinterpret_cast<float2*>(out + col) = make_float2(o[j][0] * inv_l, o[j][1] * inv_l);
     *reinterpret_cast<float2*>(out + kMhaR + col) = make_float2(o[j][2] * inv_l, o[j][3] * inv_l);
   }
+  if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -2588,6 +2643,35 @@ struct RvPlan {
   int splits = 1;
 };
 
+// Whether `ctas` CTAs of `kernel` can all be resident at once, as a cooperative launch (merge_splits_in_grid's
+// grid barrier) needs: the device supports cooperative launches and SMs x resident CTAs per SM >= ctas. Not
+// under MLAFORGE_MLA_CUDA_PATH=combine, which keeps the combine kernel, for comparison. The occupancy is
+// cached per (device, kernel, threads, shared memory).
+bool grid_fits_at_once(RvKernel kernel, int ctas, int threads, int smem_bytes, const DeviceInfo& dev) {
+  if (forced_path("combine")) return false;
+  struct Entry {
+    int device, threads, smem;
+    RvKernel kernel;
+    int per_sm;  // resident CTAs per SM; 0 without cooperative launches
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> cache;
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : cache)
+    if (e.device == device && e.kernel == kernel && e.threads == threads && e.smem == smem_bytes)
+      return e.per_sm * dev.sms >= ctas;
+  int cooperative = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&cooperative, cudaDevAttrCooperativeLaunch, device) != cudaSuccess || cooperative == 0 ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem_bytes) != cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it so that the launch reports its own
+    per_sm = 0;
+  }
+  cache.push_back({device, threads, smem_bytes, kernel, per_sm});
+  return per_sm * dev.sms >= ctas;
+}
+
 // The row-pair kernel's launch, or kernel == nullptr where it does not apply: bf16 rotary keys and latent of
 // 128 values per token each, at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays.
 RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
@@ -2624,7 +2708,28 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   plan.splits = choose_splits(p, dev.sms, 1);  // one CTA per SM
   plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
   plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma);
+  a.merge = plan.kernel != nullptr && plan.splits > 1 &&
+            grid_fits_at_once(plan.kernel, plan.splits * p.batch, plan.threads, a.smem_bytes, dev);
   return plan;
+}
+
+// Launches the row-pair kernel on grid (splits, batch); cooperatively when its CTAs merge the splits.
+void launch_rowpair(const RvPlan& plan, int batch, cudaStream_t s) {
+  if (!plan.args.merge) {
+    plan.kernel<<<dim3(plan.splits, batch), plan.threads, plan.args.smem_bytes, s>>>(plan.args);
+    return;
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(plan.splits, batch);
+  cfg.blockDim = dim3(plan.threads);
+  cfg.dynamicSmemBytes = plan.args.smem_bytes;
+  cfg.stream = s;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeCooperative;
+  attr[0].val.cooperative = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, plan.kernel, plan.args);
 }
 
 // Bytes of the combine's partial results for `splits` splits (none for one split): part_acc [batch, splits,
@@ -2757,7 +2862,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   bool launched = false;
   if (rv.kernel != nullptr) {
     rv.args.sp = sp;
-    rv.kernel<<<dim3(splits, p.batch), rv.threads, rv.args.smem_bytes, s>>>(rv.args);
+    launch_rowpair(rv, p.batch, s);
     launched = true;
   } else if (tc.kernel != nullptr) {
     tc.args.sp = sp;
@@ -2776,7 +2881,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     cc.args.sp = sp;
     cc.kernel<<<dim3(splits, p.batch, cc.groups), kThreads, cc.smem_bytes, s>>>(cc.args);
   }
-  if (splits > 1) {
+  if (splits > 1 && !(rv.kernel != nullptr && rv.args.merge)) {
     CombineArgs c;
     c.part_acc = part_acc;
     c.part_ml = part_ml;
