@@ -9,9 +9,10 @@
 // (merge_splits_in_grid) and there is no combine either.
 //
 // Five main kernels, the first that applies:
-//  - row-pair kernel (bf16 cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
+//  - row-pair kernel (cache of the Qwen2.5-VL-7B shape at dr = dkv = 32: 128 rotary values and latent
 //    128 per token, at most 32 heads, blocks of a power-of-two multiple of 64 tokens): see its own comment;
-//    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync.
+//    warpgroup MMA (wgmma) where built for sm_90a and run on a Hopper, else mma.sync (bf16 only). With wgmma
+//    also Int8 rotary keys and an Int8/Int4 latent, dequantised per tile into bf16 in shared memory.
 //  - MHA row-pair kernel (sm_90a; bf16 cache of 32 heads over 32 KV heads, 8 or 16 rotary values per head and
 //    latent 256, e.g. llava-1.5-7b at --rope-pairs 4|8 --dkv 8): two warpgroups share each tile, see its comment.
 //  - tensor-core kernel (BF16/Int8 rotary keys x BF16/Int8/Int4 latent, shapes that fit): 64-token tiles
@@ -46,6 +47,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
+#include <type_traits>
 #include <vector>
 
 namespace mlaforge {
@@ -810,6 +812,13 @@ __device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4
   }
 }
 
+// Byte offsets in a row-pair stage of a quantised cache (wgmma kernel, 128-value rows): each part is the
+// stored rows (int8: 128 bytes per token, int4: 64) and their fp16 scales, or a bf16 tile in the swizzled
+// layout (1024-byte aligned); then the modality bytes.
+struct RowPairLayout {
+  int rope = 0, rope_scales = 0, lat = 0, lat_scales = 0, img = 0;
+};
+
 struct RvArgs {
   MlaDecodeParams p;
   Splits sp;
@@ -818,6 +827,9 @@ struct RvArgs {
   int stage_bytes;    // one stage: rope [kTile x kKR] bf16, latent [kTile x kR] bf16 (tile_offset), is_image [kTile]
   int smem_bytes;     // kRvConsumers * kRvStages * stage_bytes
   bool merge;         // launched cooperatively: the CTAs merge the splits themselves (merge_splits_in_grid)
+  int consumer_bytes; // one consumer's shared memory: its ring, then two sets of dequantised tiles (quantised)
+  int lat_group;      // Int8/Int4 latent: values per scale (a multiple of 8); 128 / lat_group scales per token
+  RowPairLayout layout;  // a stage's parts when one is stored quantised
 };
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -918,8 +930,56 @@ __device__ __forceinline__ void wgmma_64x128_mn(float (&d)[16][4], const uint32_
 #endif
 }
 
-template <int kRowWarps, int kKR, int kR, bool kWgmma>
+// One 64-token tile of an Int8/Int4 array of 128 values per token (the latent, or the rotary keys of all KV
+// heads), dequantised into bf16 in the swizzled layout (tile_offset<true>) by the 128 threads of a consumer:
+// thread t takes token t / 2, values 64 (t % 2) .. +63, 8 per 16-byte store. raw: [64][128] int8 or [64][64]
+// bytes of two int4 (low nibble first, q = nibble - 8); scales: [64][128 / group] fp16 bits (the rotary keys:
+// one per KV head, group = rope_dim). Tokens outside [v_lo, v_hi) become zeros (their rows were zero-filled
+// but their scales may be anything).
+template <KvFormat F>
+__device__ __forceinline__ void dequantise_tile_128(const unsigned char* raw, const uint16_t* scales, unsigned char* out,
+                                                    int group, int t, int v_lo, int v_hi) {
+  constexpr int kRawRow = F == KvFormat::Int8 ? 128 : 64;
+  const int tok = t >> 1, half = t & 1, ng = 128 / group;
+  const bool valid = tok >= v_lo && tok < v_hi;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    const int c0 = 64 * half + 8 * j;  // first of this store's 8 values (one group: group % 8 == 0)
+    const float sc = valid ? half_bits_to_float(scales[tok * ng + c0 / group]) : 0.f;
+    float v[8];
+    if constexpr (F == KvFormat::Int8) {
+      const uint2 w = *reinterpret_cast<const uint2*>(raw + tok * kRawRow + c0);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        v[e] = static_cast<float>(static_cast<int8_t>((w.x >> (8 * e)) & 0xffu));
+        v[4 + e] = static_cast<float>(static_cast<int8_t>((w.y >> (8 * e)) & 0xffu));
+      }
+    } else {
+      const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + tok * kRawRow + c0 / 2);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(static_cast<int>((w >> (4 * e)) & 15u) - 8);
+    }
+    uint4 packed;
+    packed.x = pack_bf16x2(v[0] * sc, v[1] * sc);
+    packed.y = pack_bf16x2(v[2] * sc, v[3] * sc);
+    packed.z = pack_bf16x2(v[4] * sc, v[5] * sc);
+    packed.w = pack_bf16x2(v[6] * sc, v[7] * sc);
+    *reinterpret_cast<uint4*>(out + tile_offset<true>(tok, 8 * half + j, 16)) = packed;
+  }
+}
+
+// Stored bytes per token of a 128-value row in format F.
+__host__ __device__ constexpr int row_bytes_128(KvFormat F) {
+  return F == KvFormat::Int8 ? 128 : F == KvFormat::Int4 ? 64 : 256;
+}
+
+template <int kRowWarps, int kKR, int kR, bool kWgmma, KvFormat RF = KvFormat::BF16, KvFormat LF = KvFormat::BF16>
 __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_rowpair_kernel(const __grid_constant__ RvArgs a) {
+  constexpr bool kRopeQ = RF == KvFormat::Int8, kLatQ = LF == KvFormat::Int8 || LF == KvFormat::Int4;
+  constexpr bool kAnyQ = kRopeQ || kLatQ;
+  static_assert(!kAnyQ || (kWgmma && kKR == 128 && kR == 128), "quantised caches: wgmma, 128-value rows");
+  static_assert(RF == KvFormat::BF16 || kRopeQ, "bf16 or int8 rotary keys");
+  static_assert(LF == KvFormat::BF16 || kLatQ, "bf16, int8 or int4 latent");
   constexpr int kThreadsC = kRowWarps * 32;           // threads per consumer
   constexpr int kRopeChunks = kKR / 8, kLatChunks = kR / 8;  // 16-byte chunks per row
   constexpr int kRopeBytes = tile_bytes<kWgmma>(kRopeChunks), kLatBytes = tile_bytes<kWgmma>(kLatChunks);
@@ -949,7 +1009,13 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   }
   const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
-  unsigned char* ring = smem + static_cast<size_t>(consumer) * kRvStages * a.stage_bytes;
+  unsigned char* ring = smem + static_cast<size_t>(consumer) * a.consumer_bytes;
+  // Where a stage's parts are: the bf16/bf16 kernel's fixed layout, or the plan's (RowPairLayout) when a part is
+  // stored quantised; then the consumer's two sets of dequantised tiles (rotary, latent) after its ring.
+  const int off_rope = kAnyQ ? a.layout.rope : 0, off_lat = kAnyQ ? a.layout.lat : kRopeBytes;
+  const int off_img = kAnyQ ? a.layout.img : kRopeBytes + kLatBytes;
+  unsigned char* dq = ring + kRvStages * a.stage_bytes;
+  constexpr int kDqBytes = (kRopeQ ? kRopeBytes : 0) + (kLatQ ? kLatBytes : 0);  // one set
 
   // No zeroing of the rings: every byte the products read is written by a copy first (rows outside the
   // sequence are zero-filled; the padding of the mma.sync layout is never read).
@@ -959,25 +1025,51 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
     unsigned char* st = ring + (i % kRvStages) * a.stage_bytes;
     const int pos0 = tile_of(i) * kTile;
     const int64_t row0 = static_cast<int64_t>(blk) * bs + (pos0 & (bs - 1));
-    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * (2 * kKR);
-    const unsigned char* lsrc = static_cast<const unsigned char*>(p.latent) + row0 * (2 * kR);
-    // Interior tiles (the common case) skip the per-row bounds test. Copy e takes row e / chunks, chunk
-    // e % chunks: a warp copies whole 128-byte global lines into 128 distinct shared-memory bytes per 8 lanes.
+    // Interior tiles (the common case) skip the per-row bounds test.
     const bool interior = pos0 >= begin && pos0 + kTile <= end;
+    // A bf16 tile into its swizzled (or padded) layout. Copy e takes row e / chunks, chunk e % chunks: a warp
+    // copies whole 128-byte global lines into 128 distinct shared-memory bytes per 8 lanes.
+    // (Sizes as std::integral_constant, so that the loops unroll.)
+    auto copy_tile = [&](unsigned char* dst, const void* base, auto chunks_c) {
+      constexpr int chunks = decltype(chunks_c)::value;
+      const unsigned char* src = static_cast<const unsigned char*>(base) + row0 * (16 * chunks);
 #pragma unroll
-    for (int k = 0; k < kTile * kRopeChunks / kThreadsC; ++k) {
-      const int e = tid_c + k * kThreadsC, tok = e / kRopeChunks, col = e % kRopeChunks;
-      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
-      cp_async(st + tile_offset<kWgmma>(tok, col, kRopeChunks), rsrc + e * 16, 16, valid);
+      for (int k = 0; k < kTile * chunks / kThreadsC; ++k) {
+        const int e = tid_c + k * kThreadsC, tok = e / chunks, col = e % chunks;
+        const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+        cp_async(dst + tile_offset<kWgmma>(tok, col, chunks), src + e * 16, 16, valid);
+      }
+    };
+    // Quantised rows and their scales as stored (a tile's 64 slots are consecutive in one block, so its scales
+    // are contiguous); rows outside the sequence are zero-filled, and the dequantisation zeroes them whatever
+    // their scales hold.
+    auto copy_quantised = [&](unsigned char* dst, const void* base, auto row_bytes_c, unsigned char* sc_dst,
+                              const uint16_t* scales, int ng) {
+      constexpr int row_bytes = decltype(row_bytes_c)::value;
+      const unsigned char* src = static_cast<const unsigned char*>(base) + row0 * row_bytes;
+#pragma unroll
+      for (int k = 0; k < kTile * row_bytes / 16 / kThreadsC; ++k) {
+        const int e = tid_c + k * kThreadsC, tok = e / (row_bytes / 16);
+        const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
+        cp_async(dst + e * 16, src + e * 16, 16, valid);
+      }
+      if (tid_c < kTile * ng * 2 / 16)
+        cp_async(sc_dst + tid_c * 16, reinterpret_cast<const unsigned char*>(scales) + row0 * ng * 2 + tid_c * 16, 16, true);
+    };
+    if constexpr (kRopeQ) {
+      copy_quantised(st + off_rope, p.k_rope, std::integral_constant<int, row_bytes_128(RF)>{}, st + a.layout.rope_scales,
+                     p.k_rope_scale, p.kv_heads);
+    } else {
+      copy_tile(st + off_rope, p.k_rope, std::integral_constant<int, kRopeChunks>{});
     }
-#pragma unroll
-    for (int k = 0; k < kTile * kLatChunks / kThreadsC; ++k) {
-      const int e = tid_c + k * kThreadsC, tok = e / kLatChunks, col = e % kLatChunks;
-      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
-      cp_async(st + kRopeBytes + tile_offset<kWgmma>(tok, col, kLatChunks), lsrc + e * 16, 16, valid);
+    if constexpr (kLatQ) {
+      copy_quantised(st + off_lat, p.latent, std::integral_constant<int, row_bytes_128(LF)>{}, st + a.layout.lat_scales,
+                     p.latent_scale, kR / a.lat_group);
+    } else {
+      copy_tile(st + off_lat, p.latent, std::integral_constant<int, kLatChunks>{});
     }
     // Modality bytes: the whole 64-slot run of the block (in bounds); bytes of masked tokens are never used.
-    if (tid_c < kTile / 16) cp_async(st + kRopeBytes + kLatBytes + tid_c * 16, p.is_image + row0 + tid_c * 16, 16, true);
+    if (tid_c < kTile / 16) cp_async(st + off_img + tid_c * 16, p.is_image + row0 + tid_c * 16, 16, true);
   };
 
   // Prologue: the first kRvStages-1 tiles in flight; the block of the next tile to issue read ahead.
@@ -1043,12 +1135,24 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
     named_barrier(1 + consumer, kThreadsC);  // tile i has landed for all; all are done with tile i-1's stage
     if constexpr (!kWgmma) refill(i);
     const unsigned char* st = ring + (i % kRvStages) * a.stage_bytes;
-    const unsigned char* rope_t = st;
-    const unsigned char* lat_t = st + kRopeBytes;
-    const unsigned char* img = st + kRopeBytes + kLatBytes;
+    // Dequantised tiles: set i % 2 (tile i-1's accumulation may still read the other).
+    unsigned char* dq_set = dq + (i & 1) * kDqBytes;
+    const unsigned char* rope_t = kRopeQ ? dq_set : st + off_rope;
+    const unsigned char* lat_t = kLatQ ? dq_set + (kRopeQ ? kRopeBytes : 0) : st + off_lat;
+    const unsigned char* img = st + off_img;
     const int pos0 = tile_of(i) * kTile;
     const int v_lo = max(begin - pos0, 0), v_hi = min(end - pos0, kTile);  // valid token range of the tile
     const bool full = v_lo == 0 && v_hi == kTile;
+    if constexpr (kAnyQ) {
+      if constexpr (kRopeQ)
+        dequantise_tile_128<RF>(st + off_rope, reinterpret_cast<const uint16_t*>(st + a.layout.rope_scales), dq_set, rd,
+                                tid_c, v_lo, v_hi);
+      if constexpr (kLatQ)
+        dequantise_tile_128<LF>(st + off_lat, reinterpret_cast<const uint16_t*>(st + a.layout.lat_scales),
+                                dq_set + (kRopeQ ? kRopeBytes : 0), a.lat_group, tid_c, v_lo, v_hi);
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores, before wgmma reads them
+      named_barrier(1 + consumer, kThreadsC);
+    }
     const unsigned img_lo = __ballot_sync(0xffffffffu, img[lane] != 0);
     const unsigned img_hi = __ballot_sync(0xffffffffu, img[32 + lane] != 0);
 
@@ -1178,7 +1282,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   __syncthreads();
   if (consumer == 0 && rows_live) {
     for (int c = 1; c < kRvConsumers; ++c) {
-      const float* x = reinterpret_cast<const float*>(smem + static_cast<size_t>(c) * kRvStages * a.stage_bytes);
+      const float* x = reinterpret_cast<const float*>(smem + static_cast<size_t>(c) * a.consumer_bytes);
       const float m_other = x[(kOBlocks * 4) * kThreadsC + tid_c], l_other = x[(kOBlocks * 4 + 1) * kThreadsC + tid_c];
       const float m_new = fmaxf(m_run, m_other);
       const float a_self = exp2f(m_run - m_new), a_other = exp2f(m_other - m_new);  // m_run is finite
@@ -2340,9 +2444,26 @@ TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
 using RvKernel = void (*)(RvArgs);
 using WideKernel = void (*)(WideArgs);
 
-// Row-pair instantiations for kKR = kR = 128: warps per consumer (row tiles of 8 heads), wgmma or mma.sync.
-RvKernel rowpair_kernel(int row_warps, bool wgmma) {
-  if (wgmma) return row_warps == 4 ? mla_decode_rowpair_kernel<4, 128, 128, true> : nullptr;
+// The wgmma row-pair kernel for rotary keys RF and latent lf.
+template <KvFormat RF>
+RvKernel rowpair_wgmma_kernel(KvFormat lf) {
+  using F = KvFormat;
+  if (lf == F::BF16) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::BF16>;
+  if (lf == F::Int8) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::Int8>;
+  if (lf == F::Int4) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::Int4>;
+  return nullptr;
+}
+
+// Row-pair instantiations for kKR = kR = 128: warps per consumer (row tiles of 8 heads), wgmma or mma.sync;
+// quantised caches (Int8 rotary keys, Int8/Int4 latent) with wgmma only.
+RvKernel rowpair_kernel(int row_warps, bool wgmma, KvFormat rf = KvFormat::BF16, KvFormat lf = KvFormat::BF16) {
+  if (wgmma) {
+    if (row_warps != 4) return nullptr;
+    if (rf == KvFormat::BF16) return rowpair_wgmma_kernel<KvFormat::BF16>(lf);
+    if (rf == KvFormat::Int8) return rowpair_wgmma_kernel<KvFormat::Int8>(lf);
+    return nullptr;
+  }
+  if (rf != KvFormat::BF16 || lf != KvFormat::BF16) return nullptr;
   if (row_warps == 2) return mla_decode_rowpair_kernel<2, 128, 128, false>;
   if (row_warps == 4) return mla_decode_rowpair_kernel<4, 128, 128, false>;
   return nullptr;
@@ -2413,7 +2534,10 @@ DeviceInfo device_info() {
   info.cc = 10 * major + minor;
   if (info.sms <= 0) info.sms = 1;
   if (info.max_smem <= 0) info.max_smem = 48 * 1024;
-  for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true), rowpair_mha_kernel(8),
+  for (RvKernel k : {rowpair_kernel(2, false), rowpair_kernel(4, false), rowpair_kernel(4, true),
+                     rowpair_kernel(4, true, KvFormat::BF16, KvFormat::Int8), rowpair_kernel(4, true, KvFormat::BF16, KvFormat::Int4),
+                     rowpair_kernel(4, true, KvFormat::Int8, KvFormat::BF16), rowpair_kernel(4, true, KvFormat::Int8, KvFormat::Int8),
+                     rowpair_kernel(4, true, KvFormat::Int8, KvFormat::Int4), rowpair_mha_kernel(8),
                      rowpair_mha_kernel(16)}) {
     if (k == nullptr) continue;
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
@@ -2672,17 +2796,26 @@ bool grid_fits_at_once(RvKernel kernel, int ctas, int threads, int smem_bytes, c
   return per_sm * dev.sms >= ctas;
 }
 
-// The row-pair kernel's launch, or kernel == nullptr where it does not apply: bf16 rotary keys and latent of
-// 128 values per token each, at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays.
+// The row-pair kernel's launch, or kernel == nullptr where it does not apply: rotary keys and a latent of 128
+// values per token each, bf16 (on Hopper also Int8 rotary keys and an Int8/Int4 latent in groups of a multiple
+// of 8 values), at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays; or the MHA
+// shape (bf16).
 RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
-  if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
-  const bool mha = H == kMhaHeads && kv == kMhaHeads && (rd == 8 || rd == 16) && p.latent_dim == kMhaR;
+  const KvFormat rf = p.rope_format, lf = p.latent_format;
+  const bool rope_q = rf == KvFormat::Int8, lat_q = lf == KvFormat::Int8 || lf == KvFormat::Int4;
+  const bool quant = rope_q || lat_q;
+  if (!(rf == KvFormat::BF16 || rope_q) || !(lf == KvFormat::BF16 || lat_q)) return plan;
+  const bool mha = !quant && H == kMhaHeads && kv == kMhaHeads && (rd == 8 || rd == 16) && p.latent_dim == kMhaR;
   if (!mha && (kv * rd != 128 || p.latent_dim != 128 || H <= 0 || H > 32 || H % kv != 0 || rd % 2 != 0)) return plan;
+  if (lat_q && (p.latent_group <= 0 || p.latent_group % 8 != 0 || 128 % p.latent_group != 0)) return plan;
+  if (rope_q && rd % 8 != 0) return plan;  // a dequantised 16-byte store stays within one KV head's scale
   const int bs = p.block_size;
   if (bs < kTile || bs % kTile != 0 || (bs & (bs - 1)) != 0) return plan;
-  for (const void* ptr : {p.k_rope, p.latent, static_cast<const void*>(p.is_image)})
+  for (const void* ptr : {p.k_rope, p.latent, static_cast<const void*>(p.is_image),
+                          rope_q ? static_cast<const void*>(p.k_rope_scale) : p.latent,
+                          lat_q ? static_cast<const void*>(p.latent_scale) : p.latent})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
   // wgmma where this build has sm_90a code and the device is a Hopper (MLAFORGE_MLA_CUDA_PATH=mma forces mma.sync).
 #ifdef MLAFORGE_CUDA_SM90A
@@ -2690,16 +2823,42 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
 #else
   const bool wgmma = false;
 #endif
-  if (mha && !wgmma) return plan;  // the MHA shape has no mma.sync twin: the tensor-core kernel takes it
+  if ((mha || quant) && !wgmma) return plan;  // no mma.sync twins: the tensor-core kernel takes these
   const int row_warps = wgmma || H > 16 ? 4 : 2;
   RvArgs& a = plan.args;
   a.p = p;
   // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
+  // Quantised: bf16 tiles first (1024-aligned), then the stored rows with their scales, then the modality
+  // bytes (RowPairLayout); after each consumer's ring its two sets of dequantised bf16 tiles.
   const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
-  a.stage_bytes = mha ? (rd == 8 ? MhaShape<8>::kStageBytes : MhaShape<16>::kStageBytes)
-                      : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
-  a.smem_bytes = mha ? (rd == 8 ? MhaShape<8>::kSmemBytes : MhaShape<16>::kSmemBytes)
-                     : kRvConsumers * kRvStages * a.stage_bytes;
+  constexpr int kTile128 = kTile * 128 * 2;  // a bf16 tile of 128 values per token
+  a.lat_group = lat_q ? p.latent_group : 0;
+  if (quant) {
+    RowPairLayout& l = a.layout;
+    int off = 0;
+    if (!rope_q) { l.rope = off; off += kTile128; }
+    if (!lat_q) { l.lat = off; off += kTile128; }
+    if (rope_q) {
+      l.rope = off;
+      off += kTile * row_bytes_128(rf);
+      l.rope_scales = off;
+      off += align128(kTile * kv * 2);
+    }
+    if (lat_q) {
+      l.lat = off;
+      off += kTile * row_bytes_128(lf);
+      l.lat_scales = off;
+      off += align128(kTile * (128 / p.latent_group) * 2);
+    }
+    l.img = off;
+    off += kTile;
+    a.stage_bytes = (off + 1023) / 1024 * 1024;
+  } else {
+    a.stage_bytes = mha ? (rd == 8 ? MhaShape<8>::kStageBytes : MhaShape<16>::kStageBytes)
+                    : wgmma ? (tiles + kTile + 1023) / 1024 * 1024 : align128(tiles + kTile);
+  }
+  a.consumer_bytes = kRvStages * a.stage_bytes + 2 * ((rope_q ? kTile128 : 0) + (lat_q ? kTile128 : 0));
+  a.smem_bytes = mha ? (rd == 8 ? MhaShape<8>::kSmemBytes : MhaShape<16>::kSmemBytes) : kRvConsumers * a.consumer_bytes;
   if (a.smem_bytes > dev.max_smem) return plan;
   int shift = 0;
   while ((1 << shift) < bs) ++shift;
@@ -2707,7 +2866,7 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   a.score_scale = p.scale * kLog2e;
   plan.splits = choose_splits(p, dev.sms, 1);  // one CTA per SM
   plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
-  plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma);
+  plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma, rf, lf);
   a.merge = plan.kernel != nullptr && plan.splits > 1 &&
             grid_fits_at_once(plan.kernel, plan.splits * p.batch, plan.threads, a.smem_bytes, dev);
   return plan;
