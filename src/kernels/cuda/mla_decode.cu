@@ -2872,23 +2872,30 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   return plan;
 }
 
+// Launches kernel(args) on `s` with one launch attribute (cooperative, programmatic dependent launch, ...).
+template <typename Args>
+void launch_with(void (*kernel)(Args), dim3 grid, int threads, int smem_bytes, cudaStream_t s, cudaLaunchAttribute attr,
+                 const Args& args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem_bytes;
+  cfg.stream = s;
+  cfg.attrs = &attr;
+  cfg.numAttrs = 1;
+  cudaLaunchKernelEx(&cfg, kernel, args);
+}
+
 // Launches the row-pair kernel on grid (splits, batch); cooperatively when its CTAs merge the splits.
 void launch_rowpair(const RvPlan& plan, int batch, cudaStream_t s) {
   if (!plan.args.merge) {
     plan.kernel<<<dim3(plan.splits, batch), plan.threads, plan.args.smem_bytes, s>>>(plan.args);
     return;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(plan.splits, batch);
-  cfg.blockDim = dim3(plan.threads);
-  cfg.dynamicSmemBytes = plan.args.smem_bytes;
-  cfg.stream = s;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeCooperative;
-  attr[0].val.cooperative = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  cudaLaunchKernelEx(&cfg, plan.kernel, plan.args);
+  cudaLaunchAttribute attr = {};
+  attr.id = cudaLaunchAttributeCooperative;
+  attr.val.cooperative = 1;
+  launch_with(plan.kernel, dim3(plan.splits, batch), plan.threads, plan.args.smem_bytes, s, attr, plan.args);
 }
 
 // Bytes of the combine's partial results for `splits` splits (none for one split): part_acc [batch, splits,
@@ -3053,16 +3060,10 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     c.num_splits = splits;
     c.every_split_written = rv.kernel != nullptr;
     if (dev.cc >= 90) {  // launched while the main kernel runs (programmatic dependent launch)
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(p.heads, p.batch);
-      cfg.blockDim = dim3(kCombineThreads);
-      cfg.stream = s;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-      attr[0].val.programmaticStreamSerializationAllowed = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      cudaLaunchKernelEx(&cfg, mla_combine_kernel, c);
+      cudaLaunchAttribute attr = {};
+      attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr.val.programmaticStreamSerializationAllowed = 1;
+      launch_with(mla_combine_kernel, dim3(p.heads, p.batch), kCombineThreads, 0, s, attr, c);
     } else {
       mla_combine_kernel<<<dim3(p.heads, p.batch), kCombineThreads, 0, s>>>(c);
     }
