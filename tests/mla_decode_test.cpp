@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <random>
 
 #include "infer/latent_pool.h"
@@ -47,9 +48,14 @@ struct DecodeErrors {
   double lse = 0;  // largest absolute error of m + log2(l)
 };
 
-// A pool with a few sequences of different lengths and left padding, written through shuffled block
-// tables with mixed modalities; the errors of mla_decode (with its log-sum-exp) against the reference.
-DecodeErrors decode_error(const DecodeCase& c, uint64_t seed) {
+// A two-layer pool with a few sequences of different lengths and left padding, written through shuffled
+// block tables with mixed modalities, and the batch that attends them.
+struct CasePool {
+  std::unique_ptr<LatentPool> pool;
+  PagedBatch batch;
+};
+
+CasePool make_case_pool(const DecodeCase& c, uint64_t seed) {
   at::manual_seed(int64_t(seed));
   std::mt19937 rng{static_cast<unsigned>(seed)};
   const std::vector<int64_t> ends{37, 5, 130, 64}, begins{3, 0, 17, 0};
@@ -59,7 +65,9 @@ DecodeErrors decode_error(const DecodeCase& c, uint64_t seed) {
   opt.latent = c.latent;
   opt.block_size = c.block_size;
   opt.latent_group = 8;
-  LatentPool pool(2, c.kv_heads, c.rope_dim, c.latent_dim, B * max_blocks + 3, opt, c.device);
+  CasePool cp;
+  cp.pool = std::make_unique<LatentPool>(2, c.kv_heads, c.rope_dim, c.latent_dim, B * max_blocks + 3, opt, c.device);
+  LatentPool& pool = *cp.pool;
   pool.allocate(3);  // blocks not used by the batch
   at::Tensor table = at::full({B, max_blocks}, -1, at::kInt);
   for (int64_t b = 0; b < B; ++b) {
@@ -79,8 +87,17 @@ DecodeErrors decode_error(const DecodeCase& c, uint64_t seed) {
       pool.write(l, slots, at::randn({n, c.kv_heads, c.rope_dim}).to(c.device),
                  (at::randn({n, c.latent_dim}) * 2).to(c.device));
   }
-  PagedBatch batch{table.to(c.device), at::tensor(std::vector<int32_t>(begins.begin(), begins.end())).to(c.device),
-                   at::tensor(std::vector<int32_t>(ends.begin(), ends.end())).to(c.device)};
+  cp.batch = PagedBatch{table.to(c.device), at::tensor(std::vector<int32_t>(begins.begin(), begins.end())).to(c.device),
+                        at::tensor(std::vector<int32_t>(ends.begin(), ends.end())).to(c.device)};
+  return cp;
+}
+
+// The errors of mla_decode (with its log-sum-exp) against the reference on make_case_pool's pool.
+DecodeErrors decode_error(const DecodeCase& c, uint64_t seed) {
+  const CasePool cp = make_case_pool(c, seed);
+  const LatentPool& pool = *cp.pool;
+  const PagedBatch& batch = cp.batch;
+  const int64_t B = batch.block_table.size(0);
   at::Tensor q_rope = at::randn({B, c.heads, c.rope_dim}, at::kDouble).to(c.device);
   // Latent queries scaled down past 256 columns so that the scores keep the same spread at every width (a
   // softmax that is nearly one-hot tests little, and the float32 error of the log-sum-exp grows with it).
@@ -218,6 +235,54 @@ TEST(LatentPool, BlocksComeBackAndExhaustionIsAnError) {
   EXPECT_THROW(pool.allocate(2), std::exception);
   pool.release(a);
   EXPECT_EQ(pool.free_blocks(), 3);
+}
+
+// The bf16 copy that CUDA decodes quantized wide latents over (mla_decode): every attended position holds what
+// the pool reads back in bf16, its block table leads there, and the CPU kernel over the copy gives the
+// reference's result on the quantized pool to bf16 rounding.
+TEST(MlaDecode, DenseBf16CopyHoldsWhatTheBatchAttends) {
+  for (KvFormat rope : {KvFormat::BF16, KvFormat::Int8}) {
+    for (KvFormat latent : {KvFormat::Int8, KvFormat::Int4}) {
+      const DecodeCase c{8, 2, 16, 64, 16, rope, latent, at::kCPU};
+      const CasePool cp = make_case_pool(c, 11);
+      const LatentPool& pool = *cp.pool;
+      const PagedBatch& batch = cp.batch;
+      const int64_t B = batch.block_table.size(0), S = batch.seq_end.max().item<int64_t>();
+      const DenseBf16Copy dense = dense_bf16_copy(pool, 1, batch);
+      ASSERT_EQ(dense.latent.scalar_type(), at::kBFloat16);
+      at::Tensor pool_slots = position_slots(batch.block_table, c.block_size, S);  // [B, S]
+      at::Tensor dense_slots = position_slots(dense.block_table, c.block_size, S);
+      auto rows = [](const at::Tensor& t, const at::Tensor& slots) {
+        return t.reshape({t.size(0) * t.size(1), -1}).index_select(0, slots.reshape({-1}));
+      };
+      at::Tensor valid = (at::arange(S).view({1, S}) >= batch.seq_begin.to(at::kLong).view({B, 1})) &
+                         (at::arange(S).view({1, S}) < batch.seq_end.to(at::kLong).view({B, 1}));
+      at::Tensor v = valid.reshape({-1});
+      EXPECT_TRUE(at::equal(rows(dense.latent, dense_slots).index({v}),
+                            pool.read_latent(1, pool_slots, at::kBFloat16).reshape({B * S, -1}).index({v})));
+      EXPECT_TRUE(at::equal(rows(dense.k_rope, dense_slots).index({v}),
+                            pool.read_k_rope(1, pool_slots, at::kBFloat16).reshape({B * S, -1}).index({v})));
+      EXPECT_TRUE(at::equal(rows(dense.is_image, dense_slots).index({v}).to(at::kBool).reshape({-1}),
+                            pool.read_modality(pool_slots).reshape({-1}).index({v})));
+
+      at::Tensor q_rope = at::randn({B, c.heads, c.rope_dim});
+      at::Tensor q_latent = at::randn({B, c.heads, 2, c.latent_dim}) * 0.3;
+      at::Tensor begin = batch.seq_begin.to(at::kInt).contiguous(), end = batch.seq_end.to(at::kInt).contiguous();
+      at::Tensor out = at::empty({B, c.heads, 2, c.latent_dim});
+      MlaDecodeParams p = dense.params(pool.kernel_params(1));
+      p.batch = int32_t(B);
+      p.heads = int32_t(c.heads);
+      p.scale = 0.125f;
+      p.q_rope = q_rope.data_ptr<float>();
+      p.q_latent = q_latent.data_ptr<float>();
+      p.seq_begin = begin.data_ptr<int32_t>();
+      p.seq_end = end.data_ptr<int32_t>();
+      p.out = out.data_ptr<float>();
+      mla_decode_cpu(p);
+      at::Tensor ref = mla_decode_reference(pool, 1, q_rope.to(at::kDouble), q_latent.to(at::kDouble), batch, 0.125);
+      EXPECT_LE(rel_err(out, ref), 1e-2) << kv_format_name(rope) << " " << kv_format_name(latent);
+    }
+  }
 }
 
 TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {

@@ -279,6 +279,31 @@ at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at:
   return modality_sums(p, C, img);  // [B, h, 2, R]
 }
 
+DenseBf16Copy dense_bf16_copy(const LatentPool& pool, int64_t layer, const PagedBatch& batch) {
+  const int64_t B = batch.block_table.size(0), max_blocks = batch.block_table.size(1), bs = pool.block_size();
+  const int64_t S = max_blocks * bs;
+  at::Tensor slots = position_slots(batch.block_table, bs, S);  // [B, S]; past seq_end: never attended
+  DenseBf16Copy d;
+  d.k_rope = pool.read_k_rope(layer, slots, at::kBFloat16).reshape({B * max_blocks, bs, pool.kv_heads(), pool.rope_dim()});
+  d.latent = pool.read_latent(layer, slots, at::kBFloat16).reshape({B * max_blocks, bs, pool.latent_dim()});
+  d.is_image = pool.read_modality(slots).to(at::kByte).reshape({B * max_blocks, bs});
+  d.block_table = at::arange(B * max_blocks, batch.block_table.options().dtype(at::kInt)).view({B, max_blocks});
+  return d;
+}
+
+MlaDecodeParams DenseBf16Copy::params(MlaDecodeParams p) const {
+  p.rope_format = KvFormat::BF16;
+  p.latent_format = KvFormat::BF16;
+  p.k_rope = k_rope.data_ptr();
+  p.k_rope_scale = nullptr;
+  p.latent = latent.data_ptr();
+  p.latent_scale = nullptr;
+  p.is_image = is_image.data_ptr<uint8_t>();
+  p.block_table = block_table.data_ptr<int32_t>();
+  p.max_blocks = int32_t(block_table.size(1));
+  return p;
+}
+
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
                       const PagedBatch& batch, double scale, at::Tensor* lse) {
   check_decode_args(pool, q_rope, q_latent, batch);
@@ -307,6 +332,20 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
     return out;
   }
 #ifdef MLAFORGE_WITH_CUDA
+  // A quantized cache that only the CUDA-core kernel takes while its bf16 twin would run the two-pass kernels
+  // (Int8/Int4 latents too wide for one CTA: ~40x slower at llava-1.5-7b's latent 1024) is decoded over a bf16
+  // copy of what the step attends (transient: one layer at a time), until the two-pass kernels read quantized
+  // chunks themselves. F32 parts keep the exact CUDA-core kernel.
+  DenseBf16Copy dense;
+  if ((quantized(p.rope_format) || quantized(p.latent_format)) && p.rope_format != KvFormat::F32 &&
+      p.latent_format != KvFormat::F32) {
+    MlaDecodeParams as_bf16 = p;
+    as_bf16.rope_format = as_bf16.latent_format = KvFormat::BF16;
+    if (mla_decode_cuda_kernel(p) == MlaCudaKernel::CudaCore && mla_decode_cuda_kernel(as_bf16) == MlaCudaKernel::TwoPass) {
+      dense = dense_bf16_copy(pool, layer, batch);
+      p = dense.params(p);
+    }
+  }
   at::Tensor workspace = at::empty({mla_decode_cuda_workspace_bytes(p)}, qr.options().dtype(at::kByte));
   mla_decode_cuda(p, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   return out;

@@ -104,6 +104,21 @@ at::Tensor mla_decode_reference(const LatentPool& pool, int64_t layer, const at:
 at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q_rope, const at::Tensor& q_latent,
                       const PagedBatch& batch, double scale, at::Tensor* lse = nullptr);
 
+// What one decoding step attends through `batch`, read back from one layer of the pool in bf16 (dequantized)
+// and laid out as a dense pool of its own: sequence b's positions [0, max_blocks * block_size) in blocks
+// b * max_blocks .. (b + 1) * max_blocks - 1, which `block_table` [B, max_blocks] int32 names. For caches that
+// the CUDA kernels have no tensor-core path for in their stored format (Int8/Int4 latents too wide for the
+// one-pass kernels): the bf16 two-pass kernels run over this copy instead of the CUDA-core kernel.
+struct DenseBf16Copy {
+  at::Tensor k_rope;       // [B * max_blocks, block_size, kv_heads, rope_dim] bf16
+  at::Tensor latent;       // [B * max_blocks, block_size, latent_dim] bf16
+  at::Tensor is_image;     // [B * max_blocks, block_size] uint8
+  at::Tensor block_table;  // [B, max_blocks] int32
+  // `p` (the pool's kernel parameters for the layer) redirected to this copy.
+  MlaDecodeParams params(MlaDecodeParams p) const;
+};
+DenseBf16Copy dense_bf16_copy(const LatentPool& pool, int64_t layer, const PagedBatch& batch);
+
 // Recent positions kept unquantized beside the pool (--kv-window), one layer's view: rope [B, W, g, 2r],
 // latent [B, W, R] in any float dtype, img [B, W] bool, valid [B, W] bool (the slots attended, none of
 // them inside the pool range of the same decode).

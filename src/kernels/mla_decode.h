@@ -73,6 +73,9 @@ void mla_decode_cpu(const MlaDecodeParams& p);
 // holds at least mla_decode_cuda_workspace_bytes(p) bytes of device memory; `stream` is a cudaStream_t.
 int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p);
 void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream);
+// Which kernel mla_decode_cuda runs for p on the current device (the first that applies, as it launches them).
+enum class MlaCudaKernel { RowPair, TensorCore, TwoPass, CudaCore, None };
+MlaCudaKernel mla_decode_cuda_kernel(const MlaDecodeParams& p);
 #endif
 
 }  // namespace mlaforge

@@ -2987,6 +2987,24 @@ bool params_usable(const MlaDecodeParams& p) {
          p.block_size > 0 && p.max_blocks > 0;
 }
 
+// The first main kernel that applies, in launch order: row-pair, tensor-core, two-pass (then the CUDA-core
+// kernel, planned at launch). MLAFORGE_MLA_CUDA_PATH=tc skips the row-pair kernel, =cc all three.
+struct MainPlans {
+  RvPlan rv;
+  TcPlan tc;
+  WidePlan wide;
+};
+
+MainPlans plan_main(const MlaDecodeParams& p, const DeviceInfo& dev) {
+  MainPlans m;
+  if (!forced_path("cc") && !forced_path("tc")) m.rv = plan_rowpair(p, dev);
+  if (m.rv.kernel == nullptr && !forced_path("cc")) {
+    m.tc = plan_tc(p, dev, choose_splits(p, dev.sms));
+    if (m.tc.kernel == nullptr) m.wide = plan_wide(p, dev);
+  }
+  return m;
+}
+
 }  // namespace
 
 int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
@@ -2997,6 +3015,16 @@ int64_t mla_decode_cuda_workspace_bytes(const MlaDecodeParams& p) {
   return wide.ok ? wide_offset(p, dev) + wide.bytes : partial_bytes(p, choose_splits(p, dev.sms));
 }
 
+MlaCudaKernel mla_decode_cuda_kernel(const MlaDecodeParams& p) {
+  if (!params_usable(p)) return MlaCudaKernel::None;
+  const DeviceInfo dev = device_info();
+  const MainPlans m = plan_main(p, dev);
+  if (m.rv.kernel != nullptr) return MlaCudaKernel::RowPair;
+  if (m.tc.kernel != nullptr) return MlaCudaKernel::TensorCore;
+  if (m.wide.ok) return MlaCudaKernel::TwoPass;
+  return plan_cc(p, dev).kernel != nullptr ? MlaCudaKernel::CudaCore : MlaCudaKernel::None;
+}
+
 // Launches on `stream` without synchronising. Parameters the kernels cannot handle (heads not a multiple of
 // kv_heads, odd sizes, latent_dim > what fits in shared memory) launch nothing; the ATen entry point checks
 // them before calling.
@@ -3005,15 +3033,11 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   const DeviceInfo dev = device_info();
   // The first kernel that applies: row-pair, tensor-core, two-pass, CUDA-core.
-  RvPlan rv;
-  TcPlan tc;
-  WidePlan wide;
-  if (!forced_path("cc") && !forced_path("tc")) rv = plan_rowpair(p, dev);
+  MainPlans m = plan_main(p, dev);
+  RvPlan& rv = m.rv;
+  TcPlan& tc = m.tc;
+  WidePlan& wide = m.wide;
   const int two_per_sm = choose_splits(p, dev.sms);  // the tensor-core and CUDA-core kernels' splits
-  if (rv.kernel == nullptr && !forced_path("cc")) {
-    tc = plan_tc(p, dev, two_per_sm);
-    if (tc.kernel == nullptr) wide = plan_wide(p, dev);
-  }
   const int splits = rv.kernel != nullptr ? rv.splits : wide.ok ? wide.splits : two_per_sm;
   float* part_acc = nullptr;
   float2* part_ml = nullptr;
