@@ -828,7 +828,6 @@ struct RvArgs {
   int smem_bytes;     // kRvConsumers * kRvStages * stage_bytes
   bool merge;         // launched cooperatively: the CTAs merge the splits themselves (merge_splits_in_grid)
   int consumer_bytes; // one consumer's shared memory: its ring, then two sets of dequantised tiles (quantised)
-  int lat_group;      // Int8/Int4 latent: values per scale (a multiple of 8); 128 / lat_group scales per token
   RowPairLayout layout;  // a stage's parts when one is stored quantised
 };
 
@@ -1064,7 +1063,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
     }
     if constexpr (kLatQ) {
       copy_quantised(st + off_lat, p.latent, std::integral_constant<int, row_bytes_128(LF)>{}, st + a.layout.lat_scales,
-                     p.latent_scale, kR / a.lat_group);
+                     p.latent_scale, kR / p.latent_group);
     } else {
       copy_tile(st + off_lat, p.latent, std::integral_constant<int, kLatChunks>{});
     }
@@ -1149,7 +1148,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
                                 tid_c, v_lo, v_hi);
       if constexpr (kLatQ)
         dequantise_tile_128<LF>(st + off_lat, reinterpret_cast<const uint16_t*>(st + a.layout.lat_scales),
-                                dq_set + (kRopeQ ? kRopeBytes : 0), a.lat_group, tid_c, v_lo, v_hi);
+                                dq_set + (kRopeQ ? kRopeBytes : 0), p.latent_group, tid_c, v_lo, v_hi);
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores, before wgmma reads them
       named_barrier(1 + consumer, kThreadsC);
     }
@@ -2832,7 +2831,6 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   // bytes (RowPairLayout); after each consumer's ring its two sets of dequantised bf16 tiles.
   const int tiles = wgmma ? 2 * kTile * 128 * 2 : 2 * kTile * (128 * 2 + 16);
   constexpr int kTile128 = kTile * 128 * 2;  // a bf16 tile of 128 values per token
-  a.lat_group = lat_q ? p.latent_group : 0;
   if (quant) {
     RowPairLayout& l = a.layout;
     int off = 0;
