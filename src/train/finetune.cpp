@@ -49,7 +49,9 @@ struct ForcedBatch {
   int64_t tokens = 0;  // real tokens in the batch
 };
 
-ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, const std::vector<size_t>& pick) {
+// text_positions: also list every real text position (text_where), for --kl-positions text.
+ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, const std::vector<size_t>& pick,
+                         bool text_positions) {
   std::vector<Prompt> prompts;
   std::vector<std::vector<int64_t>> answers;
   for (size_t i : pick) {
@@ -87,17 +89,17 @@ ForcedBatch forced_batch(const Vlm& m, const std::vector<Conversation>& rows, co
   }
   f.where = at::tensor(where, at::kLong);
   f.targets = at::tensor(targets, at::kLong);
-  f.text_where = (f.batch.valid & f.batch.is_image.logical_not()).reshape({-1}).nonzero().squeeze(1).cpu();
+  if (text_positions) f.text_where = (f.batch.valid & f.batch.is_image.logical_not()).reshape({-1}).nonzero().squeeze(1);
   return f;
 }
 
 struct Outputs {
   at::Tensor logits;                 // [N, V] at the answer positions
-  at::Tensor text_logits;            // [M, V] at every real text position (when asked)
+  at::Tensor text_logits;            // [M, V] at every real text position (when the batch lists them)
   std::vector<at::Tensor> attention; // per layer [B, T, d] (when asked)
 };
 
-Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention, bool text_logits = false) {
+Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool attention) {
   const Batch& b = f.batch;  // on the model's device (make_batch put it there)
   CacheOptions expanded;  // training runs the expanded form (DESIGN.md section 3)
   expanded.expanded = true;
@@ -108,7 +110,7 @@ Outputs run(const Vlm& m, const ForcedBatch& f, const at::Device& dev, bool atte
   at::Tensor h = m.prefill(b, cache, taps);
   at::Tensor flat = h.reshape({-1, h.size(-1)});
   o.logits = m.decoder().logits(flat.index_select(0, f.where.to(dev))).to(at::kFloat);
-  if (text_logits) o.text_logits = m.decoder().logits(flat.index_select(0, f.text_where.to(dev))).to(at::kFloat);
+  if (f.text_where.defined()) o.text_logits = m.decoder().logits(flat.index_select(0, f.text_where.to(dev))).to(at::kFloat);
   return o;
 }
 
@@ -241,9 +243,9 @@ FinetuneResult finetune(const FinetuneOptions& o) {
     double ce_sum = 0, kl_sum = 0, mse_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
-      ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a));
+      ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a), kl_text);
       step_tokens += f.tokens;
-      Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse", kl_text);
+      Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse");
       at::Tensor logp = at::log_softmax(s.logits, -1);
       at::Tensor targets = f.targets.to(dev);
       at::Tensor ce = -logp.gather(1, targets.unsqueeze(1)).mean();
@@ -252,7 +254,7 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         Outputs t;
         {
           at::NoGradGuard no_grad;
-          t = run(*teacher, f, dev, o.loss == "ce+attn-mse", kl_text);
+          t = run(*teacher, f, dev, o.loss == "ce+attn-mse");
         }
         if (o.loss == "ce+kl") {
           at::Tensor tlogp = at::log_softmax(kl_text ? t.text_logits : t.logits, -1);
