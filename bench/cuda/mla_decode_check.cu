@@ -46,6 +46,9 @@ using mlaforge::MlaDecodeParams;
     }                                                                                             \
   } while (0)
 
+#ifdef MLAFORGE_PROBE_TIMELINE
+namespace mlaforge { void mla_probe_timeline_dump(int ctas); }
+#endif
 namespace {
 
 // ---- host number formats --------------------------------------------------------------------------------
@@ -596,8 +599,9 @@ std::vector<Case> make_cases(bool quick) {
   }
   cases.push_back({"h32_kv8_r32_R256_ctx8192_b16", 32, 8, 32, 256, 32, 64, F::BF16, F::BF16,
                    std::vector<int>(16, 0), std::vector<int>(16, 8192), 0.4f, true, 2});
-  // llava-1.5-7b (MHA) at 4 (and 8) rotary pairs and dkv 8 per head: the MHA row-pair kernel, 8K and 32K x 16.
-  for (int ctx : {8192, 32768})
+  // llava-1.5-7b (MHA) at 4 (and 8) rotary pairs and dkv 8 per head: the MHA row-pair kernel, 1K to 32K x 16 (the
+  // time against the context gives the kernel's fixed cost per call and its streaming rate).
+  for (int ctx : {1024, 2048, 4096, 8192, 16384, 32768})
     cases.push_back({"llava7b_r4d8_ctx" + std::to_string(ctx) + "_b16", 32, 32, 8, 256, 32, 64, F::BF16, F::BF16,
                      std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
   cases.push_back({"llava7b_r8d8_ctx8192_b16", 32, 32, 16, 256, 32, 64, F::BF16, F::BF16, std::vector<int>(16, 0),
@@ -680,6 +684,10 @@ int main(int argc, char** argv) {
         const double gbs = static_cast<double>(h.bytes_read) / (us * 1e-6) / 1e9;
         std::printf("  %8.1f us  read %7.1f MB  %6.0f GB/s  copy %5.0f GB/s  ratio %.2f", us, h.bytes_read / 1e6, gbs,
                     copy_gbs, gbs / copy_gbs);
+#ifdef MLAFORGE_PROBE_TIMELINE
+        std::printf("\n");
+        mlaforge::mla_probe_timeline_dump(1024);
+#endif
       }
       std::printf("\n");
       std::fflush(stdout);

@@ -166,6 +166,21 @@ __device__ __forceinline__ void wait_for_prerequisite_grid() {
 #endif
 }
 
+#ifdef MLAFORGE_PROBE_TIMELINE
+// Diagnostic build only: per-CTA global-timer stamps at the MHA row-pair kernel's phases (thread 0 of each CTA).
+__device__ unsigned long long g_probe[1024][8];
+__device__ __forceinline__ void probe_stamp(int k) {
+  if (threadIdx.x == 0) {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    g_probe[blockIdx.y * gridDim.x + blockIdx.x][k] = t;
+  }
+}
+#define MLAFORGE_PROBE(k) probe_stamp(k)
+#else
+#define MLAFORGE_PROBE(k)
+#endif
+
 // Max of v[0..7] over the 8 lanes 8k..8k+7 that share a softmax row (all 32 lanes take part).
 __device__ __forceinline__ float max_over_8_lanes(const float (&v)[8]) {
   float mx = v[0];
@@ -202,48 +217,189 @@ __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, co
   return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
 }
 
+// Shared memory merge_splits_in_grid uses (the ring's, free by then): the weights of the CTA's rows' splits,
+// each row's 1/total, and one float4 per thread for the split-group partial sums. At most 2*heads + splits
+// weights (rows of a CTA: ceil((2*heads - split) / splits)).
+__host__ __device__ constexpr int merge_rows_per_cta(int heads, int splits) { return (2 * heads + splits - 1) / splits; }
+inline int merge_smem_bytes(int heads, int splits, int threads) {
+  const int rows = merge_rows_per_cta(heads, splits);
+  return (rows * splits + rows + 3) / 4 * 16 + threads * 16;
+}
+
+// merge_splits_in_grid where a sequence has at most kMergeBurst splits (the batch-16 calls): a thread per (row,
+// float4 column), two at a time, loads every split's (max, sum) of its rows and every split's values at once (one
+// L2 round trip, ~100 registers), and finds the max, the weights and the total itself (the 64 threads of a row
+// repeat that arithmetic rather than wait for shared memory).
+constexpr int kMergeBurst = 8;
+template <int kR>
+__device__ __forceinline__ void merge_few_splits(const MlaDecodeParams& p, const Splits& sp, int heads, int b, int split, int rows,
+                                                 int tid, int threads) {
+  constexpr int kVec = kR / 4;
+  const int splits = sp.num_splits;
+  const int64_t slot0 = static_cast<int64_t>(b) * splits;
+  const int64_t split_stride = static_cast<int64_t>(heads) * 2 * kR;
+  const float2* ml = sp.part_ml + slot0 * heads;  // [splits][heads]
+  float* out_b = p.out + static_cast<int64_t>(b) * heads * 2 * kR;
+  const int items = rows * kVec;
+  for (int i0 = tid; i0 < items; i0 += 2 * threads) {
+    int row[2], c4[2];
+    bool live[2];
+    float2 m_l[2][kMergeBurst];
+    float4 v[2][kMergeBurst];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int i = i0 + u * threads;
+      live[u] = i < items;
+      row[u] = split + splits * (live[u] ? i / kVec : 0);
+      c4[u] = i % kVec;
+      const float4* x = reinterpret_cast<const float4*>(sp.part_acc + slot0 * split_stride + static_cast<int64_t>(row[u]) * kR) + c4[u];
+#pragma unroll
+      for (int s = 0; s < kMergeBurst; ++s) {
+        const bool ok = live[u] && s < splits;
+        m_l[u][s] = ok ? __ldcg(ml + s * heads + (row[u] >> 1)) : make_float2(-INFINITY, 0.f);
+        v[u][s] = ok ? __ldcg(x + s * (split_stride / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      if (!live[u]) continue;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int s = 0; s < kMergeBurst; ++s) mx = fmaxf(mx, m_l[u][s].x);
+      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+      float total = 0.f;
+#pragma unroll
+      for (int s = 0; s < kMergeBurst; ++s) {
+        const float w = m_l[u][s].x == -INFINITY ? 0.f : m_l[u][s].y * exp2f(m_l[u][s].x - mx);
+        total += w;
+        acc.x += w != 0.f ? w * v[u][s].x : 0.f;
+        acc.y += w != 0.f ? w * v[u][s].y : 0.f;
+        acc.z += w != 0.f ? w * v[u][s].z : 0.f;
+        acc.w += w != 0.f ? w * v[u][s].w : 0.f;
+      }
+      const float f = total > 0.f ? 1.f / total : 0.f;
+      reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row[u]) * kR)[c4[u]] =
+          make_float4(acc.x * f, acc.y * f, acc.z * f, acc.w * f);
+      if (p.lse != nullptr && (row[u] & 1) == 0 && c4[u] == 0)
+        reinterpret_cast<float2*>(p.lse)[static_cast<int64_t>(b) * heads + (row[u] >> 1)] = make_float2(mx, total);
+    }
+  }
+}
+
 // The combine's merge inside a main kernel launched cooperatively (every CTA resident at once): after a grid-wide
 // barrier (all partial results written), the CTA of split `split` of sequence b merges rows split, split +
 // splits, ... of b's [heads, 2, kR] output from the partial results, as mla_combine_kernel does (every split
-// written: empty ones hold (-inf, 0)), and for even rows the log-sum-exp. Spread over all the sequence's CTAs,
-// the merge costs ~4 us inside llava r4/dkv8's kernel at 8K x 16 where the combine kernel took 7 us, and at
-// 32K x 1 (128 splits) the call takes 30 us instead of 39. All threads of every CTA call it.
+// written: empty ones hold (-inf, 0)), and for even rows the log-sum-exp. `smem` is the kernel's shared memory
+// (merge_smem_bytes of it), free once the CTA is past its main loop. All threads of every CTA call it.
+//
+// Latency is what it costs (a few MB at most, read from L2), so it is laid out for few dependent L2 round trips.
+// With at most kMergeBurst splits (batch 16) merge_few_splits takes one. With more (batch 1: up to 128 splits):
+//  1. every thread loads at most a couple of the CTA's rows' (max, sum) pairs into shared memory, all at once;
+//  2. a warp per row turns them into weights w_s = sum_s * 2^(max_s - max) and 1/total, in shared memory;
+//  3. a thread per (row, float4 column, group of splits) issues its splits' value loads 8 at a time; where the
+//     CTA has fewer (row, column) items than threads (batch 1: 128 splits, one row per CTA) the splits are
+//     divided among groups of threads summed through shared memory (32K x 1: 21-22 us a call, 30 before).
+// Each split's rows were written by another CTA: __ldcg reads them from L2, never a stale L1 line. A split of
+// weight 0 (empty, or its max -inf) is loaded but selected away, never multiplied (its accumulators may be
+// anything).
 template <int kR>
 __device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, const Splits& sp, int heads, int b, int split, int tid,
-                                                  int threads) {
+                                                  int threads, unsigned char* smem) {
   cooperative_groups::this_grid().sync();  // orders every CTA's partial results before the reads below
+  MLAFORGE_PROBE(5);
   constexpr int kVec = kR / 4;             // float4 per row
+  constexpr int kBurst = kMergeBurst;      // value loads in flight per thread
   const int splits = sp.num_splits;
+  const int rows = split < 2 * heads ? (2 * heads - split + splits - 1) / splits : 0;  // this CTA's rows
+  if (rows == 0) return;                                                               // uniform over the CTA
   const int64_t slot0 = static_cast<int64_t>(b) * splits;
   const int64_t split_stride = static_cast<int64_t>(heads) * 2 * kR;  // floats between two splits' rows
-  float* out_b = p.out + static_cast<int64_t>(b) * heads * 2 * kR;
-  const int c4 = tid % kVec;
-  for (int k = tid / kVec; split + splits * k < 2 * heads; k += threads / kVec) {
-    const int row = split + splits * k, h = row >> 1;
-    const float2* ml = sp.part_ml + slot0 * heads + h;  // split s at ml[s * heads]
+  if (splits <= kBurst) {
+    merge_few_splits<kR>(p, sp, heads, b, split, rows, tid, threads);
+    return;
+  }
+  float* weight = reinterpret_cast<float*>(smem);                     // [rows][splits], then [rows] 1/total
+  float* inv_total = weight + rows * splits;
+  float4* partial = reinterpret_cast<float4*>(smem) + (rows * splits + rows + 3) / 4;  // [threads]
+  const float2* ml = sp.part_ml + slot0 * heads;                                      // [splits][heads]
+
+  // 1. (max, sum) of row k's head in split s -> staged[k * splits + s] (in `partial`'s space).
+  float2* staged = reinterpret_cast<float2*>(partial);  // [rows * splits] <= threads * 2 float2
+  for (int i = tid; i < rows * splits; i += threads) {
+    const int k = i / splits, s = i % splits, h = (split + splits * k) >> 1;
+    staged[i] = __ldcg(ml + static_cast<int64_t>(s) * heads + h);
+  }
+  __syncthreads();
+  // 2. A warp per row: the max over splits, the weights, 1/total; the log-sum-exp for even rows.
+  const int warp = tid >> 5, lane = tid & 31;
+  for (int k = warp; k < rows; k += threads / 32) {
     float mx = -INFINITY;
-    for (int s = 0; s < splits; ++s) mx = fmaxf(mx, __ldcg(ml + s * heads).x);
-    // Another CTA wrote these rows: __ldcg reads them from L2, never a stale L1 line. A split of weight 0 is
-    // loaded but selected away, never multiplied (its accumulators may be anything).
-    const float4* x = reinterpret_cast<const float4*>(sp.part_acc + slot0 * split_stride + static_cast<int64_t>(row) * kR) + c4;
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, staged[k * splits + s].x);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float total = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      const float2 m_l = __ldcg(ml + s * heads);
-      const float4 v = __ldcg(x + s * (split_stride / 4));
+    for (int s = lane; s < splits; s += 32) {
+      const float2 m_l = staged[k * splits + s];
       const float w = m_l.x == -INFINITY ? 0.f : m_l.y * exp2f(m_l.x - mx);
+      weight[k * splits + s] = w;
       total += w;
-      acc.x += w != 0.f ? w * v.x : 0.f;
-      acc.y += w != 0.f ? w * v.y : 0.f;
-      acc.z += w != 0.f ? w * v.z : 0.f;
-      acc.w += w != 0.f ? w * v.w : 0.f;
     }
-    const float inv_total = total > 0.f ? 1.f / total : 0.f;
-    reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row) * kR)[c4] =
-        make_float4(acc.x * inv_total, acc.y * inv_total, acc.z * inv_total, acc.w * inv_total);
-    if (p.lse != nullptr && (row & 1) == 0 && c4 == 0)
-      reinterpret_cast<float2*>(p.lse)[static_cast<int64_t>(b) * heads + h] = make_float2(mx, total);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    if (lane == 0) {
+      inv_total[k] = total > 0.f ? 1.f / total : 0.f;
+      const int row = split + splits * k;
+      if (p.lse != nullptr && (row & 1) == 0)
+        reinterpret_cast<float2*>(p.lse)[static_cast<int64_t>(b) * heads + (row >> 1)] = make_float2(mx, total);
+    }
+  }
+  __syncthreads();  // weights ready; `staged` (in `partial`) is free again
+
+  // 3. The weighted sums. groups: split groups per (row, column) item, a power of two, each >= kBurst splits.
+  const int items = rows * kVec;
+  int groups = 1;
+  while (2 * groups * items <= threads && 2 * groups * kBurst <= splits) groups *= 2;
+  const int per_group = (splits + groups - 1) / groups;
+  float* out_b = p.out + static_cast<int64_t>(b) * heads * 2 * kR;
+  for (int i = tid; i < items * groups; i += threads) {  // one pass when groups > 1
+    const int item = i % items, grp = i / items, k = item / kVec, c4 = item % kVec;
+    const int row = split + splits * k;
+    const float4* x = reinterpret_cast<const float4*>(sp.part_acc + slot0 * split_stride + static_cast<int64_t>(row) * kR) + c4;
+    const float* w_row = weight + k * splits;
+    const int s_end = min(splits, (grp + 1) * per_group);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int s0 = grp * per_group; s0 < s_end; s0 += kBurst) {
+      float4 v[kBurst];
+#pragma unroll
+      for (int j = 0; j < kBurst; ++j)
+        v[j] = s0 + j < s_end ? __ldcg(x + (s0 + j) * (split_stride / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < kBurst; ++j) {
+        const float w = s0 + j < s_end ? w_row[s0 + j] : 0.f;
+        acc.x += w != 0.f ? w * v[j].x : 0.f;
+        acc.y += w != 0.f ? w * v[j].y : 0.f;
+        acc.z += w != 0.f ? w * v[j].z : 0.f;
+        acc.w += w != 0.f ? w * v[j].w : 0.f;
+      }
+    }
+    if (groups == 1) {
+      const float f = inv_total[k];
+      reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row) * kR)[c4] = make_float4(acc.x * f, acc.y * f, acc.z * f, acc.w * f);
+    } else {
+      partial[i] = acc;
+    }
+  }
+  if (groups == 1) return;
+  __syncthreads();
+  for (int item = tid; item < items; item += threads) {
+    const int k = item / kVec, c4 = item % kVec, row = split + splits * k;
+    float4 acc = partial[item];
+    for (int grp = 1; grp < groups; ++grp) {
+      const float4 v = partial[grp * items + item];
+      acc.x += v.x, acc.y += v.y, acc.z += v.z, acc.w += v.w;
+    }
+    const float f = inv_total[k];
+    reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row) * kR)[c4] = make_float4(acc.x * f, acc.y * f, acc.z * f, acc.w * f);
   }
 }
 
@@ -1003,7 +1159,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     write_empty_split(dst, a.sp, H, kR, tid, kRvConsumers * kThreadsC);
-    if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC);
+    if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC, smem);
     return;
   }
   const int n_mine = (t_hi - t_lo - consumer + kRvConsumers - 1) / kRvConsumers;  // may be 0 for consumer 1
@@ -1071,13 +1227,6 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
     if (tid_c < kTile / 16) cp_async(st + off_img + tid_c * 16, p.is_image + row0 + tid_c * 16, 16, true);
   };
 
-  // Prologue: the first kRvStages-1 tiles in flight; the block of the next tile to issue read ahead.
-  for (int i = 0; i < kRvStages - 1; ++i) {
-    if (i < n_mine) issue(i, table[(tile_of(i) * kTile) >> a.block_shift]);
-    cp_async_commit();
-  }
-  int next_blk = kRvStages - 1 < n_mine ? table[(tile_of(kRvStages - 1) * kTile) >> a.block_shift] : 0;
-
   // Queries as A fragments, in registers for the whole kernel. Row g: text query of head 8*warp_c + g;
   // row g + 8: its image query. Rotary part: the block-diagonal rotary query (head h in the columns of its
   // KV head), both rows the same.
@@ -1105,6 +1254,14 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
       qr[i][2] = qr[i][3] = pack_bf16x2(val(c + 8), val(c + 9));
     }
   }
+  // Prologue, after the queries: the first kRvStages-1 tiles in flight; the block of the next tile to issue read
+  // ahead. (Queries loaded after the copies wait behind them: the MHA kernel's prologue took 9.7 us at 8K x 16
+  // that way, 4.6 us this way; timeline probe, MLAFORGE_PROBE_TIMELINE.)
+  for (int i = 0; i < kRvStages - 1; ++i) {
+    if (i < n_mine) issue(i, table[(tile_of(i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  int next_blk = kRvStages - 1 < n_mine ? table[(tile_of(kRvStages - 1) * kTile) >> a.block_shift] : 0;
   // ldmatrix row addresses of this lane: score B tiles (tokens x features, 4 matrices: tokens 0-7 / 8-15 x
   // chunks 0 / 1 of the k-step) and accumulation B tiles (the same storage read transposed).
   const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_chunk = (lane >> 3) & 1;
@@ -1304,7 +1461,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
       }
     }
   }
-  if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC);
+  if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC, smem);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -1374,6 +1531,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
+  MLAFORGE_PROBE(0);
   const int tid = threadIdx.x, lane = tid & 31;
   const int wg = tid >> 7, tid_w = tid & 127, warp = tid_w >> 5;
   const int g = lane >> 2, q4 = lane & 3;
@@ -1387,7 +1545,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     write_empty_split(dst, a.sp, kMhaHeads, kMhaR, tid, kMhaThreads);
-    if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads);
+    if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads, smem);
     return;
   }
   const int n = t_hi - t_lo;
@@ -1415,12 +1573,6 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     }
     if (tid < kTile / 16) cp_async(st + kMhaRopeBytes + kMhaLatBytes + tid * 16, p.is_image + row0 + tid * 16, 16, true);
   };
-  for (int i = 0; i < kMhaStages - 1; ++i) {
-    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
-    cp_async_commit();
-  }
-  int next_blk = kMhaStages - 1 < n ? table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift] : 0;
-
   // Latent queries as A fragments (row g: text query of `head`, row g + 8: its image query), and the head's
   // rotary query in fp32.
   uint32_t qa[kLatSteps][4];
@@ -1444,16 +1596,26 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     }
   }
 
+  // The first tiles in flight, after the queries' loads (issued after the copies they would wait behind them).
+  for (int i = 0; i < kMhaStages - 1; ++i) {
+    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  int next_blk = kMhaStages - 1 < n ? table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift] : 0;
   float o[kOBlocks][4];
 #pragma unroll
   for (int j = 0; j < kOBlocks; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[j][e] = 0.f;
   float m_run = -INFINITY, l_run = 0.f;
+  MLAFORGE_PROBE(1);
 
   for (int i = 0; i < n; ++i) {
     cp_async_wait(kMhaStages - 2);
     __syncthreads();  // tile i has landed for all
+#ifdef MLAFORGE_PROBE_TIMELINE
+    if (i == 0) MLAFORGE_PROBE(2);
+#endif
     const unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
     const unsigned char* lat_t = st + kMhaRopeBytes;
     const unsigned char* img = lat_t + kMhaLatBytes;
@@ -1574,6 +1736,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   }
   wgmma_wait_all();
   cp_async_wait(0);
+  MLAFORGE_PROBE(3);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
   if (dst.ml != nullptr && wg == 0 && q4 == 0) dst.ml[head] = make_float2(m_run, l_run);
@@ -1585,7 +1748,9 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     *reinterpret_cast<float2*>(out + col) = make_float2(o[j][0] * inv_l, o[j][1] * inv_l);
     *reinterpret_cast<float2*>(out + kMhaR + col) = make_float2(o[j][2] * inv_l, o[j][3] * inv_l);
   }
-  if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads);
+  MLAFORGE_PROBE(4);
+  if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads, smem);
+  MLAFORGE_PROBE(6);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -2595,7 +2760,8 @@ int copy_granule(int row_bytes, const void* base) {
 
 // Forced path for testing and comparison: MLAFORGE_MLA_CUDA_PATH=cc runs the CUDA-core kernel, =tc the
 // tensor-core kernel (where it applies), =mma the row-pair kernel with mma.sync instead of wgmma, even where a
-// faster one applies.
+// faster one applies; =combine merges the row-pair kernel's splits in the combine kernel instead of in the
+// kernel after a grid-wide barrier.
 bool forced_path(const char* name) {
   const char* v = std::getenv("MLAFORGE_MLA_CUDA_PATH");
   return v != nullptr && std::strcmp(v, name) == 0;
@@ -2866,6 +3032,8 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   plan.threads = mha ? kMhaThreads : kRvConsumers * row_warps * 32;
   plan.kernel = mha ? rowpair_mha_kernel(rd) : rowpair_kernel(row_warps, wgmma, rf, lf);
   a.merge = plan.kernel != nullptr && plan.splits > 1 &&
+            merge_smem_bytes(p.heads, plan.splits, plan.threads) <= a.smem_bytes &&
+            merge_rows_per_cta(p.heads, plan.splits) * plan.splits <= 2 * plan.threads &&  // (max, sum) staging
             grid_fits_at_once(plan.kernel, plan.splits * p.batch, plan.threads, a.smem_bytes, dev);
   return plan;
 }
@@ -3091,5 +3259,28 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     }
   }
 }
+
+#ifdef MLAFORGE_PROBE_TIMELINE
+// Prints, for each stamp of the last launch, min / median / max over CTAs of (stamp - earliest CTA start), us.
+void mla_probe_timeline_dump(int ctas) {
+  static unsigned long long h[1024][8];
+  cudaDeviceSynchronize();
+  cudaMemcpyFromSymbol(h, g_probe, sizeof(h));
+  unsigned long long t0 = ~0ull;
+  for (int c = 0; c < ctas; ++c)
+    if (h[c][0] != 0) t0 = std::min(t0, h[c][0]);
+  static const char* names[7] = {"start", "prologue done", "tile 0 landed", "loop done", "partials written", "barrier passed", "merge done"};
+  for (int k = 0; k < 7; ++k) {
+    std::vector<double> v;
+    for (int c = 0; c < ctas; ++c)
+      if (h[c][k] >= t0 && h[c][k] - t0 < 10000000ull) v.push_back((h[c][k] - t0) * 1e-3);
+    if (v.empty()) continue;
+    std::sort(v.begin(), v.end());
+    std::printf("    probe %-20s min %7.2f  median %7.2f  max %7.2f us (%zu CTAs)\n", names[k], v.front(), v[v.size() / 2], v.back(), v.size());
+  }
+  std::memset(h, 0, sizeof(h));
+  cudaMemcpyToSymbol(g_probe, h, sizeof(h));
+}
+#endif
 
 }  // namespace mlaforge
