@@ -217,13 +217,27 @@ __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, co
   return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
 }
 
+// A split's weight in the merge of splits: sum * 2^(max - mx) for its (max, sum) against the merged max mx, 0 for an
+// empty split (max -inf).
+__device__ __forceinline__ float split_weight(float2 m_l, float mx) {
+  return m_l.x == -INFINITY ? 0.f : m_l.y * exp2f(m_l.x - mx);
+}
+// acc += w * v, with v selected away (never multiplied) where w is 0: an empty split's accumulators may be anything.
+__device__ __forceinline__ void add_weighted(float4& acc, float w, const float4& v) {
+  acc.x += w != 0.f ? w * v.x : 0.f;
+  acc.y += w != 0.f ? w * v.y : 0.f;
+  acc.z += w != 0.f ? w * v.z : 0.f;
+  acc.w += w != 0.f ? w * v.w : 0.f;
+}
+
 // Shared memory merge_splits_in_grid uses (the ring's, free by then): the weights of the CTA's rows' splits,
 // each row's 1/total, and one float4 per thread for the split-group partial sums. At most 2*heads + splits
 // weights (rows of a CTA: ceil((2*heads - split) / splits)).
-__host__ __device__ constexpr int merge_rows_per_cta(int heads, int splits) { return (2 * heads + splits - 1) / splits; }
+constexpr int merge_rows_per_cta(int heads, int splits) { return (2 * heads + splits - 1) / splits; }
+// float4s of the weights and 1/totals of `rows` rows: where the per-thread partial sums start.
+__host__ __device__ constexpr int merge_weight_float4s(int rows, int splits) { return (rows * splits + rows + 3) / 4; }
 inline int merge_smem_bytes(int heads, int splits, int threads) {
-  const int rows = merge_rows_per_cta(heads, splits);
-  return (rows * splits + rows + 3) / 4 * 16 + threads * 16;
+  return merge_weight_float4s(merge_rows_per_cta(heads, splits), splits) * 16 + threads * 16;
 }
 
 // merge_splits_in_grid where a sequence has at most kMergeBurst splits (the batch-16 calls): a thread per (row,
@@ -270,12 +284,9 @@ __device__ __forceinline__ void merge_few_splits(const MlaDecodeParams& p, const
       float total = 0.f;
 #pragma unroll
       for (int s = 0; s < kMergeBurst; ++s) {
-        const float w = m_l[u][s].x == -INFINITY ? 0.f : m_l[u][s].y * exp2f(m_l[u][s].x - mx);
+        const float w = split_weight(m_l[u][s], mx);
         total += w;
-        acc.x += w != 0.f ? w * v[u][s].x : 0.f;
-        acc.y += w != 0.f ? w * v[u][s].y : 0.f;
-        acc.z += w != 0.f ? w * v[u][s].z : 0.f;
-        acc.w += w != 0.f ? w * v[u][s].w : 0.f;
+        add_weighted(acc, w, v[u][s]);
       }
       const float f = total > 0.f ? 1.f / total : 0.f;
       reinterpret_cast<float4*>(out_b + static_cast<int64_t>(row[u]) * kR)[c4[u]] =
@@ -308,19 +319,18 @@ __device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, cons
   cooperative_groups::this_grid().sync();  // orders every CTA's partial results before the reads below
   MLAFORGE_PROBE(5);
   constexpr int kVec = kR / 4;             // float4 per row
-  constexpr int kBurst = kMergeBurst;      // value loads in flight per thread
   const int splits = sp.num_splits;
   const int rows = split < 2 * heads ? (2 * heads - split + splits - 1) / splits : 0;  // this CTA's rows
   if (rows == 0) return;                                                               // uniform over the CTA
   const int64_t slot0 = static_cast<int64_t>(b) * splits;
   const int64_t split_stride = static_cast<int64_t>(heads) * 2 * kR;  // floats between two splits' rows
-  if (splits <= kBurst) {
+  if (splits <= kMergeBurst) {
     merge_few_splits<kR>(p, sp, heads, b, split, rows, tid, threads);
     return;
   }
   float* weight = reinterpret_cast<float*>(smem);                     // [rows][splits], then [rows] 1/total
   float* inv_total = weight + rows * splits;
-  float4* partial = reinterpret_cast<float4*>(smem) + (rows * splits + rows + 3) / 4;  // [threads]
+  float4* partial = reinterpret_cast<float4*>(smem) + merge_weight_float4s(rows, splits);  // [threads]
   const float2* ml = sp.part_ml + slot0 * heads;                                      // [splits][heads]
 
   // 1. (max, sum) of row k's head in split s -> staged[k * splits + s] (in `partial`'s space).
@@ -339,8 +349,7 @@ __device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, cons
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
     float total = 0.f;
     for (int s = lane; s < splits; s += 32) {
-      const float2 m_l = staged[k * splits + s];
-      const float w = m_l.x == -INFINITY ? 0.f : m_l.y * exp2f(m_l.x - mx);
+      const float w = split_weight(staged[k * splits + s], mx);
       weight[k * splits + s] = w;
       total += w;
     }
@@ -355,10 +364,10 @@ __device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, cons
   }
   __syncthreads();  // weights ready; `staged` (in `partial`) is free again
 
-  // 3. The weighted sums. groups: split groups per (row, column) item, a power of two, each >= kBurst splits.
+  // 3. The weighted sums. groups: split groups per (row, column) item, a power of two, each >= kMergeBurst splits.
   const int items = rows * kVec;
   int groups = 1;
-  while (2 * groups * items <= threads && 2 * groups * kBurst <= splits) groups *= 2;
+  while (2 * groups * items <= threads && 2 * groups * kMergeBurst <= splits) groups *= 2;
   const int per_group = (splits + groups - 1) / groups;
   float* out_b = p.out + static_cast<int64_t>(b) * heads * 2 * kR;
   for (int i = tid; i < items * groups; i += threads) {  // one pass when groups > 1
@@ -368,18 +377,14 @@ __device__ __noinline__ void merge_splits_in_grid(const MlaDecodeParams& p, cons
     const float* w_row = weight + k * splits;
     const int s_end = min(splits, (grp + 1) * per_group);
     float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int s0 = grp * per_group; s0 < s_end; s0 += kBurst) {
-      float4 v[kBurst];
+    for (int s0 = grp * per_group; s0 < s_end; s0 += kMergeBurst) {
+      float4 v[kMergeBurst];
 #pragma unroll
-      for (int j = 0; j < kBurst; ++j)
+      for (int j = 0; j < kMergeBurst; ++j)
         v[j] = s0 + j < s_end ? __ldcg(x + (s0 + j) * (split_stride / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int j = 0; j < kBurst; ++j) {
-        const float w = s0 + j < s_end ? w_row[s0 + j] : 0.f;
-        acc.x += w != 0.f ? w * v[j].x : 0.f;
-        acc.y += w != 0.f ? w * v[j].y : 0.f;
-        acc.z += w != 0.f ? w * v[j].z : 0.f;
-        acc.w += w != 0.f ? w * v[j].w : 0.f;
+      for (int j = 0; j < kMergeBurst; ++j) {
+        add_weighted(acc, s0 + j < s_end ? w_row[s0 + j] : 0.f, v[j]);
       }
     }
     if (groups == 1) {
@@ -2514,8 +2519,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
 
   float sum = 0.f;
   for (int s = tid; s < active; s += kCombineThreads) {
-    const float2 ml = a.part_ml[(slot0 + s) * a.heads + h];
-    const float w = ml.x == -INFINITY ? 0.f : ml.y * exp2f(ml.x - mx);
+    const float w = split_weight(a.part_ml[(slot0 + s) * a.heads + h], mx);
     weight_s[s] = w;
     sum += w;
   }
@@ -2550,11 +2554,7 @@ __global__ void __launch_bounds__(kCombineThreads) mla_combine_kernel(const __gr
           x[u] = s0 + u < active ? reinterpret_cast<const float4*>(src + (s0 + u) * split_stride)[c4] : make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          const float w = s0 + u < active ? weight_s[s0 + u] : 0.f;
-          acc.x += w != 0.f ? w * x[u].x : 0.f;
-          acc.y += w != 0.f ? w * x[u].y : 0.f;
-          acc.z += w != 0.f ? w * x[u].z : 0.f;
-          acc.w += w != 0.f ? w * x[u].w : 0.f;
+          add_weighted(acc, s0 + u < active ? weight_s[s0 + u] : 0.f, x[u]);
         }
       }
       reinterpret_cast<float4*>(out)[c4] = make_float4(acc.x * inv_total, acc.y * inv_total, acc.z * inv_total, acc.w * inv_total);
