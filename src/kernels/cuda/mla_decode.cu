@@ -958,14 +958,14 @@ __device__ __forceinline__ void write_empty_split(const SplitOutput& dst, const 
 }
 
 // Latent queries of one head as the A fragments of the row-pair scores: row g the text query, row g + 8 the
-// image query, columns 16 ks + 2 q (+1, +8, +9). `ql`: the head's [2, R] floats (text, image); zeros where !ok.
-template <int kLatSteps, int kR>
-__device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4], const float* ql_row, int q4, bool ok) {
-  const float2* ql = reinterpret_cast<const float2*>(ql_row);  // 8-byte aligned: 2R floats per row, R even
+// image query, columns 16 ks + 2 q (+1, +8, +9). `pair(f)`: floats f, f + 1 (f even) of the head's [2, R] (text,
+// image); zeros where !ok.
+template <int kLatSteps, int kR, typename Pair>
+__device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4], const Pair& pair, int q4, bool ok) {
 #pragma unroll
   for (int ks = 0; ks < kLatSteps; ++ks) {
-    const int c2 = 8 * ks + q4;  // (16 ks + 2 q) / 2
-    const float2 t0 = ql[c2], i0 = ql[kR / 2 + c2], t1 = ql[c2 + 4], i1 = ql[kR / 2 + c2 + 4];
+    const int f = 16 * ks + 2 * q4;
+    const float2 t0 = pair(f), i0 = pair(kR + f), t1 = pair(f + 8), i1 = pair(kR + f + 8);
     qa[ks][0] = ok ? pack_bf16x2(t0.x, t0.y) : 0u;
     qa[ks][1] = ok ? pack_bf16x2(i0.x, i0.y) : 0u;
     qa[ks][2] = ok ? pack_bf16x2(t1.x, t1.y) : 0u;
@@ -1238,8 +1238,10 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const int head = 8 * warp_c + g;
   const bool rows_live = 8 * warp_c < H;  // warp-uniform
   uint32_t qa[kLatSteps][4];
-  load_query_fragments<kLatSteps, kR>(qa, p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR, q4,
-                                      head < H);
+  {
+    const float* ql = p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR;
+    load_query_fragments<kLatSteps, kR>(qa, [&](int f) { return *reinterpret_cast<const float2*>(ql + f); }, q4, head < H);
+  }
   // mma.sync visits only the rotary k-steps of this warp's KV heads; the warpgroup MMA takes all of them.
   const int kv_lo = min(8 * warp_c, H - 1) / group, kv_hi = min(8 * warp_c + 7, H - 1) / group;
   const int rope_ks0 = kWgmma ? 0 : kv_lo * rd / 16;
@@ -1547,8 +1549,28 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
 
   const SplitTiles tiles = split_tiles(p, a.sp, b, split);
   const int begin = tiles.begin, end = tiles.end, t_lo = tiles.lo, t_hi = tiles.hi;
+  // The sequence's queries go to the last stage (free until iteration 0 refills it) through cp.async, issued
+  // while the bounds load and ahead of the first tiles, so that no thread waits for them before the tiles are in
+  // flight. (Loaded into registers after the bounds, they held the copies back for a DRAM round trip: the
+  // prologue took 4.6 us at 8K x 16.) Latent queries [heads][2][R], each head's 16-byte chunks XOR-swizzled by
+  // head % 8 (the fragment reads below, 8 heads per warp, are then free of bank conflicts), then the rotary
+  // queries [heads][rope_dim].
+  constexpr int kQHeadChunks = 2 * kMhaR / 4, kQlChunks = kMhaHeads * kQHeadChunks, kQrChunks = kMhaHeads * kRopeDim / 4;
+  static_assert((kQlChunks + kQrChunks) * 16 <= kMhaStageBytes, "the queries fit in one stage");
+  float* qs = reinterpret_cast<float*>(smem + (kMhaStages - 1) * kMhaStageBytes);
+  {
+    const float* ql = p.q_latent + static_cast<int64_t>(b) * kMhaHeads * 2 * kMhaR;
+    const float* qr = p.q_rope + static_cast<int64_t>(b) * kMhaHeads * kRopeDim;
+    for (int e = tid; e < kQlChunks; e += kMhaThreads) {
+      const int h = e / kQHeadChunks, c = e % kQHeadChunks;
+      cp_async(qs + 4 * (h * kQHeadChunks + (c ^ (h & 7))), ql + 4 * e, 16, true);
+    }
+    for (int e = tid; e < kQrChunks; e += kMhaThreads) cp_async(qs + 4 * (kQlChunks + e), qr + 4 * e, 16, true);
+    cp_async_commit();
+  }
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
+    cp_async_wait(0);
     write_empty_split(dst, a.sp, kMhaHeads, kMhaR, tid, kMhaThreads);
     if (a.merge) merge_splits_in_grid<kMhaR>(p, a.sp, kMhaHeads, b, split, tid, kMhaThreads, smem);
     return;
@@ -1578,17 +1600,29 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     }
     if (tid < kTile / 16) cp_async(st + kMhaRopeBytes + kMhaLatBytes + tid * 16, p.is_image + row0 + tid * 16, 16, true);
   };
+  // The first tiles in flight, then the queries (their group was committed first).
+  for (int i = 0; i < kMhaStages - 1; ++i) {
+    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  cp_async_wait(kMhaStages - 1);  // the queries' group (the tiles' may still be in flight)
+  __syncthreads();
   // Latent queries as A fragments (row g: text query of `head`, row g + 8: its image query), and the head's
   // rotary query in fp32.
   uint32_t qa[kLatSteps][4];
-  load_query_fragments<kLatSteps, kMhaR>(qa, p.q_latent + (static_cast<int64_t>(b) * kMhaHeads + head) * 2 * kMhaR, q4, true);
+  {
+    const float* row = qs + head * 2 * kMhaR;
+    const int swz = head & 7;
+    load_query_fragments<kLatSteps, kMhaR>(
+        qa, [&](int f) { return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3)); }, q4, true);
+  }
   // This head's rotary query: fp32 at 4 pairs; bf16 pairs at 8 pairs, where fp32 spills more (packed, the
   // inner loop's unpacking measured 5% slower at 4 pairs).
   constexpr bool kPackedQ = kRopeDim > 8;
   float qf[kPackedQ ? 1 : kRopeDim];
   uint32_t qp[kPackedQ ? kRopeDim / 2 : 1];
   {
-    const float2* q = reinterpret_cast<const float2*>(p.q_rope + (static_cast<int64_t>(b) * kMhaHeads + head) * kRopeDim);
+    const float2* q = reinterpret_cast<const float2*>(qs + 4 * kQlChunks + head * kRopeDim);
 #pragma unroll
     for (int d = 0; d < kRopeDim / 2; ++d) {
       const float2 v = q[d];
@@ -1599,12 +1633,6 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
         qf[2 * d + 1] = v.y;
       }
     }
-  }
-
-  // The first tiles in flight, after the queries' loads (issued after the copies they would wait behind them).
-  for (int i = 0; i < kMhaStages - 1; ++i) {
-    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
-    cp_async_commit();
   }
   int next_blk = kMhaStages - 1 < n ? table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift] : 0;
   float o[kOBlocks][4];
@@ -2964,7 +2992,7 @@ bool grid_fits_at_once(RvKernel kernel, int ctas, int threads, int smem_bytes, c
 // The row-pair kernel's launch, or kernel == nullptr where it does not apply: rotary keys and a latent of 128
 // values per token each, bf16 (on Hopper also Int8 rotary keys and an Int8/Int4 latent in groups of a multiple
 // of 8 values), at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays; or the MHA
-// shape (bf16).
+// shape (bf16; 16-byte aligned queries).
 RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
@@ -2982,6 +3010,8 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
                           rope_q ? static_cast<const void*>(p.k_rope_scale) : p.latent,
                           lat_q ? static_cast<const void*>(p.latent_scale) : p.latent})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
+  if (mha && (reinterpret_cast<uintptr_t>(p.q_latent) % 16 != 0 || reinterpret_cast<uintptr_t>(p.q_rope) % 16 != 0))
+    return plan;  // the MHA kernel copies its queries to shared memory in 16-byte chunks
   // wgmma where this build has sm_90a code and the device is a Hopper (MLAFORGE_MLA_CUDA_PATH=mma forces mma.sync).
 #ifdef MLAFORGE_CUDA_SM90A
   const bool wgmma = dev.cc == 90 && !forced_path("mma");
