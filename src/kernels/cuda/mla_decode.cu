@@ -1161,8 +1161,28 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 
   const SplitTiles tiles = split_tiles(p, a.sp, b, split);
   const int begin = tiles.begin, end = tiles.end, t_lo = tiles.lo, t_hi = tiles.hi;
+  // The sequence's queries go to shared memory through cp.async, issued while the bounds load and ahead of the
+  // first tiles (as in the MHA kernel, whose comment says why): the latent queries [H][2][kR] (each head's 16-byte
+  // chunks XOR-swizzled by head % 8) into consumer 0's last stage and what follows it (its dequantised tiles),
+  // the rotary queries [H][rd] into consumer 1's; both are free until the main loop (plan_rowpair checks the
+  // sizes).
+  static_assert(kRvConsumers == 2, "latent queries in consumer 0's free span, rotary queries in consumer 1's");
+  constexpr int kQHeadChunks = 2 * kR / 4;
+  float* q_lat_s = reinterpret_cast<float*>(smem + (kRvStages - 1) * a.stage_bytes);
+  float* q_rope_s = reinterpret_cast<float*>(smem + a.consumer_bytes + (kRvStages - 1) * a.stage_bytes);
+  {
+    const float* ql = p.q_latent + static_cast<int64_t>(b) * H * 2 * kR;
+    const float* qr = p.q_rope + static_cast<int64_t>(b) * H * rd;
+    for (int e = tid; e < H * kQHeadChunks; e += kRvConsumers * kThreadsC) {
+      const int h = e / kQHeadChunks, c = e % kQHeadChunks;
+      cp_async(q_lat_s + 4 * (h * kQHeadChunks + (c ^ (h & 7))), ql + 4 * e, 16, true);
+    }
+    for (int e = tid; e < H * rd / 4; e += kRvConsumers * kThreadsC) cp_async(q_rope_s + 4 * e, qr + 4 * e, 16, true);
+    cp_async_commit();
+  }
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
+    cp_async_wait(0);
     write_empty_split(dst, a.sp, H, kR, tid, kRvConsumers * kThreadsC);
     if (a.merge) merge_splits_in_grid<kR>(p, a.sp, H, b, split, tid, kRvConsumers * kThreadsC, smem);
     return;
@@ -1232,6 +1252,14 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
     if (tid_c < kTile / 16) cp_async(st + off_img + tid_c * 16, p.is_image + row0 + tid_c * 16, 16, true);
   };
 
+  // The first tiles in flight (the queries' group was committed first), then the queries from shared memory.
+  for (int i = 0; i < kRvStages - 1; ++i) {
+    if (i < n_mine) issue(i, table[(tile_of(i) * kTile) >> a.block_shift]);
+    cp_async_commit();
+  }
+  cp_async_wait(kRvStages - 1);  // the queries' group (the tiles' may still be in flight)
+  __syncthreads();
+
   // Queries as A fragments, in registers for the whole kernel. Row g: text query of head 8*warp_c + g;
   // row g + 8: its image query. Rotary part: the block-diagonal rotary query (head h in the columns of its
   // KV head), both rows the same.
@@ -1239,8 +1267,10 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const bool rows_live = 8 * warp_c < H;  // warp-uniform
   uint32_t qa[kLatSteps][4];
   {
-    const float* ql = p.q_latent + (static_cast<int64_t>(b) * H + min(head, H - 1)) * 2 * kR;
-    load_query_fragments<kLatSteps, kR>(qa, [&](int f) { return *reinterpret_cast<const float2*>(ql + f); }, q4, head < H);
+    const int h = min(head, H - 1), swz = h & 7;
+    const float* row = q_lat_s + h * 2 * kR;
+    load_query_fragments<kLatSteps, kR>(
+        qa, [&](int f) { return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3)); }, q4, head < H);
   }
   // mma.sync visits only the rotary k-steps of this warp's KV heads; the warpgroup MMA takes all of them.
   const int kv_lo = min(8 * warp_c, H - 1) / group, kv_hi = min(8 * warp_c + 7, H - 1) / group;
@@ -1249,7 +1279,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   uint32_t qr[kRopeSteps][4];
   {
     const int my_kv = min(head, H - 1) / group;
-    const float* q = p.q_rope + (static_cast<int64_t>(b) * H + min(head, H - 1)) * rd;
+    const float* q = q_rope_s + min(head, H - 1) * rd;
     auto val = [&](int col) {
       const int d = col - my_kv * rd;
       return head < H && d >= 0 && d < rd ? q[d] : 0.f;
@@ -1261,13 +1291,8 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
       qr[i][2] = qr[i][3] = pack_bf16x2(val(c + 8), val(c + 9));
     }
   }
-  // Prologue, after the queries: the first kRvStages-1 tiles in flight; the block of the next tile to issue read
-  // ahead. (Queries loaded after the copies wait behind them: the MHA kernel's prologue took 9.7 us at 8K x 16
-  // that way, 4.6 us this way; timeline probe, MLAFORGE_PROBE_TIMELINE.)
-  for (int i = 0; i < kRvStages - 1; ++i) {
-    if (i < n_mine) issue(i, table[(tile_of(i) * kTile) >> a.block_shift]);
-    cp_async_commit();
-  }
+  __syncthreads();  // every consumer has its queries before either refills its last stage or dequantises
+  // The block of the next tile to issue, read ahead.
   int next_blk = kRvStages - 1 < n_mine ? table[(tile_of(kRvStages - 1) * kTile) >> a.block_shift] : 0;
   // ldmatrix row addresses of this lane: score B tiles (tokens x features, 4 matrices: tokens 0-7 / 8-15 x
   // chunks 0 / 1 of the k-step) and accumulation B tiles (the same storage read transposed).
@@ -2992,7 +3017,7 @@ bool grid_fits_at_once(RvKernel kernel, int ctas, int threads, int smem_bytes, c
 // The row-pair kernel's launch, or kernel == nullptr where it does not apply: rotary keys and a latent of 128
 // values per token each, bf16 (on Hopper also Int8 rotary keys and an Int8/Int4 latent in groups of a multiple
 // of 8 values), at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays; or the MHA
-// shape (bf16; 16-byte aligned queries).
+// shape (bf16); 16-byte aligned queries.
 RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
@@ -3010,8 +3035,8 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
                           rope_q ? static_cast<const void*>(p.k_rope_scale) : p.latent,
                           lat_q ? static_cast<const void*>(p.latent_scale) : p.latent})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
-  if (mha && (reinterpret_cast<uintptr_t>(p.q_latent) % 16 != 0 || reinterpret_cast<uintptr_t>(p.q_rope) % 16 != 0))
-    return plan;  // the MHA kernel copies its queries to shared memory in 16-byte chunks
+  if (reinterpret_cast<uintptr_t>(p.q_latent) % 16 != 0 || reinterpret_cast<uintptr_t>(p.q_rope) % 16 != 0)
+    return plan;  // the kernels copy their queries to shared memory in 16-byte chunks
   // wgmma where this build has sm_90a code and the device is a Hopper (MLAFORGE_MLA_CUDA_PATH=mma forces mma.sync).
 #ifdef MLAFORGE_CUDA_SM90A
   const bool wgmma = dev.cc == 90 && !forced_path("mma");
@@ -3054,6 +3079,10 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   a.consumer_bytes = kRvStages * a.stage_bytes + 2 * ((rope_q ? kTile128 : 0) + (lat_q ? kTile128 : 0));
   a.smem_bytes = mha ? (rd == 8 ? MhaShape<8>::kSmemBytes : MhaShape<16>::kSmemBytes) : kRvConsumers * a.consumer_bytes;
   if (a.smem_bytes > dev.max_smem) return plan;
+  // The queries' places during the prologue (not the MHA kernel's: its static_assert): each consumer's last stage
+  // and dequantised tiles, the latent queries in consumer 0's, the rotary queries in consumer 1's.
+  const int free_span = a.consumer_bytes - (kRvStages - 1) * a.stage_bytes;
+  if (!mha && (H * 2 * p.latent_dim * 4 > free_span || H * rd * 4 > free_span)) return plan;
   int shift = 0;
   while ((1 << shift) < bs) ++shift;
   a.block_shift = shift;
