@@ -973,6 +973,23 @@ __device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4
   }
 }
 
+// A sequence's latent queries [heads][2][kR] floats copied to shared memory with cp.async (16-byte chunks; `src`
+// and `dst` 16-byte aligned), each head's chunks XOR-swizzled by head % 8: the fragment reads of the row-pair
+// kernels (8 heads per warp, swizzled_query_pair) then hit distinct banks. Threads tid of `threads` share it.
+template <int kR>
+__device__ __forceinline__ void copy_latent_queries(float* dst, const float* src, int heads, int tid, int threads) {
+  constexpr int kHeadChunks = 2 * kR / 4;
+  for (int e = tid; e < heads * kHeadChunks; e += threads) {
+    const int h = e / kHeadChunks, c = e % kHeadChunks;
+    cp_async(dst + 4 * (h * kHeadChunks + (c ^ (h & 7))), src + 4 * e, 16, true);
+  }
+}
+// Floats f, f + 1 (f even) of head h's [2][kR] latent queries as copy_latent_queries placed them (`row`: the
+// head's 2 kR floats, `swz` = h % 8).
+__device__ __forceinline__ float2 swizzled_query_pair(const float* row, int swz, int f) {
+  return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3));
+}
+
 // Byte offsets in a row-pair stage of a quantised cache (wgmma kernel, 128-value rows): each part is the
 // stored rows (int8: 128 bytes per token, int4: 64) and their fp16 scales, or a bf16 tile in the swizzled
 // layout (1024-byte aligned); then the modality bytes.
@@ -1167,16 +1184,11 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   // the rotary queries [H][rd] into consumer 1's; both are free until the main loop (plan_rowpair checks the
   // sizes).
   static_assert(kRvConsumers == 2, "latent queries in consumer 0's free span, rotary queries in consumer 1's");
-  constexpr int kQHeadChunks = 2 * kR / 4;
   float* q_lat_s = reinterpret_cast<float*>(smem + (kRvStages - 1) * a.stage_bytes);
   float* q_rope_s = reinterpret_cast<float*>(smem + a.consumer_bytes + (kRvStages - 1) * a.stage_bytes);
   {
-    const float* ql = p.q_latent + static_cast<int64_t>(b) * H * 2 * kR;
     const float* qr = p.q_rope + static_cast<int64_t>(b) * H * rd;
-    for (int e = tid; e < H * kQHeadChunks; e += kRvConsumers * kThreadsC) {
-      const int h = e / kQHeadChunks, c = e % kQHeadChunks;
-      cp_async(q_lat_s + 4 * (h * kQHeadChunks + (c ^ (h & 7))), ql + 4 * e, 16, true);
-    }
+    copy_latent_queries<kR>(q_lat_s, p.q_latent + static_cast<int64_t>(b) * H * 2 * kR, H, tid, kRvConsumers * kThreadsC);
     for (int e = tid; e < H * rd / 4; e += kRvConsumers * kThreadsC) cp_async(q_rope_s + 4 * e, qr + 4 * e, 16, true);
     cp_async_commit();
   }
@@ -1267,10 +1279,9 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   const bool rows_live = 8 * warp_c < H;  // warp-uniform
   uint32_t qa[kLatSteps][4];
   {
-    const int h = min(head, H - 1), swz = h & 7;
+    const int h = min(head, H - 1);
     const float* row = q_lat_s + h * 2 * kR;
-    load_query_fragments<kLatSteps, kR>(
-        qa, [&](int f) { return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3)); }, q4, head < H);
+    load_query_fragments<kLatSteps, kR>(qa, [&](int f) { return swizzled_query_pair(row, h & 7, f); }, q4, head < H);
   }
   // mma.sync visits only the rotary k-steps of this warp's KV heads; the warpgroup MMA takes all of them.
   const int kv_lo = min(8 * warp_c, H - 1) / group, kv_hi = min(8 * warp_c + 7, H - 1) / group;
@@ -1580,16 +1591,12 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   // prologue took 4.6 us at 8K x 16.) Latent queries [heads][2][R], each head's 16-byte chunks XOR-swizzled by
   // head % 8 (the fragment reads below, 8 heads per warp, are then free of bank conflicts), then the rotary
   // queries [heads][rope_dim].
-  constexpr int kQHeadChunks = 2 * kMhaR / 4, kQlChunks = kMhaHeads * kQHeadChunks, kQrChunks = kMhaHeads * kRopeDim / 4;
+  constexpr int kQlChunks = kMhaHeads * 2 * kMhaR / 4, kQrChunks = kMhaHeads * kRopeDim / 4;
   static_assert((kQlChunks + kQrChunks) * 16 <= kMhaStageBytes, "the queries fit in one stage");
   float* qs = reinterpret_cast<float*>(smem + (kMhaStages - 1) * kMhaStageBytes);
   {
-    const float* ql = p.q_latent + static_cast<int64_t>(b) * kMhaHeads * 2 * kMhaR;
     const float* qr = p.q_rope + static_cast<int64_t>(b) * kMhaHeads * kRopeDim;
-    for (int e = tid; e < kQlChunks; e += kMhaThreads) {
-      const int h = e / kQHeadChunks, c = e % kQHeadChunks;
-      cp_async(qs + 4 * (h * kQHeadChunks + (c ^ (h & 7))), ql + 4 * e, 16, true);
-    }
+    copy_latent_queries<kMhaR>(qs, p.q_latent + static_cast<int64_t>(b) * kMhaHeads * 2 * kMhaR, kMhaHeads, tid, kMhaThreads);
     for (int e = tid; e < kQrChunks; e += kMhaThreads) cp_async(qs + 4 * (kQlChunks + e), qr + 4 * e, 16, true);
     cp_async_commit();
   }
@@ -1637,9 +1644,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   uint32_t qa[kLatSteps][4];
   {
     const float* row = qs + head * 2 * kMhaR;
-    const int swz = head & 7;
-    load_query_fragments<kLatSteps, kMhaR>(
-        qa, [&](int f) { return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3)); }, q4, true);
+    load_query_fragments<kLatSteps, kMhaR>(qa, [&](int f) { return swizzled_query_pair(row, head & 7, f); }, q4, true);
   }
   // This head's rotary query: fp32 at 4 pairs; bf16 pairs at 8 pairs, where fp32 spills more (packed, the
   // inner loop's unpacking measured 5% slower at 4 pairs).
