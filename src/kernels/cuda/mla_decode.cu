@@ -973,18 +973,25 @@ __device__ __forceinline__ void load_query_fragments(uint32_t (&qa)[kLatSteps][4
   }
 }
 
-// A sequence's latent queries [heads][2][kR] floats copied to shared memory with cp.async (16-byte chunks; `src`
-// and `dst` 16-byte aligned), each head's chunks XOR-swizzled by head % 8: the fragment reads of the row-pair
-// kernels (8 heads per warp, swizzled_query_pair) then hit distinct banks. Threads tid of `threads` share it.
+// Sequence b's queries copied to shared memory with cp.async in one group (16-byte chunks; the query arrays and
+// `lat_dst`, `rope_dst` 16-byte aligned): the latent queries [heads][2][kR] to lat_dst, each head's chunks
+// XOR-swizzled by head % 8 (the row-pair kernels' fragment reads, 8 heads per warp, then hit distinct banks:
+// swizzled_query_pair), and the rotary queries [heads][rope_dim] as they are to rope_dst. Threads tid of
+// `threads` share it.
 template <int kR>
-__device__ __forceinline__ void copy_latent_queries(float* dst, const float* src, int heads, int tid, int threads) {
+__device__ __forceinline__ void copy_queries(const MlaDecodeParams& p, int b, int heads, int rope_dim, float* lat_dst,
+                                             float* rope_dst, int tid, int threads) {
   constexpr int kHeadChunks = 2 * kR / 4;
+  const float* ql = p.q_latent + static_cast<int64_t>(b) * heads * 2 * kR;
+  const float* qr = p.q_rope + static_cast<int64_t>(b) * heads * rope_dim;
   for (int e = tid; e < heads * kHeadChunks; e += threads) {
     const int h = e / kHeadChunks, c = e % kHeadChunks;
-    cp_async(dst + 4 * (h * kHeadChunks + (c ^ (h & 7))), src + 4 * e, 16, true);
+    cp_async(lat_dst + 4 * (h * kHeadChunks + (c ^ (h & 7))), ql + 4 * e, 16, true);
   }
+  for (int e = tid; e < heads * rope_dim / 4; e += threads) cp_async(rope_dst + 4 * e, qr + 4 * e, 16, true);
+  cp_async_commit();
 }
-// Floats f, f + 1 (f even) of head h's [2][kR] latent queries as copy_latent_queries placed them (`row`: the
+// Floats f, f + 1 (f even) of head h's [2][kR] latent queries as copy_queries placed them (`row`: the
 // head's 2 kR floats, `swz` = h % 8).
 __device__ __forceinline__ float2 swizzled_query_pair(const float* row, int swz, int f) {
   return *reinterpret_cast<const float2*>(row + 4 * ((f >> 2) ^ swz) + (f & 3));
@@ -1186,12 +1193,7 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
   static_assert(kRvConsumers == 2, "latent queries in consumer 0's free span, rotary queries in consumer 1's");
   float* q_lat_s = reinterpret_cast<float*>(smem + (kRvStages - 1) * a.stage_bytes);
   float* q_rope_s = reinterpret_cast<float*>(smem + a.consumer_bytes + (kRvStages - 1) * a.stage_bytes);
-  {
-    const float* qr = p.q_rope + static_cast<int64_t>(b) * H * rd;
-    copy_latent_queries<kR>(q_lat_s, p.q_latent + static_cast<int64_t>(b) * H * 2 * kR, H, tid, kRvConsumers * kThreadsC);
-    for (int e = tid; e < H * rd / 4; e += kRvConsumers * kThreadsC) cp_async(q_rope_s + 4 * e, qr + 4 * e, 16, true);
-    cp_async_commit();
-  }
+  copy_queries<kR>(p, b, H, rd, q_lat_s, q_rope_s, tid, kRvConsumers * kThreadsC);
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     cp_async_wait(0);
@@ -1594,12 +1596,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   constexpr int kQlChunks = kMhaHeads * 2 * kMhaR / 4, kQrChunks = kMhaHeads * kRopeDim / 4;
   static_assert((kQlChunks + kQrChunks) * 16 <= kMhaStageBytes, "the queries fit in one stage");
   float* qs = reinterpret_cast<float*>(smem + (kMhaStages - 1) * kMhaStageBytes);
-  {
-    const float* qr = p.q_rope + static_cast<int64_t>(b) * kMhaHeads * kRopeDim;
-    copy_latent_queries<kMhaR>(qs, p.q_latent + static_cast<int64_t>(b) * kMhaHeads * 2 * kMhaR, kMhaHeads, tid, kMhaThreads);
-    for (int e = tid; e < kQrChunks; e += kMhaThreads) cp_async(qs + 4 * (kQlChunks + e), qr + 4 * e, 16, true);
-    cp_async_commit();
-  }
+  copy_queries<kMhaR>(p, b, kMhaHeads, kRopeDim, qs, qs + 4 * kQlChunks, tid, kMhaThreads);
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (t_lo >= t_hi) {
     cp_async_wait(0);
