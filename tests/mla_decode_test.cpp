@@ -9,6 +9,10 @@
 
 #include "infer/latent_pool.h"
 
+#ifdef MLAFORGE_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 using namespace mlaforge;
 
 namespace {
@@ -285,6 +289,31 @@ TEST(MlaDecode, DenseBf16CopyHoldsWhatTheBatchAttends) {
   }
 }
 
+// llava-1.5-7b's default conversion (32 heads, 32 rotary values per head, latent 1024) with an int8 or int4
+// cache: on a Hopper the two-pass kernels read the quantized chunks themselves, as they read bf16, instead of
+// mla_decode decoding over a bf16 copy of the cache (KernelMatchesReferenceEveryFormat checks their results).
+TEST(MlaDecode, QuantizedWideLatentsTakeTheTwoPassKernels) {
+#ifdef MLAFORGE_WITH_CUDA
+  int dev = 0, major = 0;
+  if (!at::hasCUDA() || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
+    GTEST_SKIP() << "needs a Hopper GPU";
+  for (KvFormat rope : {KvFormat::BF16, KvFormat::Int8}) {
+    for (KvFormat latent : {KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
+      const CasePool cp = make_case_pool(DecodeCase{32, 32, 32, 1024, 64, rope, latent, at::kCUDA}, 5);
+      MlaDecodeParams p = cp.pool->kernel_params(0);
+      p.batch = int32_t(cp.batch.block_table.size(0));
+      p.heads = 32;
+      p.max_blocks = int32_t(cp.batch.block_table.size(1));
+      EXPECT_EQ(mla_decode_cuda_kernel(p), MlaCudaKernel::TwoPass) << "rope " << kv_format_name(rope) << " latent "
+                                                                   << kv_format_name(latent);
+    }
+  }
+#else
+  GTEST_SKIP() << "a build without CUDA kernels";
+#endif
+}
+
 TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
   for (at::Device dev : devices()) {
     for (KvFormat rope : {KvFormat::F32, KvFormat::BF16, KvFormat::Int8}) {
@@ -292,8 +321,8 @@ TEST(MlaDecode, KernelMatchesReferenceEveryFormat) {
         // The last two shapes: Qwen2.5-VL-7B's at 16 rotary pairs and dkv 32 (28 heads, 4 KV heads, 128
         // rotary values and latent 128 per token, 64-token blocks), on CUDA the row-pair kernel; llava-1.5-7b's
         // at 4 and 8 pairs and dkv 8 (32 heads and KV heads, 8 or 16 rotary values per head, latent 256), on a
-        // Hopper the MHA row-pair kernel; then latents too wide for one CTA's accumulators (bf16 on CUDA: the
-        // two-pass kernels): llava-1.5-7b's default conversion (16 pairs, dkv 32: latent 1024), a GQA shape
+        // Hopper the MHA row-pair kernel; then latents too wide for one CTA's accumulators (on CUDA the two-pass
+        // kernels: bf16, and int8/int4 on a Hopper): llava-1.5-7b's default conversion (16 pairs, dkv 32: latent 1024), a GQA shape
         // with 32-token blocks, one with 16 rotary values per KV head.
         for (auto shape : std::vector<std::array<int64_t, 5>>{{8, 2, 4, 32, 16},
                                                                {3, 3, 8, 16, 64},

@@ -606,10 +606,14 @@ std::vector<Case> make_cases(bool quick) {
                      std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
   cases.push_back({"llava7b_r8d8_ctx8192_b16", 32, 32, 16, 256, 32, 64, F::BF16, F::BF16, std::vector<int>(16, 0),
                    std::vector<int>(16, 8192), 0.4f, true, 2});
-  // llava-1.5-7b at the default conversion (16 pairs, dkv 32: latent 1024): the two-pass kernels.
+  // llava-1.5-7b at the default conversion (16 pairs, dkv 32: latent 1024): the two-pass kernels, bf16 and the
+  // quantised caches (latent groups of 32, the pool's default).
   for (int ctx : {8192, 32768})
     cases.push_back({"llava7b_r16d32_ctx" + std::to_string(ctx) + "_b16", 32, 32, 32, 1024, 64, 64, F::BF16, F::BF16,
                      std::vector<int>(16, 0), std::vector<int>(16, ctx), 0.4f, true, 2});
+  for (const auto& f : std::vector<std::pair<F, F>>{{F::BF16, F::Int8}, {F::BF16, F::Int4}, {F::Int8, F::Int8}, {F::Int8, F::Int4}})
+    cases.push_back({"llava7b_r16d32_ctx8192_b16", 32, 32, 32, 1024, 32, 64, f.first, f.second, std::vector<int>(16, 0),
+                     std::vector<int>(16, 8192), 0.4f, true, 2});
   return cases;
 }
 

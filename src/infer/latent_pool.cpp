@@ -333,9 +333,9 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
   }
 #ifdef MLAFORGE_WITH_CUDA
   // A quantized cache that only the CUDA-core kernel takes while its bf16 twin would run the two-pass kernels
-  // (Int8/Int4 latents too wide for one CTA: ~40x slower at llava-1.5-7b's latent 1024) is decoded over a bf16
-  // copy of what the step attends (transient: one layer at a time), until the two-pass kernels read quantized
-  // chunks themselves. F32 parts keep the exact CUDA-core kernel.
+  // (Int8/Int4 latents too wide for one CTA, where the two-pass kernels cannot read them quantized: see
+  // DenseBf16Copy; the CUDA-core kernel is ~40x slower at llava-1.5-7b's latent 1024) is decoded over a bf16
+  // copy of what the step attends (transient: one layer at a time). F32 parts keep the exact CUDA-core kernel.
   DenseBf16Copy dense;
   if ((quantized(p.rope_format) || quantized(p.latent_format)) && p.rope_format != KvFormat::F32 &&
       p.latent_format != KvFormat::F32) {

@@ -106,9 +106,11 @@ at::Tensor mla_decode(const LatentPool& pool, int64_t layer, const at::Tensor& q
 
 // What one decoding step attends through `batch`, read back from one layer of the pool in bf16 (dequantized)
 // and laid out as a dense pool of its own: sequence b's positions [0, max_blocks * block_size) in blocks
-// b * max_blocks .. (b + 1) * max_blocks - 1, which `block_table` [B, max_blocks] int32 names. For caches that
-// the CUDA kernels have no tensor-core path for in their stored format (Int8/Int4 latents too wide for the
-// one-pass kernels): the bf16 two-pass kernels run over this copy instead of the CUDA-core kernel.
+// b * max_blocks .. (b + 1) * max_blocks - 1, which `block_table` [B, max_blocks] int32 names. For quantized
+// caches that only the CUDA-core kernel takes in their stored format while their bf16 twin takes the two-pass
+// kernels (Int8/Int4 latents too wide for the one-pass kernels, on a GPU or a rotary width the quantized two-pass
+// kernels do not cover: they need a Hopper and 16 or 32 rotary values per KV head): the bf16 two-pass kernels run
+// over this copy instead of the CUDA-core kernel.
 struct DenseBf16Copy {
   at::Tensor k_rope;       // [B * max_blocks, block_size, kv_heads, rope_dim] bf16
   at::Tensor latent;       // [B * max_blocks, block_size, latent_dim] bf16

@@ -26,8 +26,9 @@
 //    Hpad = heads rounded up to 16 (kHT row tiles); the rotary product only visits the column blocks of the KV
 //    heads a row tile uses. Queries are rounded to bf16 here, so this kernel serves the bf16/quantised caches
 //    (~2e-3 relative to float64); F32 caches go to the CUDA-core kernel.
-//  - two-pass kernels (bf16 cache, latents too wide for the tensor-core kernel's accumulators, e.g. llava-1.5-7b
-//    at the default conversion: latent 1024): scores first, then the latent columns in groups of 128; see their
+//  - two-pass kernels (latents too wide for the tensor-core kernel's accumulators, e.g. llava-1.5-7b at the
+//    default conversion: latent 1024): scores first, then the latent columns in groups of 128; bf16, and on a
+//    Hopper also Int8 rotary keys and an Int8/Int4 latent, dequantised per chunk in shared memory; see their
 //    comment.
 //  - CUDA-core kernel (everything else, and every F32 cache): fp32 throughout, generic shapes.
 //
@@ -461,7 +462,7 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
   static_assert(RF == KvFormat::BF16 || RF == KvFormat::Int8, "rotary keys: BF16 or Int8");
   static_assert(LF == KvFormat::BF16 || LF == KvFormat::Int8 || LF == KvFormat::Int4, "latent: BF16/Int8/Int4");
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -1114,6 +1115,38 @@ __device__ __forceinline__ void wgmma_64x128_mn(float (&d)[16][4], const uint32_
 #endif
 }
 
+// Stored bytes per token of a 128-value row in format F.
+__host__ __device__ constexpr int row_bytes_128(KvFormat F) {
+  return F == KvFormat::Int8 ? 128 : F == KvFormat::Int4 ? 64 : 256;
+}
+
+// One 32-bit word of stored values (Int8: 4, Int4: 8, low nibble first, q = nibble - 8) times their scale, as
+// bf16 pairs: out[0 .. 1] (Int8) or out[0 .. 3] (Int4). No integer-to-float conversion (a quarter-rate
+// instruction, the two-pass kernels' bottleneck): the float with bits 0x4B400000 + q is 1.5 * 2^23 + q exactly,
+// and fma(it, sc, -1.5 * 2^23 * sc) rounds q * sc once, as float(q) * sc does (1.5 * 2^23 * sc is exact: sc, an
+// fp16 scale, has 11 significant bits).
+template <KvFormat F>
+__device__ __forceinline__ void scaled_bf16_pairs(uint32_t w, float sc, uint32_t* out) {
+  static_assert(F == KvFormat::Int8 || F == KvFormat::Int4, "a quantised format");
+  constexpr int kN = F == KvFormat::Int8 ? 4 : 8;
+  const float bias = -12582912.f * sc;
+  float v[kN];
+#pragma unroll
+  for (int e = 0; e < kN; ++e) {
+    int q;
+    if constexpr (F == KvFormat::Int8) {  // byte e, sign-extended (prmt: a selector nibble's bit 3 replicates the sign)
+      const uint32_t sign = 8u | static_cast<uint32_t>(e),
+                     selector = static_cast<uint32_t>(e) | sign << 4 | sign << 8 | sign << 12;
+      asm("prmt.b32 %0, %1, 0, %2;" : "=r"(q) : "r"(w), "r"(selector));
+    } else {
+      q = static_cast<int>((w >> (4 * e)) & 15u) - 8;
+    }
+    v[e] = fmaf(__int_as_float(0x4B400000 + q), sc, bias);
+  }
+#pragma unroll
+  for (int e = 0; e < kN / 2; ++e) out[e] = pack_bf16x2(v[2 * e], v[2 * e + 1]);
+}
+
 // One 64-token tile of an Int8/Int4 array of 128 values per token (the latent, or the rotary keys of all KV
 // heads), dequantised into bf16 in the swizzled layout (tile_offset<true>) by the 128 threads of a consumer:
 // thread t takes token t / 2, values 64 (t % 2) .. +63, 8 per 16-byte store. raw: [64][128] int8 or [64][64]
@@ -1130,31 +1163,60 @@ __device__ __forceinline__ void dequantise_tile_128(const unsigned char* raw, co
   for (int j = 0; j < 8; ++j) {
     const int c0 = 64 * half + 8 * j;  // first of this store's 8 values (one group: group % 8 == 0)
     const float sc = valid ? half_bits_to_float(scales[tok * ng + c0 / group]) : 0.f;
-    float v[8];
+    uint4 packed;
     if constexpr (F == KvFormat::Int8) {
       const uint2 w = *reinterpret_cast<const uint2*>(raw + tok * kRawRow + c0);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        v[e] = static_cast<float>(static_cast<int8_t>((w.x >> (8 * e)) & 0xffu));
-        v[4 + e] = static_cast<float>(static_cast<int8_t>((w.y >> (8 * e)) & 0xffu));
-      }
+      scaled_bf16_pairs<F>(w.x, sc, &packed.x);
+      scaled_bf16_pairs<F>(w.y, sc, &packed.z);
     } else {
-      const uint32_t w = *reinterpret_cast<const uint32_t*>(raw + tok * kRawRow + c0 / 2);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) v[e] = static_cast<float>(static_cast<int>((w >> (4 * e)) & 15u) - 8);
+      scaled_bf16_pairs<F>(*reinterpret_cast<const uint32_t*>(raw + tok * kRawRow + c0 / 2), sc, &packed.x);
     }
-    uint4 packed;
-    packed.x = pack_bf16x2(v[0] * sc, v[1] * sc);
-    packed.y = pack_bf16x2(v[2] * sc, v[3] * sc);
-    packed.z = pack_bf16x2(v[4] * sc, v[5] * sc);
-    packed.w = pack_bf16x2(v[6] * sc, v[7] * sc);
     *reinterpret_cast<uint4*>(out + tile_offset<true>(tok, 8 * half + j, 16)) = packed;
   }
 }
 
-// Stored bytes per token of a 128-value row in format F.
-__host__ __device__ constexpr int row_bytes_128(KvFormat F) {
-  return F == KvFormat::Int8 ? 128 : F == KvFormat::Int4 ? 64 : 256;
+// The two-pass kernels' dequantisation of a 64-token chunk of 128 values, in place: the stored rows (Int8:
+// [64][128] bytes, Int4: [64][64]) at byte raw_off of `tile` and their scales ([64][ng] fp16, ng = 128 >>
+// group_shift) at scale_off lie inside the bf16 tile's own bytes (tile_offset<kSwizzled>), which they become.
+// Warp w of kCtaWarps takes rows w, w + kCtaWarps, ... (Int4: pairs of rows), each lane 4 stored bytes of a row
+// (Int8: 4 values, Int4: 8), so that a warp reads whole stored rows and writes whole bf16 rows (no bank
+// conflicts) at offsets fixed per thread. Rows from v_hi on become zeros. All threads of the CTA call it:
+// every load, a CTA barrier, every store.
+template <KvFormat F, bool kSwizzled, int kCtaWarps>
+__device__ __forceinline__ void dequantise_chunk_in_place(unsigned char* tile, int raw_off, int scale_off, int ng,
+                                                          int group_shift, int warp, int lane, int v_hi) {
+  constexpr int kV = F == KvFormat::Int8 ? 4 : 8;  // values per lane and row
+  constexpr int kLanesPerRow = 128 / kV;           // 32 or 16
+  constexpr int kRowsPerStep = kCtaWarps * (32 / kLanesPerRow);
+  constexpr int kSteps = kTile / kRowsPerStep;
+  constexpr int kRawRow = 4 * kLanesPerRow;       // stored bytes per row: 4 per lane (128 or 64)
+  constexpr int kOutRow = kSwizzled ? 128 : 272;  // bytes between rows r and r + 8k of the bf16 tile (same half)
+  static_assert(kRowsPerStep % 8 == 0, "a thread's rows keep their swizzle phase (row % 8)");
+  static_assert(kRawRow == row_bytes_128(F), "4 stored bytes per lane");
+  const int row0 = warp * (32 / kLanesPerRow) + lane / kLanesPerRow, cl = lane % kLanesPerRow;
+  const unsigned char* raw = tile + raw_off + row0 * kRawRow + 4 * cl;
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + scale_off) + row0 * ng + ((kV * cl) >> group_shift);
+  uint32_t w[kSteps];
+  float sc[kSteps];
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    w[i] = *reinterpret_cast<const uint32_t*>(raw + i * kRowsPerStep * kRawRow);
+    sc[i] = row0 + i * kRowsPerStep < v_hi ? half_bits_to_float(scales[i * kRowsPerStep * ng]) : 0.f;
+  }
+  __syncthreads();
+  const int byte0 = 2 * kV * cl;  // of the bf16 row: 8 or 16 bytes per lane
+  unsigned char* out = tile + tile_offset<kSwizzled>(row0, byte0 / 16, 16) + byte0 % 16;
+#pragma unroll
+  for (int i = 0; i < kSteps; ++i) {
+    uint32_t packed[kV / 2];
+    scaled_bf16_pairs<F>(w[i], sc[i], packed);
+    unsigned char* dst = out + i * kRowsPerStep * kOutRow;
+    if constexpr (kV == 4) {
+      *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
+    } else {
+      *reinterpret_cast<uint4*>(dst) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+  }
 }
 
 template <int kRowWarps, int kKR, int kR, bool kWgmma, KvFormat RF = KvFormat::BF16, KvFormat LF = KvFormat::BF16>
@@ -1859,7 +1921,7 @@ template <KvFormat RF, KvFormat LF>
 __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_constant__ CcArgs a) {
   constexpr bool kRopeQuant = RF == KvFormat::Int8 || RF == KvFormat::Int4;
   constexpr bool kLatQuant = LF == KvFormat::Int8 || LF == KvFormat::Int4;
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -2030,8 +2092,9 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
 }
 
 // ---------------------------------------------------------------------------------------------------------
-// Two-pass kernels for wide latents: bf16 rotary keys and latent, at most 32 heads, latent_dim a multiple of
-// 128, kv_heads * rope_dim a multiple of 128, rope_dim a multiple of 8 dividing 128. The case: llava-1.5-7b
+// Two-pass kernels for wide latents: bf16 rotary keys and latent (with wgmma and 16 or 32 rotary values per KV
+// head also Int8 rotary keys and an Int8/Int4 latent in groups of 8 to 64), at most 32 heads, latent_dim a
+// multiple of 128, kv_heads * rope_dim a multiple of 128, rope_dim a multiple of 8 dividing 128. The case: llava-1.5-7b
 // at the default conversion (32 heads over 32 KV heads, 32 rotary values per head, latent 1024: 4 KB per
 // token). One CTA cannot hold O for 64 (head, modality) rows x 1024 latent columns (256 KB of fp32, the whole
 // register file), so the work is cut in two:
@@ -2040,9 +2103,9 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
 //        S[h, t] = scale * log2(e) * (q_rope[h] . k_rope[t, kv(h)] + q_latent[h, m(t)] . c_t)
 //    with the absorbed queries in shared memory as bf16 [64 rows: text heads 0..31, image heads 32..63][R] (a
 //    token keeps the product of its modality's row): rotary dots on CUDA cores and latent products with
-//    mma.sync, or on a Hopper both as warpgroup MMAs (see the kernel's comment). Keeps per head a running max and sum of 2^S and writes, per 64-token tile, the
-//    weights 2^(S - tile max) as bf16 in a text row and an image row per head (zero for the other modality's
-//    tokens) and the tile max; at the end the split's (max, sum) per head.
+//    mma.sync, or on a Hopper both as warpgroup MMAs (see the kernel's comment). Keeps per head a running max and sum
+//    of 2^S and writes, per 64-token tile, the weights 2^(S - tile max) as bf16 in a text row and an image row per head
+//    (zero for the other modality's tokens) and the tile max; at the end the split's (max, sum) per head.
 //  pass 2, values (grid (128-column group of the latent, split, sequence)): streams its split's weight rows,
 //    tile maxima and the group's 128 latent columns; scales each row's weights by 2^(tile max - split max)
 //    (no exponentials here: the column groups would repeat them) and accumulates O_m += P_m . C on tensor
@@ -2073,16 +2136,46 @@ struct WideArgs {
   // Pass 1's shared memory (byte offsets).
   int off_q_lat;      // bf16 [kWideRows][R] in tile_offset<kWgmma>'s layout
   int off_q_rope;     // fp32 [heads][rope_dim]
-  int off_stage;      // stages x bf16 [kTile][kWideChunk] in tile_offset<kWgmma>'s layout
+  int off_stage;      // stages x bf16 [kTile][kWideChunk] in tile_offset<kWgmma>'s layout; a quantised chunk lands
+                      // at the slot's end (wide_q_offset) and is dequantised in place
   int off_img;        // uint8 [4][kTile]: modality of the tiles in flight (tile % 4)
   int off_s;          // fp32 [kWideHeads][kWideLds]: the current tile's rotary scores, then (in place) its scores
 };
 
-// Pass 2's stage: the latent columns, the scores, the modality bytes.
+// Pass 2's stage: the latent columns, the weight rows, then the tile max of each head. A quantised latent lands
+// at the end of the columns' bytes (wide_q_offset) and is dequantised in place.
 constexpr int kWideStageC = kTile * kWideLd * 2;                         // 17408: latent columns [64][136]
 constexpr int kWideStageP = kWideRows * kWideLdp * 2;                    // 9216: bf16 P [64 rows][72]
-constexpr int kWideStageBytes = kWideStageC + kWideStageP + kWideHeads * 4;  // then the tile max of each head
+constexpr int kWideStageBytes = kWideStageC + kWideStageP + kWideHeads * 4;
 constexpr int kWideValuesSmem = kWideStages * kWideStageBytes;
+
+// A quantised 128-value chunk of 64 tokens (Int8/Int4 latent, Int8 rotary keys) in a two-pass kernel's stage:
+// the stored rows [kTile][row_bytes_128(F)], then their scales [kTile][128 / group] fp16 (group >= 8: at most 16).
+constexpr int kWideMaxScales = 16;
+__host__ __device__ constexpr int wide_q_chunk_bytes(KvFormat F) {
+  return kTile * row_bytes_128(F) + kTile * kWideMaxScales * 2;
+}
+// Where a two-pass kernel puts a quantised chunk in the bytes of a bf16 one (`chunk_bytes`: pass 1's swizzled
+// 16 KB, pass 2's padded 17 KB): at the end, so that it can be dequantised over itself.
+__host__ __device__ constexpr int wide_q_offset(KvFormat F, int chunk_bytes) {
+  return chunk_bytes - wide_q_chunk_bytes(F);
+}
+
+// Token `tok`'s share (4 threads per token: `part`) of a quantised 128-value chunk, into a two-pass stage `dst`
+// laid out as wide_q_chunk_bytes says: its stored row from `src`, its `ng` scales from `scale_src` (2 ng bytes,
+// aligned to min(2 ng, 16)). valid == false zero-fills both, so the dequantised row is exact zeros.
+template <KvFormat F>
+__device__ __forceinline__ void copy_wide_q_chunk(unsigned char* dst, const unsigned char* src,
+                                                  const uint16_t* scale_src, int ng, int tok, int part, bool valid) {
+  constexpr int kRow = row_bytes_128(F);
+#pragma unroll
+  for (int i = 0; i < kRow / 64; ++i)
+    cp_async(dst + tok * kRow + (part + 4 * i) * 16, src + (part + 4 * i) * 16, 16, valid);
+  const int bytes = 2 * ng, unit = bytes < 16 ? bytes : 16;
+  if (part * unit < bytes)
+    cp_async(dst + kTile * kRow + tok * bytes + part * unit,
+             reinterpret_cast<const unsigned char*>(scale_src) + part * unit, unit, valid);
+}
 
 // d[64 x 32] (= or +=) A[64 x 16] . B[16 x 32], both K-major in shared memory; `accumulate` 0 overwrites d.
 __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
@@ -2106,9 +2199,18 @@ __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a
 // accumulator, A from registers: row r's query is q_rope[head(r)] in the columns of that head's KV head and zero
 // elsewhere, so each lane keeps its two rows' rotary queries (rd / 4 bf16 pairs) and selects them per k-step.
 // The zeros cost tensor-core time that is idle anyway; the CUDA-core dots (0) cost issue slots the step lacks.
-template <bool kWgmma, int kRopeMma>
+// RF, LF: the stored rotary keys (BF16, Int8) and latent (BF16, Int8, Int4); quantised ones need kRopeMma. A
+// quantised chunk lands as stored (copy_wide_q_chunk) at the end of its ring slot, and the CTA's 256 threads
+// dequantise it over itself into the bf16 chunk (4 threads per token) one step ahead: while the warpgroup MMAs
+// of chunk i run, chunk i + 1 (landed: the ring waits one chunk further ahead) is dequantised, so that the
+// conversion costs issue slots but no step latency.
+template <bool kWgmma, int kRopeMma, KvFormat RF = KvFormat::BF16, KvFormat LF = KvFormat::BF16>
 __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __grid_constant__ WideArgs a) {
   static_assert(kRopeMma == 0 || (kWgmma && (kRopeMma == 16 || kRopeMma == 32)), "rotary MMA: wgmma, rd 16 or 32");
+  constexpr bool kRopeQ = RF != KvFormat::BF16, kLatQ = LF != KvFormat::BF16;
+  static_assert(RF == KvFormat::BF16 || RF == KvFormat::Int8, "rotary keys bf16 or int8");
+  static_assert(!(kRopeQ || kLatQ) || kRopeMma > 0, "quantised chunks: the rotary MMA path");
+  static_assert(kThreads == 4 * kTile, "4 threads per token copy and dequantise a chunk");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -2140,7 +2242,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   uint8_t* img_s = smem + a.off_img;
   float* s_buf = reinterpret_cast<float*>(smem + a.off_s);
   constexpr int kPieces = kWideChunk / 8;  // 16-byte pieces per token row of a chunk
-  auto stage_ptr = [&](int slot) { return smem + a.off_stage + slot * tile_bytes<kWgmma>(kPieces); };
+  constexpr int kChunkBytes = tile_bytes<kWgmma>(kPieces);  // a ring slot
+  auto stage_ptr = [&](int slot) { return smem + a.off_stage + slot * kChunkBytes; };
 
   // Copy plan: 4 threads per token, each 4 of the chunk's 16 pieces of 16 bytes. A token's pool row is looked
   // up when its tile's first chunk is issued, from a block id loaded one tile ahead; its modality byte is
@@ -2178,14 +2281,33 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
         pend_tile = tile;
       }
     }
-    const bf16* src = k < n_rope ? static_cast<const bf16*>(p.k_rope) + row * kr + k * kWideChunk
-                                 : static_cast<const bf16*>(p.latent) + row * R + (k - n_rope) * kWideChunk;
     unsigned char* dst = stage_ptr(i_slot);
     if (++i_k == per_tile) {
       i_k = 0;
       ++i_tile;
     }
     if (++i_slot == a.stages) i_slot = 0;
+    const bool rope_chunk = k < n_rope;
+    if (rope_chunk && kRopeQ) {  // int8: kr bytes per token; chunk k holds KV heads k (128 / rd) ..
+      if constexpr (kRopeQ)
+        copy_wide_q_chunk<RF>(dst + wide_q_offset(RF, kChunkBytes),
+                              static_cast<const unsigned char*>(p.k_rope) + row * kr + k * kWideChunk,
+                              p.k_rope_scale + row * p.kv_heads + k * (kWideChunk / rd), kWideChunk / rd, tok, part,
+                              valid);
+      return;
+    }
+    if (!rope_chunk && kLatQ) {
+      if constexpr (kLatQ) {
+        constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
+        const int kc = k - n_rope, ng = kWideChunk / p.latent_group;
+        copy_wide_q_chunk<LF>(dst + wide_q_offset(LF, kChunkBytes),
+                              static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + kc * kRow,
+                              p.latent_scale + row * (R / p.latent_group) + kc * ng, ng, tok, part, valid);
+      }
+      return;
+    }
+    const bf16* src = rope_chunk ? static_cast<const bf16*>(p.k_rope) + row * kr + k * kWideChunk
+                                 : static_cast<const bf16*>(p.latent) + row * R + (k - n_rope) * kWideChunk;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
       cp_async(dst + tile_offset<kWgmma>(tok, part + 4 * i, kPieces), src + (part + 4 * i) * 8, 16, valid);
@@ -2239,9 +2361,41 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   }
   const int sh = tid >> 3, sj = tid & 7;
 
+  // A chunk (tile, k) in ring slot `slot`, stored quantised, dequantised over itself (all threads call it; a no-op
+  // for bf16 chunks), fenced for the warpgroup MMAs that read it after the next CTA barrier.
+  const int rope_shift = 31 - __clz(rd), lat_shift = kLatQ ? 31 - __clz(p.latent_group) : 0;  // log2 of the groups
+  auto dequantise_chunk = [&](int tile, int k, int slot) {
+    if constexpr (kRopeQ || kLatQ) {
+      const bool rope_chunk = k < n_rope;
+      if (!(rope_chunk ? kRopeQ : kLatQ)) return;
+      unsigned char* st = stage_ptr(slot);
+      const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
+      if (rope_chunk) {  // one scale per KV head (rd values)
+        if constexpr (kRopeQ)
+          dequantise_chunk_in_place<RF, true, kWarps>(st, wide_q_offset(RF, kChunkBytes),
+                                                      wide_q_offset(RF, kChunkBytes) + kTile * row_bytes_128(RF),
+                                                      kWideChunk / rd, rope_shift, warp, lane, n_valid);
+      } else {
+        if constexpr (kLatQ)
+          dequantise_chunk_in_place<LF, true, kWarps>(st, wide_q_offset(LF, kChunkBytes),
+                                                      wide_q_offset(LF, kChunkBytes) + kTile * row_bytes_128(LF),
+                                                      kWideChunk / p.latent_group, lat_shift, warp, lane, n_valid);
+      }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores, before wgmma reads them
+#endif
+    }
+  };
+  constexpr bool kAnyQ = kRopeQ || kLatQ;
+  if constexpr (kAnyQ) {  // chunk 0 now; each step then dequantises the next one while its own MMAs run
+    cp_async_wait(a.stages - 2);
+    __syncthreads();
+    dequantise_chunk(0, 0, 0);
+  }
+
   int c_tile = 0, c_k = 0, c_slot = 0;  // the chunk this step consumes
   for (int step = 0; step < total_steps; ++step) {
-    cp_async_wait(a.stages - 2);
+    cp_async_wait(kAnyQ ? a.stages - 3 : a.stages - 2);  // quantised: the next chunk too, to dequantise it ahead
     __syncthreads();
     flush_img();  // the byte's load has had a whole step to land
     if (step + a.stages - 1 < total_steps) issue();
@@ -2274,6 +2428,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
           wgmma_64x32(acc, qa, db, k > 0 || ks > 0 ? 1 : 0);
         }
         wgmma_commit();
+        if (step + 1 < total_steps) dequantise_chunk(c_tile, c_k, c_slot);  // the next chunk (c_*: advanced above)
         wgmma_wait_all();
         continue;
       }
@@ -2313,6 +2468,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
         wgmma_64x32_ss(acc, da, db, kRopeMma > 0 || kc > 0 || ks > 0 ? 1 : 0);
       }
       wgmma_commit();
+      if (step + 1 < total_steps) dequantise_chunk(c_tile, c_k, c_slot);  // the next chunk (c_*: advanced above)
       wgmma_wait_all();  // the stage is refilled after the next step's barrier
     } else {
       if (kc == 0) {
@@ -2404,8 +2560,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   if (sh < H && sj == 0) ml_out[sh] = make_float2(m_run, l_run);
 }
 
+// LF: the stored latent (BF16, Int8, Int4); a quantised tile lands as stored at the end of its columns' bytes and
+// the CTA dequantises it over itself one tile ahead (the ring waits one tile further ahead), as pass 1 does.
+template <KvFormat LF = KvFormat::BF16>
 __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __grid_constant__ WideArgs a) {
-  extern __shared__ __align__(128) unsigned char smem[];
+  constexpr bool kQ = LF != KvFormat::BF16;
+  static_assert(kThreads == 4 * kTile, "4 threads per token copy and dequantise a tile");
+  extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -2446,10 +2607,18 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
     const bool valid = pos < c1;
     const int64_t row = valid ? static_cast<int64_t>(next_block) * bs + pos % bs : 0;
     if (tile + 1 < num_tiles && pos + kTile < c1) next_block = table[(pos + kTile) / bs];
-    const bf16* src = static_cast<const bf16*>(p.latent) + row * R + col0;
-    bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
+    if constexpr (kQ) {
+      constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
+      const int ng = kWideChunk / p.latent_group;
+      copy_wide_q_chunk<LF>(st + wide_q_offset(LF, kWideStageC),
+                            static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + cg * kRow,
+                            p.latent_scale + row * (R / p.latent_group) + cg * ng, ng, tok, part, valid);
+    } else {
+      const bf16* src = static_cast<const bf16*>(p.latent) + row * R + col0;
+      bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
 #pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async(d + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
+      for (int i = 0; i < 4; ++i) cp_async(d + (part + 4 * i) * 8, src + (part + 4 * i) * 8, 16, valid);
+    }
     bf16* pd = reinterpret_cast<bf16*>(st + kWideStageC);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {  // 64 rows x 8 pieces of 16 bytes
@@ -2483,11 +2652,28 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
 
-  for (int tile = 0; tile < num_tiles; ++tile) {
+  // kQ: tile t's columns dequantised over themselves (all threads call it).
+  const int lat_shift = kQ ? 31 - __clz(p.latent_group) : 0;  // log2 of the latent's group
+  auto dequantise_tile = [&](int tile) {
+    if constexpr (kQ) {
+      constexpr int kRawOff = wide_q_offset(LF, kWideStageC);
+      dequantise_chunk_in_place<LF, false, kWarps>(stage_ptr(tile), kRawOff, kRawOff + kTile * row_bytes_128(LF),
+                                                   kWideChunk / p.latent_group, lat_shift, warp, lane,
+                                                   min(kTile, c1 - (c0 + tile * kTile)));
+    }
+  };
+  if constexpr (kQ) {  // tile 0 now; each step then dequantises the next tile before its own products
     cp_async_wait(kWideStages - 2);
+    __syncthreads();
+    dequantise_tile(0);
+  }
+
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait(kQ ? kWideStages - 3 : kWideStages - 2);  // quantised: the next tile too
     __syncthreads();  // the tile has landed everywhere; everyone is done with the stage refilled below
     if (tile + kWideStages - 1 < num_tiles) issue(tile + kWideStages - 1);
     cp_async_commit();
+    if (kQ && tile + 1 < num_tiles) dequantise_tile(tile + 1);  // read by the products after the next barrier
     if (!rows_used) continue;
     const unsigned char* st = stage_ptr(tile);
     const bf16* cs = reinterpret_cast<const bf16*>(st);
@@ -2646,41 +2832,38 @@ TcKernel tc_kernel_for(int ht, int ctw) {
   return nullptr;
 }
 
-TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
+// fn(rf, lf) with the stored formats as std::integral_constant types, for those the tensor-core paths take
+// (BF16/Int8 rotary keys x BF16/Int8/Int4 latent); nullptr for the others.
+template <typename Kernel, typename Fn>
+Kernel for_tensor_core_formats(KvFormat rf, KvFormat lf, Fn&& fn) {
   using F = KvFormat;
-  if (rf == F::BF16) {
-    if (lf == F::BF16) return tc_kernel_for<F::BF16, F::BF16>(ht, ctw);
-    if (lf == F::Int8) return tc_kernel_for<F::BF16, F::Int8>(ht, ctw);
-    if (lf == F::Int4) return tc_kernel_for<F::BF16, F::Int4>(ht, ctw);
-  } else if (rf == F::Int8) {
-    if (lf == F::BF16) return tc_kernel_for<F::Int8, F::BF16>(ht, ctw);
-    if (lf == F::Int8) return tc_kernel_for<F::Int8, F::Int8>(ht, ctw);
-    if (lf == F::Int4) return tc_kernel_for<F::Int8, F::Int4>(ht, ctw);
-  }
+  auto with_latent = [&](auto r) -> Kernel {
+    if (lf == F::BF16) return fn(r, std::integral_constant<F, F::BF16>{});
+    if (lf == F::Int8) return fn(r, std::integral_constant<F, F::Int8>{});
+    if (lf == F::Int4) return fn(r, std::integral_constant<F, F::Int4>{});
+    return nullptr;
+  };
+  if (rf == F::BF16) return with_latent(std::integral_constant<F, F::BF16>{});
+  if (rf == F::Int8) return with_latent(std::integral_constant<F, F::Int8>{});
   return nullptr;
+}
+
+TcKernel tc_kernel(KvFormat rf, KvFormat lf, int ht, int ctw) {
+  return for_tensor_core_formats<TcKernel>(
+      rf, lf, [&](auto r, auto l) { return tc_kernel_for<decltype(r)::value, decltype(l)::value>(ht, ctw); });
 }
 
 using RvKernel = void (*)(RvArgs);
 using WideKernel = void (*)(WideArgs);
-
-// The wgmma row-pair kernel for rotary keys RF and latent lf.
-template <KvFormat RF>
-RvKernel rowpair_wgmma_kernel(KvFormat lf) {
-  using F = KvFormat;
-  if (lf == F::BF16) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::BF16>;
-  if (lf == F::Int8) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::Int8>;
-  if (lf == F::Int4) return mla_decode_rowpair_kernel<4, 128, 128, true, RF, F::Int4>;
-  return nullptr;
-}
 
 // Row-pair instantiations for kKR = kR = 128: warps per consumer (row tiles of 8 heads), wgmma or mma.sync;
 // quantised caches (Int8 rotary keys, Int8/Int4 latent) with wgmma only.
 RvKernel rowpair_kernel(int row_warps, bool wgmma, KvFormat rf = KvFormat::BF16, KvFormat lf = KvFormat::BF16) {
   if (wgmma) {
     if (row_warps != 4) return nullptr;
-    if (rf == KvFormat::BF16) return rowpair_wgmma_kernel<KvFormat::BF16>(lf);
-    if (rf == KvFormat::Int8) return rowpair_wgmma_kernel<KvFormat::Int8>(lf);
-    return nullptr;
+    return for_tensor_core_formats<RvKernel>(rf, lf, [](auto r, auto l) -> RvKernel {
+      return mla_decode_rowpair_kernel<4, 128, 128, true, decltype(r)::value, decltype(l)::value>;
+    });
   }
   if (rf != KvFormat::BF16 || lf != KvFormat::BF16) return nullptr;
   if (row_warps == 2) return mla_decode_rowpair_kernel<2, 128, 128, false>;
@@ -2695,6 +2878,28 @@ RvKernel rowpair_mha_kernel(int rope_dim) {
   if (rope_dim == 16) return mla_decode_rowpair_mha_kernel<16>;
 #endif
   (void)rope_dim;
+  return nullptr;
+}
+
+// The two-pass scores kernel for a build with (or without) sm_90a code, rotary width rd and stored formats;
+// nullptr where none is instantiated (quantised parts: the rotary MMA path only, rd 16 or 32).
+template <KvFormat RF, KvFormat LF>
+WideKernel wide_scores_kernel_for(bool wgmma, int rd) {
+  constexpr bool kAnyQ = RF != KvFormat::BF16 || LF != KvFormat::BF16;
+  if (wgmma && rd == 32) return mla_wide_scores_kernel<true, 32, RF, LF>;
+  if (wgmma && rd == 16) return mla_wide_scores_kernel<true, 16, RF, LF>;
+  if constexpr (!kAnyQ) return wgmma ? mla_wide_scores_kernel<true, 0> : mla_wide_scores_kernel<false, 0>;
+  return nullptr;
+}
+WideKernel wide_scores_kernel(bool wgmma, int rd, KvFormat rf, KvFormat lf) {
+  return for_tensor_core_formats<WideKernel>(rf, lf, [&](auto r, auto l) {
+    return wide_scores_kernel_for<decltype(r)::value, decltype(l)::value>(wgmma, rd);
+  });
+}
+WideKernel wide_values_kernel(KvFormat lf) {
+  if (lf == KvFormat::BF16) return mla_wide_values_kernel<KvFormat::BF16>;
+  if (lf == KvFormat::Int8) return mla_wide_values_kernel<KvFormat::Int8>;
+  if (lf == KvFormat::Int4) return mla_wide_values_kernel<KvFormat::Int4>;
   return nullptr;
 }
 
@@ -2762,13 +2967,16 @@ DeviceInfo device_info() {
     cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
     cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   }
-  for (WideKernel k : {mla_wide_scores_kernel<false, 0>, mla_wide_scores_kernel<true, 0>, mla_wide_scores_kernel<true, 16>,
-                       mla_wide_scores_kernel<true, 32>, mla_wide_values_kernel}) {
-    if (k == nullptr) continue;
-    cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
-    cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-  }
   const KvFormat all[4] = {KvFormat::F32, KvFormat::BF16, KvFormat::Int8, KvFormat::Int4};
+  for (KvFormat rf : all)
+    for (KvFormat lf : all)
+      for (WideKernel k : {wide_scores_kernel(false, 0, rf, lf), wide_scores_kernel(true, 0, rf, lf),
+                           wide_scores_kernel(true, 16, rf, lf), wide_scores_kernel(true, 32, rf, lf),
+                           rf == KvFormat::BF16 ? wide_values_kernel(lf) : nullptr}) {
+        if (k == nullptr) continue;
+        cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, info.max_smem);
+        cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+      }
   const int tiles[5][2] = {{1, 1}, {2, 1}, {4, 1}, {1, 2}, {2, 2}};
   for (KvFormat rf : all)
     for (KvFormat lf : all) {
@@ -3136,6 +3344,7 @@ int64_t partial_bytes(const MlaDecodeParams& p, int splits) {
 struct WidePlan {
   bool ok = false;
   WideKernel scores_kernel = nullptr;
+  WideKernel values_kernel = nullptr;
   WideArgs args{};
   int splits = 1;
   int64_t bytes = 0;  // the scores, modality bytes and split (max, sum) in the workspace
@@ -3151,10 +3360,17 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
 #else
   const bool wgmma = false;
 #endif
-  if (p.rope_format != KvFormat::BF16 || p.latent_format != KvFormat::BF16) return plan;
+  const KvFormat rf = p.rope_format, lf = p.latent_format;
+  const bool lat_q = lf != KvFormat::BF16;
   if (H <= 0 || H > kWideHeads || kv <= 0 || H % kv != 0 || R <= 0 || R % kWideChunk != 0) return plan;
   if (rd <= 0 || rd % 8 != 0 || kWideChunk % rd != 0 || (kv * rd) % kWideChunk != 0) return plan;
-  for (const void* ptr : {p.k_rope, p.latent})
+  plan.scores_kernel = wide_scores_kernel(wgmma, rd, rf, lf);
+  plan.values_kernel = wide_values_kernel(lf);
+  if (plan.scores_kernel == nullptr || plan.values_kernel == nullptr) return plan;
+  // A quantised latent chunk's scales: 128 / group of them per token, 4 to 32 bytes (cp.async sizes; group 8..64).
+  if (lat_q && (p.latent_group < 8 || p.latent_group > 64 || kWideChunk % p.latent_group != 0)) return plan;
+  for (const void* ptr :
+       {p.k_rope, p.latent, static_cast<const void*>(p.k_rope_scale), static_cast<const void*>(p.latent_scale)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0) return plan;
   WideArgs& a = plan.args;
   a.p = p;
@@ -3166,7 +3382,7 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   a.off_q_lat = 0;
   a.off_stage = q_bytes;
   // The deepest ring that fits (5 stages at latent 1024 on a Hopper): one CTA per SM, so the bytes in flight
-  // per SM are the stages' (stages - 1 chunks of 16 KB).
+  // per SM are the stages' (stages - 1 chunks of 16 KB; quantised ones are smaller, and one fewer is in flight).
   a.stages = std::min(kWideMaxStages, (dev.max_smem - q_bytes - small) / stage);
   if (a.stages < 3) return plan;
   int off = q_bytes + a.stages * stage;
@@ -3184,10 +3400,6 @@ WidePlan plan_wide(const MlaDecodeParams& p, const DeviceInfo& dev) {
   const int64_t probs = static_cast<int64_t>(p.batch) * 2 * H * a.capacity * 2;
   const int64_t tile_max = static_cast<int64_t>(p.batch) * (a.capacity / kTile) * H * 4;
   plan.bytes = probs + (tile_max + 15) / 16 * 16 + static_cast<int64_t>(p.batch) * plan.splits * H * 8;
-  plan.scores_kernel = !wgmma ? mla_wide_scores_kernel<false, 0>
-                      : rd == 32 ? mla_wide_scores_kernel<true, 32>
-                      : rd == 16 ? mla_wide_scores_kernel<true, 16>
-                                 : mla_wide_scores_kernel<true, 0>;
   plan.ok = true;
   return plan;
 }
@@ -3289,7 +3501,7 @@ void mla_decode_cuda(const MlaDecodeParams& p, void* workspace, void* stream) {
     place_wide(wide, p, workspace, wide_offset(p, dev));
     wide.args.sp = sp;
     wide.scores_kernel<<<dim3(splits, p.batch), kThreads, wide.args.smem_bytes, s>>>(wide.args);
-    mla_wide_values_kernel<<<dim3(p.latent_dim / kWideChunk, splits, p.batch), kThreads, kWideValuesSmem, s>>>(wide.args);
+    wide.values_kernel<<<dim3(p.latent_dim / kWideChunk, splits, p.batch), kThreads, kWideValuesSmem, s>>>(wide.args);
     launched = true;
   }
   if (!launched) {
