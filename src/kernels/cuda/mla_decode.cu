@@ -1175,42 +1175,59 @@ __device__ __forceinline__ void dequantise_tile_128(const unsigned char* raw, co
   }
 }
 
-// The two-pass kernels' dequantisation of a 64-token chunk of 128 values, in place: the stored rows (Int8:
-// [64][128] bytes, Int4: [64][64]) at byte raw_off of `tile` and their scales ([64][ng] fp16, ng = 128 >>
-// group_shift) at scale_off lie inside the bf16 tile's own bytes (tile_offset<kSwizzled>), which they become.
-// Warp w of kCtaWarps takes rows w, w + kCtaWarps, ... (Int4: pairs of rows), each lane 4 stored bytes of a row
-// (Int8: 4 values, Int4: 8), so that a warp reads whole stored rows and writes whole bf16 rows (no bank
-// conflicts) at offsets fixed per thread. Rows from v_hi on become zeros. All threads of the CTA call it:
-// every load, a CTA barrier, every store.
+// Where row `row` of a quantised chunk of 64 tokens x 128 values lies inside the bf16 tile it is dequantised into
+// (tile_offset<kSwizzled>; the two-pass kernels' stages): its stored values (Int8: 128 bytes, Int4: 64) at the
+// start of the row's own bytes (swizzled: the row's 128-byte line in the first 64-column half; padded: its 272-byte
+// row), its scales (at most 16 fp16) after them (swizzled: the row's line in the second half). Dequantising a row
+// then reads and writes only that row's bytes.
+template <bool kSwizzled>
+__host__ __device__ constexpr int q_row_bytes_offset(int row) {
+  return row * (kSwizzled ? 128 : 272);
+}
+template <bool kSwizzled, KvFormat F>
+__host__ __device__ constexpr int q_row_scales_offset(int row) {
+  return kSwizzled ? kTile * 128 + row * 128 : row * 272 + row_bytes_128(F);
+}
+
+// The two-pass kernels' dequantisation of a 64-token chunk of 128 values, in place: the stored rows and their
+// scales ([ng] fp16 per row, ng = 128 >> group_shift) lie inside `tile`'s own rows as q_row_bytes_offset and
+// q_row_scales_offset say, and become the bf16 tile (tile_offset<kSwizzled>). Warp w of kCtaWarps takes rows w,
+// w + kCtaWarps, ... (Int4: pairs of rows), each lane 4 stored bytes of a row (Int8: 4 values, Int4: 8), so that a
+// warp reads whole stored rows and writes whole bf16 rows (no bank conflicts) at offsets fixed per thread, and
+// touches no other warp's rows: its loads, __syncwarp, its stores (no CTA barrier). Rows from v_hi on become zeros.
+// The chunk must be visible to every thread (the CTA barrier after the copies' wait).
 template <KvFormat F, bool kSwizzled, int kCtaWarps>
-__device__ __forceinline__ void dequantise_chunk_in_place(unsigned char* tile, int raw_off, int scale_off, int ng,
-                                                          int group_shift, int warp, int lane, int v_hi) {
+__device__ __forceinline__ void dequantise_chunk_in_place(unsigned char* tile, int ng, int group_shift, int warp,
+                                                          int lane, int v_hi) {
   constexpr int kV = F == KvFormat::Int8 ? 4 : 8;  // values per lane and row
   constexpr int kLanesPerRow = 128 / kV;           // 32 or 16
   constexpr int kRowsPerStep = kCtaWarps * (32 / kLanesPerRow);
   constexpr int kSteps = kTile / kRowsPerStep;
-  constexpr int kRawRow = 4 * kLanesPerRow;       // stored bytes per row: 4 per lane (128 or 64)
-  constexpr int kOutRow = kSwizzled ? 128 : 272;  // bytes between rows r and r + 8k of the bf16 tile (same half)
+  constexpr int kStep = kRowsPerStep * q_row_bytes_offset<kSwizzled>(1);  // bytes between a lane's rows
   static_assert(kRowsPerStep % 8 == 0, "a thread's rows keep their swizzle phase (row % 8)");
-  static_assert(kRawRow == row_bytes_128(F), "4 stored bytes per lane");
+  static_assert(4 * kLanesPerRow == row_bytes_128(F), "4 stored bytes per lane");
+  static_assert(
+      q_row_bytes_offset<kSwizzled>(1) == q_row_scales_offset<kSwizzled, F>(1) - q_row_scales_offset<kSwizzled, F>(0),
+      "rows' values and scales advance alike");
   const int row0 = warp * (32 / kLanesPerRow) + lane / kLanesPerRow, cl = lane % kLanesPerRow;
-  const unsigned char* raw = tile + raw_off + row0 * kRawRow + 4 * cl;
-  const uint16_t* scales = reinterpret_cast<const uint16_t*>(tile + scale_off) + row0 * ng + ((kV * cl) >> group_shift);
+  const unsigned char* raw = tile + q_row_bytes_offset<kSwizzled>(row0) + 4 * cl;
+  const unsigned char* scales = tile + q_row_scales_offset<kSwizzled, F>(row0) + 2 * ((kV * cl) >> group_shift);
   uint32_t w[kSteps];
   float sc[kSteps];
 #pragma unroll
   for (int i = 0; i < kSteps; ++i) {
-    w[i] = *reinterpret_cast<const uint32_t*>(raw + i * kRowsPerStep * kRawRow);
-    sc[i] = row0 + i * kRowsPerStep < v_hi ? half_bits_to_float(scales[i * kRowsPerStep * ng]) : 0.f;
+    w[i] = *reinterpret_cast<const uint32_t*>(raw + i * kStep);
+    sc[i] = row0 + i * kRowsPerStep < v_hi ? half_bits_to_float(*reinterpret_cast<const uint16_t*>(scales + i * kStep))
+                                           : 0.f;
   }
-  __syncthreads();
+  __syncwarp();
   const int byte0 = 2 * kV * cl;  // of the bf16 row: 8 or 16 bytes per lane
   unsigned char* out = tile + tile_offset<kSwizzled>(row0, byte0 / 16, 16) + byte0 % 16;
 #pragma unroll
   for (int i = 0; i < kSteps; ++i) {
     uint32_t packed[kV / 2];
     scaled_bf16_pairs<F>(w[i], sc[i], packed);
-    unsigned char* dst = out + i * kRowsPerStep * kOutRow;
+    unsigned char* dst = out + i * kStep;
     if constexpr (kV == 4) {
       *reinterpret_cast<uint2*>(dst) = make_uint2(packed[0], packed[1]);
     } else {
@@ -2137,43 +2154,32 @@ struct WideArgs {
   int off_q_lat;      // bf16 [kWideRows][R] in tile_offset<kWgmma>'s layout
   int off_q_rope;     // fp32 [heads][rope_dim]
   int off_stage;      // stages x bf16 [kTile][kWideChunk] in tile_offset<kWgmma>'s layout; a quantised chunk lands
-                      // at the slot's end (wide_q_offset) and is dequantised in place
+                      // in its rows (q_row_bytes_offset) and is dequantised in place
   int off_img;        // uint8 [4][kTile]: modality of the tiles in flight (tile % 4)
   int off_s;          // fp32 [kWideHeads][kWideLds]: the current tile's rotary scores, then (in place) its scores
 };
 
 // Pass 2's stage: the latent columns, the weight rows, then the tile max of each head. A quantised latent lands
-// at the end of the columns' bytes (wide_q_offset) and is dequantised in place.
+// in the columns' rows (q_row_bytes_offset) and is dequantised in place.
 constexpr int kWideStageC = kTile * kWideLd * 2;                         // 17408: latent columns [64][136]
 constexpr int kWideStageP = kWideRows * kWideLdp * 2;                    // 9216: bf16 P [64 rows][72]
 constexpr int kWideStageBytes = kWideStageC + kWideStageP + kWideHeads * 4;
 constexpr int kWideValuesSmem = kWideStages * kWideStageBytes;
 
-// A quantised 128-value chunk of 64 tokens (Int8/Int4 latent, Int8 rotary keys) in a two-pass kernel's stage:
-// the stored rows [kTile][row_bytes_128(F)], then their scales [kTile][128 / group] fp16 (group >= 8: at most 16).
-constexpr int kWideMaxScales = 16;
-__host__ __device__ constexpr int wide_q_chunk_bytes(KvFormat F) {
-  return kTile * row_bytes_128(F) + kTile * kWideMaxScales * 2;
-}
-// Where a two-pass kernel puts a quantised chunk in the bytes of a bf16 one (`chunk_bytes`: pass 1's swizzled
-// 16 KB, pass 2's padded 17 KB): at the end, so that it can be dequantised over itself.
-__host__ __device__ constexpr int wide_q_offset(KvFormat F, int chunk_bytes) {
-  return chunk_bytes - wide_q_chunk_bytes(F);
-}
-
-// Token `tok`'s share (4 threads per token: `part`) of a quantised 128-value chunk, into a two-pass stage `dst`
-// laid out as wide_q_chunk_bytes says: its stored row from `src`, its `ng` scales from `scale_src` (2 ng bytes,
-// aligned to min(2 ng, 16)). valid == false zero-fills both, so the dequantised row is exact zeros.
-template <KvFormat F>
-__device__ __forceinline__ void copy_wide_q_chunk(unsigned char* dst, const unsigned char* src,
+// Token `tok`'s share (4 threads per token: `part`) of a quantised 128-value chunk, into the rows of a two-pass
+// stage's bf16 tile `tile` (q_row_bytes_offset, q_row_scales_offset): its stored row from `src`, its `ng` scales
+// (at most 16) from `scale_src` (2 ng bytes, aligned to min(2 ng, 16)). valid == false zero-fills both, so the
+// dequantised row is exact zeros.
+template <KvFormat F, bool kSwizzled>
+__device__ __forceinline__ void copy_wide_q_chunk(unsigned char* tile, const unsigned char* src,
                                                   const uint16_t* scale_src, int ng, int tok, int part, bool valid) {
   constexpr int kRow = row_bytes_128(F);
+  unsigned char* dst = tile + q_row_bytes_offset<kSwizzled>(tok);
 #pragma unroll
-  for (int i = 0; i < kRow / 64; ++i)
-    cp_async(dst + tok * kRow + (part + 4 * i) * 16, src + (part + 4 * i) * 16, 16, valid);
+  for (int i = 0; i < kRow / 64; ++i) cp_async(dst + (part + 4 * i) * 16, src + (part + 4 * i) * 16, 16, valid);
   const int bytes = 2 * ng, unit = bytes < 16 ? bytes : 16;
   if (part * unit < bytes)
-    cp_async(dst + kTile * kRow + tok * bytes + part * unit,
+    cp_async(tile + q_row_scales_offset<kSwizzled, F>(tok) + part * unit,
              reinterpret_cast<const unsigned char*>(scale_src) + part * unit, unit, valid);
 }
 
@@ -2200,10 +2206,9 @@ __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a
 // elsewhere, so each lane keeps its two rows' rotary queries (rd / 4 bf16 pairs) and selects them per k-step.
 // The zeros cost tensor-core time that is idle anyway; the CUDA-core dots (0) cost issue slots the step lacks.
 // RF, LF: the stored rotary keys (BF16, Int8) and latent (BF16, Int8, Int4); quantised ones need kRopeMma. A
-// quantised chunk lands as stored (copy_wide_q_chunk) at the end of its ring slot, and the CTA's 256 threads
-// dequantise it over itself into the bf16 chunk (4 threads per token) one step ahead: while the warpgroup MMAs
-// of chunk i run, chunk i + 1 (landed: the ring waits one chunk further ahead) is dequantised, so that the
-// conversion costs issue slots but no step latency.
+// quantised chunk lands as stored (copy_wide_q_chunk) in the rows of its ring slot, and each warp dequantises
+// its rows of it in place (dequantise_chunk_in_place) one step ahead: while the warpgroup MMAs of chunk i run,
+// chunk i + 1 (landed: the ring waits one chunk further ahead) is dequantised.
 template <bool kWgmma, int kRopeMma, KvFormat RF = KvFormat::BF16, KvFormat LF = KvFormat::BF16>
 __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __grid_constant__ WideArgs a) {
   static_assert(kRopeMma == 0 || (kWgmma && (kRopeMma == 16 || kRopeMma == 32)), "rotary MMA: wgmma, rd 16 or 32");
@@ -2290,19 +2295,18 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
     const bool rope_chunk = k < n_rope;
     if (rope_chunk && kRopeQ) {  // int8: kr bytes per token; chunk k holds KV heads k (128 / rd) ..
       if constexpr (kRopeQ)
-        copy_wide_q_chunk<RF>(dst + wide_q_offset(RF, kChunkBytes),
-                              static_cast<const unsigned char*>(p.k_rope) + row * kr + k * kWideChunk,
-                              p.k_rope_scale + row * p.kv_heads + k * (kWideChunk / rd), kWideChunk / rd, tok, part,
-                              valid);
+        copy_wide_q_chunk<RF, kWgmma>(dst, static_cast<const unsigned char*>(p.k_rope) + row * kr + k * kWideChunk,
+                                      p.k_rope_scale + row * p.kv_heads + k * (kWideChunk / rd), kWideChunk / rd, tok,
+                                      part, valid);
       return;
     }
     if (!rope_chunk && kLatQ) {
       if constexpr (kLatQ) {
         constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
         const int kc = k - n_rope, ng = kWideChunk / p.latent_group;
-        copy_wide_q_chunk<LF>(dst + wide_q_offset(LF, kChunkBytes),
-                              static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + kc * kRow,
-                              p.latent_scale + row * (R / p.latent_group) + kc * ng, ng, tok, part, valid);
+        copy_wide_q_chunk<LF, kWgmma>(
+            dst, static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + kc * kRow,
+            p.latent_scale + row * (R / p.latent_group) + kc * ng, ng, tok, part, valid);
       }
       return;
     }
@@ -2361,7 +2365,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   }
   const int sh = tid >> 3, sj = tid & 7;
 
-  // A chunk (tile, k) in ring slot `slot`, stored quantised, dequantised over itself (all threads call it; a no-op
+  // A chunk (tile, k) in ring slot `slot`, stored quantised, dequantised over itself (every warp its rows; a no-op
   // for bf16 chunks), fenced for the warpgroup MMAs that read it after the next CTA barrier.
   const int rope_shift = 31 - __clz(rd), lat_shift = kLatQ ? 31 - __clz(p.latent_group) : 0;  // log2 of the groups
   auto dequantise_chunk = [&](int tile, int k, int slot) {
@@ -2372,14 +2376,11 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       const int n_valid = min(kTile, c1 - (c0 + tile * kTile));
       if (rope_chunk) {  // one scale per KV head (rd values)
         if constexpr (kRopeQ)
-          dequantise_chunk_in_place<RF, true, kWarps>(st, wide_q_offset(RF, kChunkBytes),
-                                                      wide_q_offset(RF, kChunkBytes) + kTile * row_bytes_128(RF),
-                                                      kWideChunk / rd, rope_shift, warp, lane, n_valid);
+          dequantise_chunk_in_place<RF, kWgmma, kWarps>(st, kWideChunk / rd, rope_shift, warp, lane, n_valid);
       } else {
         if constexpr (kLatQ)
-          dequantise_chunk_in_place<LF, true, kWarps>(st, wide_q_offset(LF, kChunkBytes),
-                                                      wide_q_offset(LF, kChunkBytes) + kTile * row_bytes_128(LF),
-                                                      kWideChunk / p.latent_group, lat_shift, warp, lane, n_valid);
+          dequantise_chunk_in_place<LF, kWgmma, kWarps>(st, kWideChunk / p.latent_group, lat_shift, warp, lane,
+                                                        n_valid);
       }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores, before wgmma reads them
@@ -2610,9 +2611,9 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
     if constexpr (kQ) {
       constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
       const int ng = kWideChunk / p.latent_group;
-      copy_wide_q_chunk<LF>(st + wide_q_offset(LF, kWideStageC),
-                            static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + cg * kRow,
-                            p.latent_scale + row * (R / p.latent_group) + cg * ng, ng, tok, part, valid);
+      copy_wide_q_chunk<LF, false>(
+          st, static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + cg * kRow,
+          p.latent_scale + row * (R / p.latent_group) + cg * ng, ng, tok, part, valid);
     } else {
       const bf16* src = static_cast<const bf16*>(p.latent) + row * R + col0;
       bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
@@ -2652,13 +2653,11 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[nb][i] = 0.f;
 
-  // kQ: tile t's columns dequantised over themselves (all threads call it).
+  // kQ: tile t's columns dequantised over themselves (each warp its rows).
   const int lat_shift = kQ ? 31 - __clz(p.latent_group) : 0;  // log2 of the latent's group
   auto dequantise_tile = [&](int tile) {
     if constexpr (kQ) {
-      constexpr int kRawOff = wide_q_offset(LF, kWideStageC);
-      dequantise_chunk_in_place<LF, false, kWarps>(stage_ptr(tile), kRawOff, kRawOff + kTile * row_bytes_128(LF),
-                                                   kWideChunk / p.latent_group, lat_shift, warp, lane,
+      dequantise_chunk_in_place<LF, false, kWarps>(stage_ptr(tile), kWideChunk / p.latent_group, lat_shift, warp, lane,
                                                    min(kTile, c1 - (c0 + tile * kTile)));
     }
   };
