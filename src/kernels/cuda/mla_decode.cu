@@ -1163,15 +1163,16 @@ __device__ __forceinline__ void dequantise_tile_128(const unsigned char* raw, co
   for (int j = 0; j < 8; ++j) {
     const int c0 = 64 * half + 8 * j;  // first of this store's 8 values (one group: group % 8 == 0)
     const float sc = valid ? half_bits_to_float(scales[tok * ng + c0 / group]) : 0.f;
-    uint4 packed;
+    uint32_t packed[4];  // the 8 values' bf16 pairs
     if constexpr (F == KvFormat::Int8) {
       const uint2 w = *reinterpret_cast<const uint2*>(raw + tok * kRawRow + c0);
-      scaled_bf16_pairs<F>(w.x, sc, &packed.x);
-      scaled_bf16_pairs<F>(w.y, sc, &packed.z);
+      scaled_bf16_pairs<F>(w.x, sc, packed);
+      scaled_bf16_pairs<F>(w.y, sc, packed + 2);
     } else {
-      scaled_bf16_pairs<F>(*reinterpret_cast<const uint32_t*>(raw + tok * kRawRow + c0 / 2), sc, &packed.x);
+      scaled_bf16_pairs<F>(*reinterpret_cast<const uint32_t*>(raw + tok * kRawRow + c0 / 2), sc, packed);
     }
-    *reinterpret_cast<uint4*>(out + tile_offset<true>(tok, 8 * half + j, 16)) = packed;
+    *reinterpret_cast<uint4*>(out + tile_offset<true>(tok, 8 * half + j, 16)) =
+        make_uint4(packed[0], packed[1], packed[2], packed[3]);
   }
 }
 
@@ -2215,7 +2216,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   constexpr bool kRopeQ = RF != KvFormat::BF16, kLatQ = LF != KvFormat::BF16;
   static_assert(RF == KvFormat::BF16 || RF == KvFormat::Int8, "rotary keys bf16 or int8");
   static_assert(!(kRopeQ || kLatQ) || kRopeMma > 0, "quantised chunks: the rotary MMA path");
-  static_assert(kThreads == 4 * kTile, "4 threads per token copy and dequantise a chunk");
+  static_assert(kThreads == 4 * kTile, "4 threads per token copy a chunk");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -2561,12 +2562,13 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   if (sh < H && sj == 0) ml_out[sh] = make_float2(m_run, l_run);
 }
 
-// LF: the stored latent (BF16, Int8, Int4); a quantised tile lands as stored at the end of its columns' bytes and
-// the CTA dequantises it over itself one tile ahead (the ring waits one tile further ahead), as pass 1 does.
+// LF: the stored latent (BF16, Int8, Int4); a quantised tile lands as stored in the rows of its columns' bf16 tile
+// (copy_wide_q_chunk) and each warp dequantises its rows of it in place one tile ahead (the ring waits one tile
+// further ahead), as pass 1 does.
 template <KvFormat LF = KvFormat::BF16>
 __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __grid_constant__ WideArgs a) {
   constexpr bool kQ = LF != KvFormat::BF16;
-  static_assert(kThreads == 4 * kTile, "4 threads per token copy and dequantise a tile");
+  static_assert(kThreads == 4 * kTile, "4 threads per token copy a tile");
   extern __shared__ __align__(1024) unsigned char smem[];
   const MlaDecodeParams& p = a.p;
   allow_dependent_launch();
