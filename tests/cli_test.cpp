@@ -131,6 +131,10 @@ TEST(Cli, InspectAndGenerateOnBundledModel) {
   ASSERT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("3072 bytes/token in bf16"), std::string::npos) << r.output;
   EXPECT_NE(r.output.find("12.74M total"), std::string::npos) << r.output;
+  // --model, as every other command spells it, names the same directory.
+  const CommandResult flagged = run_cli("inspect --model models/qwen2vl-shapes");
+  ASSERT_EQ(flagged.exit_code, 0) << flagged.output;
+  EXPECT_EQ(flagged.output, r.output);
   r = run_cli("generate --model models/qwen2vl-shapes --image data/shapes-mini/images/eval/00001.png "
               "--prompt '<image>\nWhat is in the bottom right?'");
   ASSERT_EQ(r.exit_code, 0) << r.output;

@@ -214,7 +214,7 @@ int main(int argc, char** argv) {
 
   auto* inspect = app.add_subcommand("inspect", "Show a model's architecture, parameter counts and KV-cache bytes per token");
   std::string inspect_model;
-  inspect->add_option("model", inspect_model, "Model directory (Hugging Face checkpoint)")->required();
+  inspect->add_option("model,--model", inspect_model, "Model directory (Hugging Face checkpoint), positional or --model")->required();
 
   auto* gen = app.add_subcommand("generate", "Answer one prompt; each <image> in the prompt takes the next --image");
   std::string gen_model, gen_prompt;
