@@ -218,6 +218,32 @@ __device__ __forceinline__ SplitOutput split_output(const MlaDecodeParams& p, co
   return {sp.part_acc + slot * row_floats, sp.part_ml + slot * p.heads};
 }
 
+// What a split with no tokens writes for heads [h0, h0 + heads): a weight of zero for the merge, or zeros when
+// this CTA writes `out` (and lse) itself (one split: an empty sequence still defines them). Threads [0, threads)
+// of the CTA share the work.
+__device__ __forceinline__ void write_empty_split(const SplitOutput& dst, const Splits& sp, int heads, int R, int tid,
+                                                  int threads, int h0 = 0) {
+  if (sp.num_splits == 1)
+    for (int i = tid; i < heads * 2 * R; i += threads) dst.acc[h0 * 2 * R + i] = 0.f;
+  if (dst.ml != nullptr)
+    for (int h = tid; h < heads; h += threads) dst.ml[h0 + h] = make_float2(-INFINITY, 0.f);
+}
+
+// Positions [c0, c1) of sequence b that split `split` covers: split_chunk positions each from the sequence's
+// begin (c0 >= c1: an empty split).
+struct SplitSpan {
+  int seq_begin, seq_end, c0, c1;
+};
+__device__ __forceinline__ SplitSpan split_span(const MlaDecodeParams& p, int num_splits, int b, int split) {
+  SplitSpan s;
+  s.seq_begin = p.seq_begin[b];
+  s.seq_end = p.seq_end[b];
+  const int chunk = split_chunk(s.seq_end - s.seq_begin, num_splits);
+  s.c0 = s.seq_begin + split * chunk;
+  s.c1 = min(s.seq_end, s.c0 + chunk);
+  return s;
+}
+
 // A split's weight in the merge of splits: sum * 2^(max - mx) for its (max, sum) against the merged max mx, 0 for an
 // empty split (max -inf).
 __device__ __forceinline__ float split_weight(float2 m_l, float mx) {
@@ -477,18 +503,11 @@ __global__ void __launch_bounds__(kThreads, kHT * kCTW <= 2 ? 2 : 1) mla_decode_
   const int bk_row = (((lane >> 3) & 1) << 3) + (lane & 7), bk_col = (lane >> 4) * 8;
   const int lat_tiles = R / 16;
 
-  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
-  const int c0 = seq_begin + split * chunk;
-  const int c1 = min(seq_end, c0 + chunk);
+  const SplitSpan span = split_span(p, a.sp.num_splits, b, split);
+  const int c0 = span.c0, c1 = span.c1;
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
-    // Empty split: the combine skips it; a lone empty split (empty sequence) still defines `out` (and lse).
-    if (a.sp.num_splits == 1) {
-      for (int i = tid; i < H * 2 * R; i += kThreads) dst.acc[i] = 0.f;
-      if (dst.ml != nullptr)
-        for (int h = tid; h < H; h += kThreads) dst.ml[h] = make_float2(-INFINITY, 0.f);
-    }
+    write_empty_split(dst, a.sp, H, R, tid, kThreads);
     return;
   }
   const int num_tiles = (c1 - c0 + kTile - 1) / kTile;
@@ -946,16 +965,6 @@ __device__ __forceinline__ SplitTiles split_tiles(const MlaDecodeParams& p, cons
   s.lo = first + split * per_split;
   s.hi = min(first + count, s.lo + per_split);
   return s;
-}
-
-// What a split with no tokens writes: a weight of zero for the combine, or zeros when this CTA writes `out`
-// (and lse) itself. Threads [0, threads) of the CTA share the work.
-__device__ __forceinline__ void write_empty_split(const SplitOutput& dst, const Splits& sp, int heads, int R, int tid,
-                                                  int threads) {
-  if (sp.num_splits == 1)
-    for (int i = tid; i < heads * 2 * R; i += threads) dst.acc[i] = 0.f;
-  if (dst.ml != nullptr)
-    for (int h = tid; h < heads; h += threads) dst.ml[h] = make_float2(-INFINITY, 0.f);
 }
 
 // Latent queries of one head as the A fragments of the row-pair scores: row g the text query, row g + 8 the
@@ -1952,17 +1961,11 @@ __global__ void __launch_bounds__(kThreads) mla_decode_cc_kernel(const __grid_co
   const int kw = (kv_hi - kv_lo + 1) * rd;  // rotary values per token this CTA needs
   const int ldk = a.ldk, ldc = a.ldc;
 
-  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
-  const int c0 = seq_begin + split * chunk;
-  const int c1 = min(seq_end, c0 + chunk);
+  const SplitSpan span = split_span(p, a.sp.num_splits, b, split);
+  const int c0 = span.c0, c1 = span.c1;
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {
-    if (a.sp.num_splits == 1) {
-      for (int i = tid; i < hg * 2 * R; i += kThreads) dst.acc[h0 * 2 * R + i] = 0.f;
-      if (dst.ml != nullptr)
-        for (int h = tid; h < hg; h += kThreads) dst.ml[h0 + h] = make_float2(-INFINITY, 0.f);
-    }
+    write_empty_split(dst, a.sp, hg, R, tid, kThreads, h0);
     return;
   }
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
@@ -2230,10 +2233,8 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
   const int a_row = lane & 15, a_col = (lane >> 4) * 8;
   const int bn_row = ((lane >> 4) << 3) + (lane & 7), bn_col = ((lane >> 3) & 1) * 8;
 
-  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
-  const int c0 = seq_begin + split * chunk;
-  const int c1 = min(seq_end, c0 + chunk);
+  const SplitSpan span = split_span(p, a.sp.num_splits, b, split);
+  const int seq_begin = span.seq_begin, c0 = span.c0, c1 = span.c1;
   float2* ml_out = a.split_ml + (static_cast<int64_t>(b) * a.sp.num_splits + split) * H;
   if (c0 >= c1) {
     for (int h = tid; h < H; h += kThreads) ml_out[h] = make_float2(-INFINITY, 0.f);
@@ -2578,10 +2579,8 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
   const int H = p.heads, R = p.latent_dim, bs = p.block_size;
   const int col0 = cg * kWideChunk;
 
-  const int seq_begin = p.seq_begin[b], seq_end = p.seq_end[b];
-  const int chunk = split_chunk(seq_end - seq_begin, a.sp.num_splits);
-  const int c0 = seq_begin + split * chunk;
-  const int c1 = min(seq_end, c0 + chunk);
+  const SplitSpan span = split_span(p, a.sp.num_splits, b, split);
+  const int seq_begin = span.seq_begin, c0 = span.c0, c1 = span.c1;
   const SplitOutput dst = split_output(p, a.sp, b, split);
   if (c0 >= c1) {  // an empty split: the combine skips it; a lone one (empty sequence) still defines out and lse
     if (a.sp.num_splits == 1) {
