@@ -2187,6 +2187,19 @@ __device__ __forceinline__ void copy_wide_q_chunk(unsigned char* tile, const uns
              reinterpret_cast<const unsigned char*>(scale_src) + part * unit, unit, valid);
 }
 
+// copy_wide_q_chunk of latent chunk kc (values 128 kc ..) of pool row `row`, an Int8/Int4 latent of R values
+// per token (p.latent_dim, passed as the kernel holds it): the stored row's kc-th 128 values and their 128 /
+// latent_group scales.
+template <KvFormat LF, bool kSwizzled>
+__device__ __forceinline__ void copy_wide_q_latent_chunk(unsigned char* tile, const MlaDecodeParams& p, int R,
+                                                         int64_t row, int kc, int tok, int part, bool valid) {
+  constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
+  const int ng = kWideChunk / p.latent_group;
+  copy_wide_q_chunk<LF, kSwizzled>(
+      tile, static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + kc * kRow,
+      p.latent_scale + row * (R / p.latent_group) + kc * ng, ng, tok, part, valid);
+}
+
 // d[64 x 32] (= or +=) A[64 x 16] . B[16 x 32], both K-major in shared memory; `accumulate` 0 overwrites d.
 __device__ __forceinline__ void wgmma_64x32_ss(float (&d)[4][4], uint64_t desc_a, uint64_t desc_b, int accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -2303,13 +2316,7 @@ __global__ void __launch_bounds__(kThreads, 1) mla_wide_scores_kernel(const __gr
       return;
     }
     if (!rope_chunk && kLatQ) {
-      if constexpr (kLatQ) {
-        constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
-        const int kc = k - n_rope, ng = kWideChunk / p.latent_group;
-        copy_wide_q_chunk<LF, kWgmma>(
-            dst, static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + kc * kRow,
-            p.latent_scale + row * (R / p.latent_group) + kc * ng, ng, tok, part, valid);
-      }
+      if constexpr (kLatQ) copy_wide_q_latent_chunk<LF, kWgmma>(dst, p, R, row, k - n_rope, tok, part, valid);
       return;
     }
     const bf16* src = rope_chunk ? static_cast<const bf16*>(p.k_rope) + row * kr + k * kWideChunk
@@ -2610,11 +2617,7 @@ __global__ void __launch_bounds__(kThreads, 2) mla_wide_values_kernel(const __gr
     const int64_t row = valid ? static_cast<int64_t>(next_block) * bs + pos % bs : 0;
     if (tile + 1 < num_tiles && pos + kTile < c1) next_block = table[(pos + kTile) / bs];
     if constexpr (kQ) {
-      constexpr int kRow = row_bytes_128(LF);  // stored bytes of 128 values
-      const int ng = kWideChunk / p.latent_group;
-      copy_wide_q_chunk<LF, false>(
-          st, static_cast<const unsigned char*>(p.latent) + row * (R / kWideChunk * kRow) + cg * kRow,
-          p.latent_scale + row * (R / p.latent_group) + cg * ng, ng, tok, part, valid);
+      copy_wide_q_latent_chunk<LF, false>(st, p, R, row, cg, tok, part, valid);
     } else {
       const bf16* src = static_cast<const bf16*>(p.latent) + row * R + col0;
       bf16* d = reinterpret_cast<bf16*>(st) + tok * kWideLd;
