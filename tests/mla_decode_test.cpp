@@ -273,7 +273,9 @@ TEST(MlaDecode, DenseBf16CopyHoldsWhatTheBatchAttends) {
       at::Tensor q_latent = at::randn({B, c.heads, 2, c.latent_dim}) * 0.3;
       at::Tensor begin = batch.seq_begin.to(at::kInt).contiguous(), end = batch.seq_end.to(at::kInt).contiguous();
       at::Tensor out = at::empty({B, c.heads, 2, c.latent_dim});
+      EXPECT_EQ(pool.kernel_params(1).num_blocks, pool.num_blocks());
       MlaDecodeParams p = dense.params(pool.kernel_params(1));
+      EXPECT_EQ(p.num_blocks, dense.k_rope.size(0));  // the copy's blocks, not the pool's
       p.batch = int32_t(B);
       p.heads = int32_t(c.heads);
       p.scale = 0.125f;
@@ -308,6 +310,32 @@ TEST(MlaDecode, QuantizedWideLatentsTakeTheTwoPassKernels) {
       EXPECT_EQ(mla_decode_cuda_kernel(p), MlaCudaKernel::TwoPass) << "rope " << kv_format_name(rope) << " latent "
                                                                    << kv_format_name(latent);
     }
+  }
+#else
+  GTEST_SKIP() << "a build without CUDA kernels";
+#endif
+}
+
+// llava-1.5-7b at 4 or 8 rotary pairs and dkv 8 (bf16): on a Hopper the MHA row-pair kernel, whose tiles come
+// through tensor maps of the pool; it needs the pool's size (num_blocks) for them, and without it another kernel
+// takes the shape (the tensor-core one at 4 pairs, the two-pass ones at 8; KernelMatchesReferenceEveryFormat
+// checks their results).
+TEST(MlaDecode, MhaShapeTakesTheRowPairKernelWithThePoolSize) {
+#ifdef MLAFORGE_WITH_CUDA
+  int dev = 0, major = 0;
+  if (!at::hasCUDA() || cudaGetDevice(&dev) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
+    GTEST_SKIP() << "needs a Hopper GPU";
+  for (int64_t rope_dim : {8, 16}) {
+    const CasePool cp =
+        make_case_pool(DecodeCase{32, 32, rope_dim, 256, 64, KvFormat::BF16, KvFormat::BF16, at::kCUDA}, 5);
+    MlaDecodeParams p = cp.pool->kernel_params(0);
+    p.batch = int32_t(cp.batch.block_table.size(0));
+    p.heads = 32;
+    p.max_blocks = int32_t(cp.batch.block_table.size(1));
+    EXPECT_EQ(mla_decode_cuda_kernel(p), MlaCudaKernel::RowPair) << "rope_dim " << rope_dim;
+    p.num_blocks = 0;
+    EXPECT_NE(mla_decode_cuda_kernel(p), MlaCudaKernel::RowPair) << "rope_dim " << rope_dim;
   }
 #else
   GTEST_SKIP() << "a build without CUDA kernels";

@@ -260,6 +260,7 @@ HostCase make_host_case(const Case& c, uint64_t seed) {
   }
   p.max_blocks = max_blocks;
   h.num_blocks = needed + 3;  // a few blocks nobody uses
+  p.num_blocks = h.num_blocks;
   // Shuffled pool blocks; entries past a sequence's end are -1 (never read).
   std::vector<int32_t> perm(static_cast<size_t>(h.num_blocks));
   for (int i = 0; i < h.num_blocks; ++i) perm[static_cast<size_t>(i)] = i;

@@ -197,6 +197,7 @@ MlaDecodeParams LatentPool::kernel_params(int64_t layer) const {
   p.rope_dim = int32_t(rope_dim_);
   p.latent_dim = int32_t(latent_dim_);
   p.block_size = int32_t(opt_.block_size);
+  p.num_blocks = int32_t(num_blocks());
   p.latent_group = int32_t(opt_.latent_group);
   p.rope_format = opt_.rope;
   p.k_rope = k_rope_[layer].data_ptr();
@@ -301,6 +302,7 @@ MlaDecodeParams DenseBf16Copy::params(MlaDecodeParams p) const {
   p.is_image = is_image.data_ptr<uint8_t>();
   p.block_table = block_table.data_ptr<int32_t>();
   p.max_blocks = int32_t(block_table.size(1));
+  p.num_blocks = int32_t(k_rope.size(0));
   return p;
 }
 

@@ -39,6 +39,7 @@ struct MlaDecodeParams {
   int32_t rope_dim = 0;    // 2r: rotary values per KV head
   int32_t latent_dim = 0;  // R
   int32_t block_size = 0, max_blocks = 0;
+  int32_t num_blocks = 0;    // pool blocks: k_rope, latent and is_image hold num_blocks * block_size rows
   int32_t latent_group = 0;  // latent values per scale (Int8/Int4); divides latent_dim
   float scale = 1.f;         // softmax scale, dh^-1/2 of the original model
 

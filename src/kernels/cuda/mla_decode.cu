@@ -41,6 +41,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // CUtensorMap, PFN_cuTensorMapEncodeTiled (the driver entry point, no -lcuda)
 #include <cooperative_groups.h>
 
 #include <cuda/std/atomic>
@@ -104,6 +105,53 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, i
   } else {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
   }
+}
+
+// Transaction barriers and the tensor memory accelerator (sm_90): one thread starts a tile's copies, and the
+// copies themselves count their bytes into the stage's mbarrier, which every thread waits on.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
+}
+// Makes the initialised barriers visible to the async proxy (the copies that complete on them).
+__device__ __forceinline__ void mbarrier_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+// The single arrival of this phase, announcing `bytes` of copies that complete it.
+__device__ __forceinline__ void mbarrier_arrive_expect(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes) : "memory");
+}
+// Waits for the phase of parity `parity` to complete (its copies' bytes are then visible to this thread).
+__device__ __forceinline__ void mbarrier_wait(uint64_t* bar, unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+#endif
+}
+// A 2-D box of a tensor map (box origin: element x of row y) into shared memory, completing on `bar`.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+          smem_addr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_addr(bar))
+      : "memory");
+#endif
+}
+// `bytes` (a multiple of 16; both addresses 16-byte aligned) from global to shared memory, completing on `bar`.
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned bytes, uint64_t* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(dst)),
+      "l"(__cvta_generic_to_global(src)), "r"(bytes), "r"(smem_addr(bar))
+      : "memory");
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
@@ -1024,6 +1072,9 @@ struct RvArgs {
   bool merge;         // launched cooperatively: the CTAs merge the splits themselves (merge_splits_in_grid)
   int consumer_bytes; // one consumer's shared memory: its ring, then two sets of dequantised tiles (quantised)
   RowPairLayout layout;  // a stage's parts when one is stored quantised
+  // The MHA kernel's tiles: the pool's rotary keys and latent as [rows, values] bf16 tensor maps, boxes of
+  // kTile rows x 64 values in Hopper's 128-byte swizzle (tile_offset<true>'s layout).
+  CUtensorMap rope_map, lat_map;
 };
 
 __device__ __forceinline__ void named_barrier(int id, int threads) {
@@ -1613,21 +1664,26 @@ __global__ void __launch_bounds__(kRvConsumers * kRowWarps * 32, 1) mla_decode_r
 //    their row sums. Scoring all 64 tokens in both warpgroups instead made the tile's tensor work 1.5x.
 //  - Each head has its own rotary values: as a product the rotary score would be block-diagonal (at most 2 of
 //    16 or 32 k-steps nonzero per row). It runs on CUDA cores instead, while the latent score's wgmma is in
-//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunks of each of its 8 tokens. At 8 pairs
-//    ptxas spills ~84 bytes per thread (255 registers), none at 4.
-// Rotary tile layout: token t's chunks (kRopeDim / 8 per head, heads in order) at t * kRopeDim * 64, chunk c at
-// 16 (c ^ (t % 8)): the 8 lanes of a shared-memory load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8
-// distinct bank groups at 4 pairs. The latent tile uses the row-pair kernel's swizzled layout
-// (tile_offset<true>). Stages of 65 KB (3) or 97 KB (2); one CTA per SM.
+//    flight: lane (g, q) reads head 8 warp + g's 16-byte rotary chunks of each of its 8 tokens.
+//  - Thread 0 starts each tile's copies through the tensor memory accelerator (tensor maps of the pool, an
+//    mbarrier per stage), so the warps spend no issue slots on copies and hold no copy addresses: 236 registers
+//    at 4 pairs, 254 at 8, no spills (with 16-byte cp.async by every thread: 255 and 76 bytes of spills at 8).
+// Both tiles use the row-pair kernel's swizzled layout (tile_offset<true>: 64-value column blocks of kTile rows
+// of 128 bytes, chunk c of row t at 16 (c ^ (t % 8))), which is what the tensor maps' 128-byte swizzle writes:
+// the 8 lanes of a rotary load phase (heads 8w + {0, 1} x tokens 2q + e) hit 8 distinct bank groups at 4 pairs.
+// Stages of 65 KB (3) or 97 KB (2); one CTA per SM.
 constexpr int kMhaHeads = 32, kMhaR = 256, kMhaThreads = 256;
 constexpr int kMhaLatBytes = kTile * kMhaR * 2;  // 32 KB
+constexpr int kMhaBoxBytes = kTile * 128;        // one tensor-map box: kTile rows x 64 bf16 values
 template <int kRopeDim>
 struct MhaShape {
   static constexpr int kRopeBytes = kTile * kMhaHeads * kRopeDim * 2;            // 32 or 64 KB
   static constexpr int kStageBytes = kRopeBytes + kMhaLatBytes + 1024;          // + the 64 modality bytes, 1024-aligned
   static constexpr int kStages = kRopeDim == 8 ? 3 : 2;
-  // After the stages: per warpgroup, the 128 threads' maxima, then their 8 P registers and row sum ([9][128]).
-  static constexpr int kSmemBytes = kStages * kStageBytes + 2 * (128 + 9 * 128) * 4;
+  // After the stages: per warpgroup, the 128 threads' maxima, then their 8 P registers and row sum ([9][128]);
+  // then the stages' mbarriers.
+  static constexpr int kBarOffset = kStages * kStageBytes + 2 * (128 + 9 * 128) * 4;
+  static constexpr int kSmemBytes = kBarOffset + 8 * kStages;
 };
 
 // The 16 fp32 accumulators of an m64n32 warpgroup MMA, d[4][4], as asm operands %0..%15.
@@ -1696,35 +1752,34 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   const int n = t_hi - t_lo;
   const int32_t* table = p.block_table + static_cast<int64_t>(b) * p.max_blocks;
 
+  // Thread 0 starts every tile's copies: its rotary keys and latent as tensor-map boxes of 64 values (the
+  // 128-byte swizzle puts them in tile_offset<true>'s layout), its modality bytes as one bulk copy, all counted
+  // into the stage's mbarrier. (As 16-byte cp.async by every thread, issuing a tile took each warp ~0.5 us of a
+  // ~1.9 us iteration.) Tokens of a tile outside [begin, end) are copied too; the loop masks them.
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + Shape::kBarOffset);  // [kMhaStages]
   auto issue = [&](int i, int blk) {
     unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
-    const int pos0 = (t_lo + i) * kTile;
-    const int64_t row0 = static_cast<int64_t>(blk) * bs + (pos0 & (bs - 1));
-    const unsigned char* rsrc = static_cast<const unsigned char*>(p.k_rope) + row0 * kRopeRowBytes;
-    const unsigned char* lsrc = static_cast<const unsigned char*>(p.latent) + row0 * kRowBytes;
-    const bool interior = pos0 >= begin && pos0 + kTile <= end;
-    // Copy e: token e / chunks, chunk e % chunks; a warp copies whole rows.
+    uint64_t* bar = full + i % kMhaStages;
+    const int row0 = blk * bs + (((t_lo + i) * kTile) & (bs - 1));
+    mbarrier_arrive_expect(bar, kMhaRopeBytes + kMhaLatBytes + kTile);
 #pragma unroll
-    for (int k = 0; k < kTile * kRopeChunks / kMhaThreads; ++k) {
-      const int e = tid + k * kMhaThreads, tok = e / kRopeChunks, col = e % kRopeChunks;
-      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
-      cp_async(st + tok * kRopeRowBytes + ((col ^ (tok & 7)) << 4), rsrc + e * 16, 16, valid);
-    }
+    for (int j = 0; j < kMhaRopeBytes / kMhaBoxBytes; ++j)
+      tma_load_2d(st + j * kMhaBoxBytes, &a.rope_map, 64 * j, row0, bar);
 #pragma unroll
-    for (int k = 0; k < kTile * kChunks / kMhaThreads; ++k) {
-      const int e = tid + k * kMhaThreads, tok = e / kChunks, col = e % kChunks;
-      const bool valid = interior || (pos0 + tok >= begin && pos0 + tok < end);
-      cp_async(st + kMhaRopeBytes + tile_offset<true>(tok, col, kChunks), lsrc + e * 16, 16, valid);
-    }
-    if (tid < kTile / 16) cp_async(st + kMhaRopeBytes + kMhaLatBytes + tid * 16, p.is_image + row0 + tid * 16, 16, true);
+    for (int j = 0; j < kMhaLatBytes / kMhaBoxBytes; ++j)
+      tma_load_2d(st + kMhaRopeBytes + j * kMhaBoxBytes, &a.lat_map, 64 * j, row0, bar);
+    bulk_load(st + kMhaRopeBytes + kMhaLatBytes, p.is_image + row0, kTile, bar);
   };
-  // The first tiles in flight, then the queries (their group was committed first).
-  for (int i = 0; i < kMhaStages - 1; ++i) {
-    if (i < n) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
-    cp_async_commit();
+  // The first tiles in flight, then the queries.
+  int next_blk = 0;  // thread 0: the block of the next tile to issue
+  if (tid == 0) {
+    for (int s = 0; s < kMhaStages; ++s) mbarrier_init(full + s, 1);
+    mbarrier_init_fence();
+    for (int i = 0; i < kMhaStages - 1 && i < n; ++i) issue(i, table[((t_lo + i) * kTile) >> a.block_shift]);
+    if (kMhaStages - 1 < n) next_blk = table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift];
   }
-  cp_async_wait(kMhaStages - 1);  // the queries' group (the tiles' may still be in flight)
-  __syncthreads();
+  cp_async_wait(0);  // the queries
+  __syncthreads();   // and the barriers' initialisation
   // Latent queries as A fragments (row g: text query of `head`, row g + 8: its image query), and the head's
   // rotary query in fp32.
   uint32_t qa[kLatSteps][4];
@@ -1750,7 +1805,6 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
       }
     }
   }
-  int next_blk = kMhaStages - 1 < n ? table[((t_lo + kMhaStages - 1) * kTile) >> a.block_shift] : 0;
   float o[kOBlocks][4];
 #pragma unroll
   for (int j = 0; j < kOBlocks; ++j)
@@ -1760,17 +1814,27 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
   MLAFORGE_PROBE(1);
 
   for (int i = 0; i < n; ++i) {
-    cp_async_wait(kMhaStages - 2);
-    __syncthreads();  // tile i has landed for all
+    mbarrier_wait(full + i % kMhaStages, (i / kMhaStages) & 1);  // tile i has landed
 #ifdef MLAFORGE_PROBE_TIMELINE
     if (i == 0) MLAFORGE_PROBE(2);
 #endif
-    const unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
-    const unsigned char* lat_t = st + kMhaRopeBytes;
+    unsigned char* st = smem + (i % kMhaStages) * kMhaStageBytes;
+    unsigned char* lat_t = st + kMhaRopeBytes;
     const unsigned char* img = lat_t + kMhaLatBytes;
     const int pos0 = (t_lo + i) * kTile;
     const int v_lo = max(begin - pos0, 0), v_hi = min(end - pos0, kTile);
-    const bool full = v_lo == 0 && v_hi == kTile;
+    const bool whole = v_lo == 0 && v_hi == kTile;  // uniform over the CTA
+    if (!whole) {
+      // The first or last tile of the split: latent rows outside [begin, end) to zero, so that their zero
+      // probabilities multiply finite values in O += P . C (their scores are masked below).
+      for (int e = tid; e < kTile * kChunks; e += kMhaThreads) {
+        const int tok = e / kChunks;
+        if (tok < v_lo || tok >= v_hi)
+          *reinterpret_cast<uint4*>(lat_t + tile_offset<true>(tok, e % kChunks, kChunks)) = uint4{};
+      }
+      asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // the stores, before wgmma reads them
+      __syncthreads();
+    }
     const unsigned img_bits = __ballot_sync(0xffffffffu, img[kHalf * wg + lane] != 0);  // this half's tokens
 
     // S = [Q_text; Q_image] . C^T for this warpgroup's 32 tokens (asynchronous), and meanwhile their rotary scores.
@@ -1791,7 +1855,7 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
 #pragma unroll
         for (int c = 0; c < kHeadChunks; ++c) {
           const int chunk = head * kHeadChunks + c;
-          const uint4 k = *reinterpret_cast<const uint4*>(st + t * kRopeRowBytes + ((chunk ^ (t & 7)) << 4));
+          const uint4 k = *reinterpret_cast<const uint4*>(st + tile_offset<true>(t, chunk, kRopeChunks));
           const uint32_t w[4] = {k.x, k.y, k.z, k.w};
 #pragma unroll
           for (int j = 0; j < 4; ++j) {
@@ -1821,20 +1885,19 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
         const bool is_img = ((img_bits >> t) & 1u) != 0u;
         const float x = ((is_img ? s[nb][2 + e] : s[nb][e]) + rs[nb][e]) * a.score_scale;
         const int ta = kHalf * wg + t;
-        v[nb][e] = full || (ta >= v_lo && ta < v_hi) ? x : -INFINITY;
+        v[nb][e] = whole || (ta >= v_lo && ta < v_hi) ? x : -INFINITY;
         mx = fmaxf(mx, v[nb][e]);
       }
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
     x_max[wg * 128 + tid_w] = mx;
     __syncthreads();  // both halves' maxima are in; both warpgroups are done with tile i-1's stage: refill it
-    {
+    if (tid == 0) {
       const int f = i + kMhaStages - 1;
       if (f < n) {
         issue(f, next_blk);
         if (f + 1 < n) next_blk = table[((t_lo + f + 1) * kTile) >> a.block_shift];
       }
-      cp_async_commit();
     }
     // The same running max in both warpgroups (fmaxf is exact and commutative); finite: the tile holds a
     // valid token.
@@ -1884,7 +1947,6 @@ __global__ void __launch_bounds__(kMhaThreads, 1) mla_decode_rowpair_mha_kernel(
     wgmma_commit();  // completes at the next tile's wait
   }
   wgmma_wait_all();
-  cp_async_wait(0);
   MLAFORGE_PROBE(3);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
   l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
@@ -3231,6 +3293,36 @@ bool grid_fits_at_once(RvKernel kernel, int ctas, int threads, int smem_bytes, c
 // values per token each, bf16 (on Hopper also Int8 rotary keys and an Int8/Int4 latent in groups of a multiple
 // of 8 values), at most 32 heads, power-of-two blocks of whole tiles, 16-byte aligned cache arrays; or the MHA
 // shape (bf16); 16-byte aligned queries.
+// cuTensorMapEncodeTiled, found once through the runtime (no -lcuda at link time); null where the driver lacks it.
+PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      (void)cudaGetLastError();
+      return PFN_cuTensorMapEncodeTiled_v12000{nullptr};
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// `map` over a [rows, values] bf16 array at `base` (rows of `values` * 2 bytes), in boxes of kTile rows x 64
+// values stored in Hopper's 128-byte swizzle. False where the driver cannot make it.
+bool encode_tile_map(CUtensorMap* map, const void* base, int64_t rows, int values) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = tensor_map_encoder();
+  if (encode == nullptr || rows <= 0) return false;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(values), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t row_stride[1] = {static_cast<cuuint64_t>(values) * 2};
+  const cuuint32_t box[2] = {64, kTile};
+  const cuuint32_t element_strides[2] = {1, 1};
+  return encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, row_stride, box,
+                element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   RvPlan plan;
   const int H = p.heads, kv = p.kv_heads, rd = p.rope_dim;
@@ -3260,6 +3352,12 @@ RvPlan plan_rowpair(const MlaDecodeParams& p, const DeviceInfo& dev) {
   const int row_warps = wgmma || H > 16 ? 4 : 2;
   RvArgs& a = plan.args;
   a.p = p;
+  if (mha) {                                                       // its tiles come through tensor maps of the pool
+    const int64_t rows = static_cast<int64_t>(p.num_blocks) * bs;  // box origins are int32 row numbers
+    if (rows > INT32_MAX || !encode_tile_map(&a.rope_map, p.k_rope, rows, kMhaHeads * rd) ||
+        !encode_tile_map(&a.lat_map, p.latent, rows, kMhaR))
+      return plan;
+  }
   // Stage: rope and latent tiles, then the modality bytes; 1024-byte multiples keep the swizzle atoms aligned.
   // Quantised: bf16 tiles first (1024-aligned), then the stored rows with their scales, then the modality
   // bytes (RowPairLayout); after each consumer's ring its two sets of dequantised bf16 tiles.
