@@ -130,6 +130,15 @@ std::vector<at::Device> devices() {
   return d;
 }
 
+#ifdef MLAFORGE_WITH_CUDA
+// Whether the current CUDA device is a Hopper (compute capability 9.x), where the wgmma kernels run.
+bool cuda_device_is_hopper() {
+  int dev = 0, major = 0;
+  return at::hasCUDA() && cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+}
+#endif
+
 }  // namespace
 
 TEST(KvQuant, RoundTripWithinHalfAStep) {
@@ -296,10 +305,7 @@ TEST(MlaDecode, DenseBf16CopyHoldsWhatTheBatchAttends) {
 // mla_decode decoding over a bf16 copy of the cache (KernelMatchesReferenceEveryFormat checks their results).
 TEST(MlaDecode, QuantizedWideLatentsTakeTheTwoPassKernels) {
 #ifdef MLAFORGE_WITH_CUDA
-  int dev = 0, major = 0;
-  if (!at::hasCUDA() || cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
-    GTEST_SKIP() << "needs a Hopper GPU";
+  if (!cuda_device_is_hopper()) GTEST_SKIP() << "needs a Hopper GPU";
   for (KvFormat rope : {KvFormat::BF16, KvFormat::Int8}) {
     for (KvFormat latent : {KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
       const CasePool cp = make_case_pool(DecodeCase{32, 32, 32, 1024, 64, rope, latent, at::kCUDA}, 5);
@@ -322,10 +328,7 @@ TEST(MlaDecode, QuantizedWideLatentsTakeTheTwoPassKernels) {
 // checks their results).
 TEST(MlaDecode, MhaShapeTakesTheRowPairKernelWithThePoolSize) {
 #ifdef MLAFORGE_WITH_CUDA
-  int dev = 0, major = 0;
-  if (!at::hasCUDA() || cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess || major != 9)
-    GTEST_SKIP() << "needs a Hopper GPU";
+  if (!cuda_device_is_hopper()) GTEST_SKIP() << "needs a Hopper GPU";
   for (int64_t rope_dim : {8, 16}) {
     const CasePool cp =
         make_case_pool(DecodeCase{32, 32, rope_dim, 256, 64, KvFormat::BF16, KvFormat::BF16, at::kCUDA}, 5);
