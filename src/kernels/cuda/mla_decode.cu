@@ -92,10 +92,15 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   return u;
 }
 
+// The 32-bit shared-memory address of a generic pointer into shared memory, as PTX's .shared operands take it.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
 // cp.async of `bytes` (16, 8 or 4; both addresses aligned to it). When !valid nothing is read and the
 // destination is zero-filled (src-size 0), so tokens past the end of a chunk contribute exact zeros.
 __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, int bytes, bool valid) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  const uint32_t dst = smem_addr(smem_dst);
   const size_t src = __cvta_generic_to_global(gmem_src);
   const int src_bytes = valid ? bytes : 0;
   if (bytes == 16) {
@@ -109,9 +114,6 @@ __device__ __forceinline__ void cp_async(void* smem_dst, const void* gmem_src, i
 
 // Transaction barriers and the tensor memory accelerator (sm_90): one thread starts a tile's copies, and the
 // copies themselves count their bytes into the stage's mbarrier, which every thread waits on.
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
 __device__ __forceinline__ void mbarrier_init(uint64_t* bar, unsigned arrivals) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(arrivals) : "memory");
 }
@@ -179,14 +181,14 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 // ldmatrix .x4 loads four 8x8 bf16 matrices; lanes 8j..8j+7 give the row addresses of matrix j, and register j
 // receives matrix j's elements (row g, columns 2q, 2q+1), or with .trans (rows 2q, 2q+1, column g).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
+  const uint32_t addr = smem_addr(row_ptr);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
 }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_ptr) {
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row_ptr));
+  const uint32_t addr = smem_addr(row_ptr);
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                : "r"(addr));
@@ -1111,7 +1113,7 @@ __host__ __device__ constexpr int tile_bytes(int chunks) {
 // and no LBO (one swizzle atom spans the k-step); the k-step's columns are selected by advancing the start
 // address by 32 bytes per 16 columns inside the atom.
 __device__ __forceinline__ uint64_t wgmma_desc(const void* smem_ptr, int lbo, int sbo) {
-  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem_ptr));
+  const uint32_t addr = smem_addr(smem_ptr);
   return static_cast<uint64_t>((addr >> 4) & 0x3fff) | (static_cast<uint64_t>((lbo >> 4) & 0x3fff) << 16) |
          (static_cast<uint64_t>((sbo >> 4) & 0x3fff) << 32) | (static_cast<uint64_t>(1) << 62);
 }
