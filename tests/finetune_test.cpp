@@ -1,20 +1,22 @@
 // Fine-tuning: autograd gradients of the MLA attention against finite differences in float64, frozen
 // weights untouched, trained ones moved (Qwen2-VL and LLaVA-1.5 checkpoints), and a killed run resuming to the
 // same loss curve.
-#include <gtest/gtest.h>
+#include "train/finetune.h"
 
 #include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
 
 #include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include "convert/convert.h"
 #include "core/error.h"
 #include "io/safetensors.h"
 #include "model/vlm.h"
-#include "train/finetune.h"
 #include "test_util.h"
 
 using namespace mlaforge;
@@ -29,6 +31,21 @@ std::string tiny_mla(const TempDir& d) { return convert_quick(fixture("qwen2vl/t
 std::string read_file(const std::string& p) {
   std::ifstream in(p);
   return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+// The rows of a CSV log (train_log.csv, eval_log.csv), header first, each split at its commas.
+std::vector<std::vector<std::string>> csv_rows(const std::string& path) {
+  std::vector<std::vector<std::string>> rows;
+  std::istringstream in(read_file(path));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::vector<std::string> cells;
+    std::istringstream ls(line);
+    std::string c;
+    while (std::getline(ls, c, ',')) cells.push_back(c);
+    rows.push_back(cells);
+  }
+  return rows;
 }
 
 TEST(Finetune, MlaAttentionGradientsMatchFiniteDifferences) {
@@ -170,26 +187,19 @@ TEST(Finetune, LlavaCheckpointsTrainWithTheDefaultRecipe) {
     EXPECT_GT(trained, 8);
     EXPECT_GT(frozen, 20);  // vision tower, projector, embeddings, MLPs, head
     EXPECT_TRUE(Vlm::load(o.out_dir)->config().mla.enabled);
-    // eval_log.csv: step, accuracy, KL against the teacher, before and after training.
-    auto rows = [&](const std::string& file) {
-      std::istringstream in(read_file(o.out_dir + "/" + file));
-      std::vector<std::string> out;
-      std::string line;
-      std::getline(in, line);  // header
-      while (std::getline(in, line)) out.push_back(line);
-      return out;
-    };
-    const auto evals = rows("eval_log.csv");
-    ASSERT_EQ(evals.size(), 2u);
-    for (const auto& e : evals) EXPECT_TRUE(std::isfinite(std::stod(e.substr(e.rfind(',') + 1)))) << e;
-    // train_log.csv: step, epoch, loss, ...
-    const auto steps = rows("train_log.csv");
-    ASSERT_EQ(steps.size(), 6u);
-    auto loss = [](const std::string& row) {
-      const size_t a = row.find(','), b = row.find(',', a + 1);
-      return std::stod(row.substr(b + 1, row.find(',', b + 1) - b - 1));
-    };
-    EXPECT_LT(loss(steps.back()), loss(steps.front()));
+    // eval_log.csv: header, then step, accuracy, KL against the teacher, before and after training.
+    const auto evals = csv_rows(o.out_dir + "/eval_log.csv");
+    ASSERT_EQ(evals.size(), 3u);
+    for (size_t i = 1; i < evals.size(); ++i) {
+      ASSERT_FALSE(evals[i].empty());
+      EXPECT_TRUE(std::isfinite(std::stod(evals[i].back()))) << evals[i].back();
+    }
+    // train_log.csv: header, then step, epoch, loss, ...
+    const auto steps = csv_rows(o.out_dir + "/train_log.csv");
+    ASSERT_EQ(steps.size(), 7u);
+    ASSERT_GT(steps[1].size(), 2u);
+    ASSERT_GT(steps.back().size(), 2u);
+    EXPECT_LT(std::stod(steps.back()[2]), std::stod(steps[1][2]));
   }
 }
 
@@ -208,22 +218,13 @@ TEST(Finetune, KilledRunResumesToTheSameLossCurve) {
   finetune(resumed);
   EXPECT_EQ(read_file(resumed.out_dir + "/train_log.csv").size() > 0, true);
   // Same losses, learning rates and gradient norms, step for step (wall-clock columns aside).
-  auto columns = [](const std::string& csv) {
-    std::vector<std::string> rows;
-    std::istringstream in(csv);
-    std::string line;
-    while (std::getline(in, line)) {
-      std::vector<std::string> cells;
-      std::istringstream ls(line);
-      std::string c;
-      while (std::getline(ls, c, ',')) cells.push_back(c);
-      rows.push_back(cells.size() >= 8 ? cells[0] + "," + cells[2] + "," + cells[3] + "," + cells[4] + "," +
-                                             cells[6] + "," + cells[7]
-                                       : line);
-    }
+  auto columns = [](const std::string& path) {
+    std::vector<std::vector<std::string>> rows = csv_rows(path);
+    for (auto& cells : rows)
+      if (cells.size() >= 8) cells = {cells[0], cells[2], cells[3], cells[4], cells[6], cells[7]};
     return rows;
   };
-  auto a = columns(read_file(whole.out_dir + "/train_log.csv")), b = columns(read_file(resumed.out_dir + "/train_log.csv"));
+  auto a = columns(whole.out_dir + "/train_log.csv"), b = columns(resumed.out_dir + "/train_log.csv");
   EXPECT_EQ(a, b);
   EXPECT_EQ(a.size(), 5u);  // header + 4 steps
   WeightStore wa = WeightStore::open_dir(whole.out_dir), wb = WeightStore::open_dir(resumed.out_dir);
@@ -275,14 +276,8 @@ TEST(Finetune, BadOptions) {
     k.kl_positions = positions;
     k.steps = 1;
     EXPECT_EQ(err(k), "") << positions;
-    std::ifstream log(k.out_dir + "/train_log.csv");
-    std::string header, row;
-    std::getline(log, header);
-    std::getline(log, row);
-    std::stringstream fields(row);
-    std::string v;
-    for (int i = 0; i < 5; ++i) std::getline(fields, v, ',');  // step, epoch, loss, ce, kl
-    return std::stod(v);
+    const auto rows = csv_rows(k.out_dir + "/train_log.csv");  // header, then step, epoch, loss, ce, kl, ...
+    return rows.size() > 1 && rows[1].size() > 4 ? std::stod(rows[1][4]) : -1.0;
   };
   const double kl_answers = first_kl("answers", "o3"), kl_text = first_kl("text", "o4");
   EXPECT_GT(kl_answers, 0.0);

@@ -137,6 +137,16 @@ bool cuda_device_is_hopper() {
   return at::hasCUDA() && cudaGetDevice(&dev) == cudaSuccess &&
          cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
 }
+
+// The kernel parameters of layer 0 of make_case_pool's pool and batch for `heads` query heads (no queries or
+// output: for asking mla_decode_cuda_kernel which kernel takes them).
+MlaDecodeParams case_params(const CasePool& cp, int heads) {
+  MlaDecodeParams p = cp.pool->kernel_params(0);
+  p.batch = int32_t(cp.batch.block_table.size(0));
+  p.heads = heads;
+  p.max_blocks = int32_t(cp.batch.block_table.size(1));
+  return p;
+}
 #endif
 
 }  // namespace
@@ -309,12 +319,8 @@ TEST(MlaDecode, QuantizedWideLatentsTakeTheTwoPassKernels) {
   for (KvFormat rope : {KvFormat::BF16, KvFormat::Int8}) {
     for (KvFormat latent : {KvFormat::BF16, KvFormat::Int8, KvFormat::Int4}) {
       const CasePool cp = make_case_pool(DecodeCase{32, 32, 32, 1024, 64, rope, latent, at::kCUDA}, 5);
-      MlaDecodeParams p = cp.pool->kernel_params(0);
-      p.batch = int32_t(cp.batch.block_table.size(0));
-      p.heads = 32;
-      p.max_blocks = int32_t(cp.batch.block_table.size(1));
-      EXPECT_EQ(mla_decode_cuda_kernel(p), MlaCudaKernel::TwoPass) << "rope " << kv_format_name(rope) << " latent "
-                                                                   << kv_format_name(latent);
+      EXPECT_EQ(mla_decode_cuda_kernel(case_params(cp, 32)), MlaCudaKernel::TwoPass)
+          << "rope " << kv_format_name(rope) << " latent " << kv_format_name(latent);
     }
   }
 #else
@@ -332,10 +338,7 @@ TEST(MlaDecode, MhaShapeTakesTheRowPairKernelWithThePoolSize) {
   for (int64_t rope_dim : {8, 16}) {
     const CasePool cp =
         make_case_pool(DecodeCase{32, 32, rope_dim, 256, 64, KvFormat::BF16, KvFormat::BF16, at::kCUDA}, 5);
-    MlaDecodeParams p = cp.pool->kernel_params(0);
-    p.batch = int32_t(cp.batch.block_table.size(0));
-    p.heads = 32;
-    p.max_blocks = int32_t(cp.batch.block_table.size(1));
+    MlaDecodeParams p = case_params(cp, 32);
     EXPECT_EQ(mla_decode_cuda_kernel(p), MlaCudaKernel::RowPair) << "rope_dim " << rope_dim;
     p.num_blocks = 0;
     EXPECT_NE(mla_decode_cuda_kernel(p), MlaCudaKernel::RowPair) << "rope_dim " << rope_dim;
