@@ -12,7 +12,9 @@
 # (half the learning rate over three epochs), kl1000-epochs2 (KL weight 1000: AdamW normalises the step, so
 # this is distillation alone, the answers' cross-entropy a rounding error beside it), lr1e-4-epochs3-seed1 (the
 # lr 1e-4 run under another data order), lr1e-4-epochs3-kltext (the same, distilling the next-token
-# distribution at every text position, the prompts' too, not the answers' alone). calibtext converts with the text-only rows of train.jsonl added to
+# distribution at every text position, the prompts' too, not the answers' alone), svd-lr1e-4-epochs3 (the lr 1e-4
+# run from a plain-SVD conversion, --lowrank svd), svd-latent-lr5e-4-epochs3 (the same conversion, only the latent
+# projections trained, --trainable latent, lr 5e-4), svd-mse-lr1e-4-epochs3 (--loss ce+attn-mse). calibtext converts with the text-only rows of train.jsonl added to
 # the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
 # of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -25,7 +27,7 @@ runs=${*:-epochs2 text4 text4-epochs2 calibtext-epochs2}
 out=build/ft-r8d8
 orig=models/qwen2vl-shapes
 mkdir -p "$out"
-[ "$runs" = calibtext-epochs2 ] || [ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
+[[ "$runs" =~ ^(calibtext-epochs2|svd-[a-z0-9-]*( svd-[a-z0-9-]*)*)$ ]] || [ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
   --device "$dev" --dtype f32 >/dev/null
 # train.jsonl with its text-only rows (no "image") four times; images resolve against the data folder.
 text4=$data/train-text4.jsonl
@@ -35,6 +37,10 @@ calibtext=$data/calib-text.jsonl
 if [[ " $runs " == *" calibtext"* ]] && [ ! -d "$out/r8-d8-calibtext" ]; then
   $mf convert --model $orig --out "$out/r8-d8-calibtext" --calib "$calibtext" --calib-samples 100000 --rope-pairs 8 \
     --dkv 8 --device "$dev" --dtype f32 >/dev/null
+fi
+if [[ " $runs " == *" svd-"* ]] && [ ! -d "$out/r8-d8-svd" ]; then
+  $mf convert --model $orig --out "$out/r8-d8-svd" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 --lowrank svd \
+    --device "$dev" --dtype f32 >/dev/null
 fi
 run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS]]]]]]
   local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
@@ -71,3 +77,6 @@ run lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4
 run kl1000-epochs2 "$data/train.jsonl" 2 "$out/r8-d8" 2e-4 ce+kl 0 1000
 run lr1e-4-epochs3-seed1 "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 1
 run lr1e-4-epochs3-kltext "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 0 10 attn+norms text
+run svd-lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 1e-4
+run svd-latent-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce+kl 0 10 latent
+run svd-mse-lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 1e-4 ce+attn-mse

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -111,35 +112,86 @@ FinetuneOptions tiny_options(const std::string& model, const std::string& out) {
   return o;
 }
 
-TEST(Finetune, FrozenWeightsStayBitIdentical) {
-  if (!fs::exists(fixture("qwen2vl/tiny-a"))) GTEST_SKIP();
-  TempDir d("frozen");
-  const std::string mla = tiny_mla(d);
-  FinetuneOptions o = tiny_options(mla, d / "out");
-  o.loss = "ce+attn-mse";
-  o.trainable = "attn";
-  FinetuneResult r = finetune(o);
-  EXPECT_EQ(r.steps, 4);
-  EXPECT_GT(r.trainable_parameters, 0);
-  WeightStore before = WeightStore::open_dir(mla), after = WeightStore::open_dir(o.out_dir);
-  ASSERT_EQ(before.names(), after.names());
-  int trained = 0, frozen = 0;
+// Compares every weight of two checkpoints (same names): fails for any weight outside `trained` that changed
+// value or dtype; returns how many of the `trained` ones changed and counts the others in *frozen.
+int trained_weights_changed(const std::string& before_dir, const std::string& after_dir,
+                            const std::function<bool(const std::string&)>& trained, int* frozen) {
+  WeightStore before = WeightStore::open_dir(before_dir), after = WeightStore::open_dir(after_dir);
+  EXPECT_EQ(before.names(), after.names());
+  int changed = 0;
+  *frozen = 0;
   for (const auto& name : before.names()) {
     at::Tensor a = before.load(name, {}, at::kDouble), b = after.load(name, {}, at::kDouble);
-    if (name.find(".self_attn.") != std::string::npos && name.find("model.layers.") == 0) {
-      trained += !a.equal(b);
+    if (trained(name)) {
+      changed += !a.equal(b);
     } else {
       EXPECT_TRUE(a.equal(b)) << name << " is frozen but changed";
       EXPECT_EQ(before.entry(name).dtype, after.entry(name).dtype) << name;
-      ++frozen;
+      ++*frozen;
     }
   }
+  return changed;
+}
+
+// tiny-a converted (tiny_mla) and fine-tuned with tiny_options, this loss and choice of trainable weights.
+FinetuneResult tiny_finetune(const TempDir& d, const std::string& loss, const std::string& trainable,
+                             FinetuneOptions* o, double mse_weight = 1) {
+  *o = tiny_options(tiny_mla(d), d / "out");
+  o->loss = loss;
+  o->trainable = trainable;
+  o->mse_weight = mse_weight;
+  return finetune(*o);
+}
+
+TEST(Finetune, FrozenWeightsStayBitIdentical) {
+  if (!fs::exists(fixture("qwen2vl/tiny-a"))) GTEST_SKIP();
+  TempDir d("frozen");
+  FinetuneOptions o;
+  FinetuneResult r = tiny_finetune(d, "ce+attn-mse", "attn", &o);
+  EXPECT_EQ(r.steps, 4);
+  EXPECT_GT(r.trainable_parameters, 0);
+  int frozen = 0;
+  const int trained = trained_weights_changed(
+      o.model_dir, o.out_dir,
+      [](const std::string& name) {
+        return name.find(".self_attn.") != std::string::npos && name.find("model.layers.") == 0;
+      },
+      &frozen);
   EXPECT_GT(trained, 10);
   EXPECT_GT(frozen, 20);
   // The saved model loads and runs with generate / eval.
   auto m = Vlm::load(o.out_dir);
   EXPECT_TRUE(m->config().mla.enabled);
   EXPECT_TRUE(fs::exists(o.out_dir + "/train_log.csv"));
+}
+
+// --trainable latent moves the per-modality latent projections alone (query, rotary-key and output projections
+// and the norms stay bit-identical), and --loss ce+kl+attn-mse logs a loss of ce + kl_weight kl + mse_weight mse.
+TEST(Finetune, LatentOnlyUnderBothDistillationTerms) {
+  if (!fs::exists(fixture("qwen2vl/tiny-a"))) GTEST_SKIP();
+  TempDir d("latent");
+  FinetuneOptions o;
+  tiny_finetune(d, "ce+kl+attn-mse", "latent", &o, /*mse_weight=*/3);
+  int frozen = 0;
+  const int trained = trained_weights_changed(
+      o.model_dir, o.out_dir,
+      [](const std::string& name) {
+        return name.find(".self_attn.kv_down_proj.") != std::string::npos ||
+               name.find(".self_attn.kv_up_proj.") != std::string::npos;
+      },
+      &frozen);
+  EXPECT_EQ(trained, 2 * 5);  // 2 layers: down and up per modality, and the up bias
+  EXPECT_GT(frozen, 20);
+  const auto rows = csv_rows(o.out_dir + "/train_log.csv");  // step, epoch, loss, ce, kl, mse, ...
+  ASSERT_EQ(rows.size(), 5u);
+  for (size_t i = 1; i < rows.size(); ++i) {
+    ASSERT_GT(rows[i].size(), 5u);
+    const double loss = std::stod(rows[i][2]), ce = std::stod(rows[i][3]), kl = std::stod(rows[i][4]),
+                 mse = std::stod(rows[i][5]);
+    EXPECT_GT(kl, 0);
+    EXPECT_GT(mse, 0);
+    EXPECT_NEAR(loss, ce + o.kl_weight * kl + o.mse_weight * mse, 1e-6 * loss);
+  }
 }
 
 // Issue 5's recipe on LLaVA-1.5 checkpoints (MHA and GQA, tiny random weights; the real test is an unseen
@@ -169,21 +221,14 @@ TEST(Finetune, LlavaCheckpointsTrainWithTheDefaultRecipe) {
     EXPECT_GT(r.trainable_parameters, 0);
     EXPECT_TRUE(std::isfinite(r.final_loss));
     const std::string lm = Vlm::load(mla)->lm_prefix() + "layers.";
-    WeightStore before = WeightStore::open_dir(mla), after = WeightStore::open_dir(o.out_dir);
-    ASSERT_EQ(before.names(), after.names());
-    int trained = 0, frozen = 0;
-    for (const auto& t : before.names()) {
-      const bool trainable = t.rfind(lm, 0) == 0 && (t.find(".self_attn.") != std::string::npos ||
-                                                     t.find("layernorm") != std::string::npos);
-      const bool same = before.load(t, {}, at::kDouble).equal(after.load(t, {}, at::kDouble));
-      if (trainable) {
-        trained += !same;
-      } else {
-        EXPECT_TRUE(same) << t << " is frozen but changed";
-        EXPECT_EQ(before.entry(t).dtype, after.entry(t).dtype) << t;
-        ++frozen;
-      }
-    }
+    int frozen = 0;
+    const int trained = trained_weights_changed(
+        mla, o.out_dir,
+        [&](const std::string& t) {
+          return t.rfind(lm, 0) == 0 &&
+                 (t.find(".self_attn.") != std::string::npos || t.find("layernorm") != std::string::npos);
+        },
+        &frozen);
     EXPECT_GT(trained, 8);
     EXPECT_GT(frozen, 20);  // vision tower, projector, embeddings, MLPs, head
     EXPECT_TRUE(Vlm::load(o.out_dir)->config().mla.enabled);

@@ -304,11 +304,15 @@ int main(int argc, char** argv) {
   ft->add_option("--model", fo.model_dir, "Converted model directory")->required();
   ft->add_option("--data", fo.data_path, "Training data (LLaVA-style JSONL)")->required();
   ft->add_option("--out", fo.out_dir, "Output directory: the fine-tuned model, logs, checkpoint")->required();
-  ft->add_option("--teacher", fo.teacher_dir, "Original model, for --loss ce+kl or ce+attn-mse");
+  ft->add_option("--teacher", fo.teacher_dir,
+                 "Original model, for the distillation losses (ce+kl, ce+attn-mse, ce+kl+attn-mse)");
   ft->add_option("--stage", fo.stage, "1: partial RoPE only (a --dkv full conversion); 2: after the low-rank init")
       ->check(CLI::Range(1, 2));
-  ft->add_option("--trainable", fo.trainable, "attn, attn+norms or all-lm")->capture_default_str();
-  ft->add_option("--loss", fo.loss, "ce, ce+kl (distil logits) or ce+attn-mse (distil attention outputs)")
+  ft->add_option("--trainable", fo.trainable,
+                 "attn, attn+norms, all-lm, or latent (the per-modality latent down/up projections alone)")
+      ->capture_default_str();
+  ft->add_option("--loss", fo.loss,
+                 "ce, ce+kl (distil logits), ce+attn-mse (distil attention outputs) or ce+kl+attn-mse (both)")
       ->capture_default_str();
   ft->add_option("--kl-weight", fo.kl_weight, "Weight of the KL term")->capture_default_str();
   ft->add_option("--kl-positions", fo.kl_positions,

@@ -30,10 +30,18 @@ using json = nlohmann::json;
 namespace mlaforge {
 namespace {
 
-bool wants_teacher(const std::string& loss) { return loss == "ce+kl" || loss == "ce+attn-mse"; }
+// The losses' distillation terms: ce+kl+attn-mse has both.
+bool has_kl(const std::string& loss) { return loss == "ce+kl" || loss == "ce+kl+attn-mse"; }
+bool has_attn_mse(const std::string& loss) { return loss == "ce+attn-mse" || loss == "ce+kl+attn-mse"; }
+bool wants_teacher(const std::string& loss) { return has_kl(loss) || has_attn_mse(loss); }
 
 bool is_trainable(const std::string& name, const std::string& which) {
   if (which == "all-lm") return true;
+  // latent: only the per-modality latent down/up projections (and the up bias); the query, rotary-key and
+  // output projections, which image and text tokens share, stay as converted.
+  if (which == "latent")
+    return name.find(".self_attn.kv_down_proj.") != std::string::npos ||
+           name.find(".self_attn.kv_up_proj.") != std::string::npos;
   const bool attn = name.find(".self_attn.") != std::string::npos;
   const bool norm = name.find("input_layernorm.") != std::string::npos ||
                     name.find("post_attention_layernorm.") != std::string::npos;
@@ -126,12 +134,12 @@ std::string opt_summary(const FinetuneOptions& o) {
 FinetuneResult finetune(const FinetuneOptions& o) {
   const auto t_start = std::chrono::steady_clock::now();
   auto elapsed = [&] { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t_start).count(); };
-  check(o.loss == "ce" || o.loss == "ce+kl" || o.loss == "ce+attn-mse", "--loss",
-        "choose ce, ce+kl or ce+attn-mse (got \"", o.loss, "\")");
+  check(o.loss == "ce" || wants_teacher(o.loss), "--loss", "choose ce, ce+kl, ce+attn-mse or ce+kl+attn-mse (got \"",
+        o.loss, "\")");
   check(o.kl_positions == "answers" || o.kl_positions == "text", "--kl-positions",
         "choose answers or text (got \"", o.kl_positions, "\")");
-  check(o.trainable == "attn" || o.trainable == "attn+norms" || o.trainable == "all-lm", "--trainable",
-        "choose attn, attn+norms or all-lm (got \"", o.trainable, "\")");
+  check(o.trainable == "attn" || o.trainable == "attn+norms" || o.trainable == "all-lm" || o.trainable == "latent",
+        "--trainable", "choose attn, attn+norms, all-lm or latent (got \"", o.trainable, "\")");
 
   check(o.batch > 0 && o.grad_accum > 0, "--batch", "batch and grad-accum must be positive");
   const at::Device dev = parse_device(o.device);
@@ -158,8 +166,8 @@ FinetuneResult finetune(const FinetuneOptions& o) {
     teacher = Vlm::load(teacher_dir);
     check(teacher->config().text.vocab_size == student->config().text.vocab_size, teacher_dir,
           "the teacher's vocabulary differs from the student's");
-    check(teacher->config().text.num_layers == student->config().text.num_layers || o.loss != "ce+attn-mse",
-          teacher_dir, "attention-output distillation needs the same number of layers");
+    check(teacher->config().text.num_layers == student->config().text.num_layers || !has_attn_mse(o.loss), teacher_dir,
+          "attention-output distillation needs the same number of layers");
     teacher->to(dev);
   }
   student->to(dev);
@@ -238,14 +246,14 @@ FinetuneResult finetune(const FinetuneOptions& o) {
   int64_t tokens = 0;
   const double run_start = elapsed();
   double loss_v = 0;
-  const bool kl_text = o.loss == "ce+kl" && o.kl_positions == "text";  // KL over every text position
+  const bool kl_text = has_kl(o.loss) && o.kl_positions == "text";  // KL over every text position
   for (; step < total; ++step) {
     double ce_sum = 0, kl_sum = 0, mse_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
       ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a), kl_text);
       step_tokens += f.tokens;
-      Outputs s = run(*student, f, dev, o.loss == "ce+attn-mse");
+      Outputs s = run(*student, f, dev, has_attn_mse(o.loss));
       at::Tensor logp = at::log_softmax(s.logits, -1);
       at::Tensor targets = f.targets.to(dev);
       at::Tensor ce = -logp.gather(1, targets.unsqueeze(1)).mean();
@@ -254,15 +262,16 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         Outputs t;
         {
           at::NoGradGuard no_grad;
-          t = run(*teacher, f, dev, o.loss == "ce+attn-mse");
+          t = run(*teacher, f, dev, has_attn_mse(o.loss));
         }
-        if (o.loss == "ce+kl") {
+        if (has_kl(o.loss)) {
           at::Tensor tlogp = at::log_softmax(kl_text ? t.text_logits : t.logits, -1);
           at::Tensor slogp = kl_text ? at::log_softmax(s.text_logits, -1) : logp;
           at::Tensor kl = (tlogp.exp() * (tlogp - slogp)).sum(-1).mean();
           loss = loss + o.kl_weight * kl;
           kl_sum += kl.item<double>();
-        } else {
+        }
+        if (has_attn_mse(o.loss)) {
           at::Tensor valid = f.batch.valid.to(dev).unsqueeze(-1).to(at::kFloat);
           at::Tensor mse = at::zeros({}, logp.options());
           for (size_t l = 0; l < s.attention.size(); ++l) {
@@ -288,9 +297,10 @@ FinetuneResult finetune(const FinetuneOptions& o) {
     rec.step = step + 1;
     rec.epoch = double((step + 1) * o.grad_accum) / double(micro_per_epoch);
     rec.ce = ce_sum / double(o.grad_accum);
-    if (o.loss == "ce+kl") rec.kl = kl_sum / double(o.grad_accum);
-    if (o.loss == "ce+attn-mse") rec.mse = mse_sum / double(o.grad_accum);
-    rec.loss = rec.ce + (o.loss == "ce+kl" ? o.kl_weight * rec.kl : 0) + (o.loss == "ce+attn-mse" ? o.mse_weight * rec.mse : 0);
+    if (has_kl(o.loss)) rec.kl = kl_sum / double(o.grad_accum);
+    if (has_attn_mse(o.loss)) rec.mse = mse_sum / double(o.grad_accum);
+    rec.loss =
+        rec.ce + (has_kl(o.loss) ? o.kl_weight * rec.kl : 0) + (has_attn_mse(o.loss) ? o.mse_weight * rec.mse : 0);
     rec.lr = lr;
     rec.grad_norm = gnorm;
     rec.tokens_per_s = double(tokens) / std::max(secs, 1e-9);

@@ -15,11 +15,12 @@ struct FinetuneOptions {
   std::string resume_dir;    // an earlier run's output directory (its checkpoint/ is restored)
   int stage = 0;             // 1: partial RoPE only (no latent); 2: after low-rank init; 0: from the model
   // attn: the attention projections (q, rotary keys, latent down/up or the stage-1 kv projection, o);
-  // attn+norms: also the layers' RMSNorm weights; all-lm: every decoder-layer weight and the final norm.
+  // attn+norms: also the layers' RMSNorm weights; all-lm: every decoder-layer weight and the final norm;
+  // latent: the per-modality latent down/up projections alone (a stage-2 model).
   std::string trainable = "attn+norms";
   // ce: cross-entropy on answer tokens; ce+kl: plus KL(teacher || student) of the next-token distribution
   // on the same positions; ce+attn-mse: plus each layer's attention-output error against the teacher
-  // (relative MSE over real tokens, averaged over layers).
+  // (relative MSE over real tokens, averaged over layers); ce+kl+attn-mse: both terms.
   std::string loss = "ce+kl";
   double kl_weight = 10.0, mse_weight = 1.0;
   // Where ce+kl compares the next-token distributions: answers (the answer tokens' positions, as the
