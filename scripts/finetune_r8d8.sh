@@ -14,9 +14,12 @@
 # lr 1e-4 run under another data order), lr1e-4-epochs3-kltext (the same, distilling the next-token
 # distribution at every text position, the prompts' too, not the answers' alone), svd-lr1e-4-epochs3 (the lr 1e-4
 # run from a plain-SVD conversion, --lowrank svd), svd-latent-lr5e-4-epochs3 (the same conversion, only the latent
-# projections trained, --trainable latent, lr 5e-4), svd-mse-lr1e-4-epochs3 (--loss ce+attn-mse). calibtext converts with the text-only rows of train.jsonl added to
-# the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic, instead
-# of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
+# projections trained, --trainable latent, lr 5e-4), svd-mse-lr1e-4-epochs3 (--loss ce+attn-mse),
+# svd-latent-polish (the recipe that meets the text clause at the default data order: svd-latent-lr5e-4-epochs3,
+# which it runs first, then its text latent alone trained on the 386 text-only rows of train.jsonl, distilling the
+# next-token distribution at every text position, lr 3e-4, 6 epochs). calibtext converts with the text-only rows of
+# train.jsonl added to the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic,
+# instead of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:-../shared/data/shapes}
@@ -29,11 +32,14 @@ orig=models/qwen2vl-shapes
 mkdir -p "$out"
 [[ "$runs" =~ ^(calibtext-epochs2|svd-[a-z0-9-]*( svd-[a-z0-9-]*)*)$ ]] || [ -d "$out/r8-d8" ] || $mf convert --model $orig --out "$out/r8-d8" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 \
   --device "$dev" --dtype f32 >/dev/null
-# train.jsonl with its text-only rows (no "image") four times; images resolve against the data folder.
-text4=$data/train-text4.jsonl
-{ cat "$data/train.jsonl"; for i in 1 2 3; do grep -v '"image"' "$data/train.jsonl"; done; } > "$text4"
-calibtext=$data/calib-text.jsonl
-{ cat "$data/calib.jsonl"; grep -v '"image"' "$data/train.jsonl"; } > "$calibtext"
+# Derived row files go to $out (the data folder may be read-only), their image paths made absolute.
+absolute() { sed "s#\"image\": \"#\"image\": \"$(cd "$data" && pwd)/#" "$1"; }
+text_rows=$out/train-text.jsonl  # the 386 text-only rows (no "image") of train.jsonl
+grep -v '"image"' "$data/train.jsonl" > "$text_rows"
+text4=$out/train-text4.jsonl  # train.jsonl with its text-only rows four times
+{ absolute "$data/train.jsonl"; for i in 1 2 3; do cat "$text_rows"; done; } > "$text4"
+calibtext=$out/calib-text.jsonl
+{ absolute "$data/calib.jsonl"; cat "$text_rows"; } > "$calibtext"
 if [[ " $runs " == *" calibtext"* ]] && [ ! -d "$out/r8-d8-calibtext" ]; then
   $mf convert --model $orig --out "$out/r8-d8-calibtext" --calib "$calibtext" --calib-samples 100000 --rope-pairs 8 \
     --dkv 8 --device "$dev" --dtype f32 >/dev/null
@@ -42,6 +48,7 @@ if [[ " $runs " == *" svd-"* ]] && [ ! -d "$out/r8-d8-svd" ]; then
   $mf convert --model $orig --out "$out/r8-d8-svd" --calib "$data/calib.jsonl" --rope-pairs 8 --dkv 8 --lowrank svd \
     --device "$dev" --dtype f32 >/dev/null
 fi
+[[ " $runs " != *" svd-latent-polish "* ]] || runs="svd-latent-lr5e-4-epochs3 $runs"
 run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS]]]]]]
   local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
   local klpos=${10:-answers}
@@ -80,3 +87,6 @@ run lr1e-4-epochs3-kltext "$data/train.jsonl" 3 "$out/r8-d8" 1e-4 ce+kl 0 10 att
 run svd-lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 1e-4
 run svd-latent-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce+kl 0 10 latent
 run svd-mse-lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 1e-4 ce+attn-mse
+# With --trainable latent on text-only rows no image token reaches the image latent's down/up weights: they get no
+# gradient and stay bit-identical; what moves is the text latent and the up projection's bias, which both share.
+run svd-latent-polish "$text_rows" 6 "$out/svd-latent-lr5e-4-epochs3" 3e-4 ce+kl 0 10 latent text
