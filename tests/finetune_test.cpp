@@ -112,25 +112,27 @@ FinetuneOptions tiny_options(const std::string& model, const std::string& out) {
   return o;
 }
 
-// Compares every weight of two checkpoints (same names): fails for any weight outside `trained` that changed
-// value or dtype; returns how many of the `trained` ones changed and counts the others in *frozen.
-int trained_weights_changed(const std::string& before_dir, const std::string& after_dir,
-                            const std::function<bool(const std::string&)>& trained, int* frozen) {
+// Of two checkpoints' weights: how many of those `trained` names changed, and how many others there are.
+struct WeightChanges {
+  int trained = 0, frozen = 0;
+};
+
+// Compares every weight of two checkpoints, which must have the same names (a fatal failure otherwise: call it
+// under ASSERT_NO_FATAL_FAILURE); fails for any weight outside `trained` that changed value or dtype.
+void compare_weights(const std::string& before_dir, const std::string& after_dir,
+                     const std::function<bool(const std::string&)>& trained, WeightChanges* changes) {
   WeightStore before = WeightStore::open_dir(before_dir), after = WeightStore::open_dir(after_dir);
-  EXPECT_EQ(before.names(), after.names());
-  int changed = 0;
-  *frozen = 0;
+  ASSERT_EQ(before.names(), after.names());
   for (const auto& name : before.names()) {
     at::Tensor a = before.load(name, {}, at::kDouble), b = after.load(name, {}, at::kDouble);
     if (trained(name)) {
-      changed += !a.equal(b);
+      changes->trained += !a.equal(b);
     } else {
       EXPECT_TRUE(a.equal(b)) << name << " is frozen but changed";
       EXPECT_EQ(before.entry(name).dtype, after.entry(name).dtype) << name;
-      ++*frozen;
+      ++changes->frozen;
     }
   }
-  return changed;
 }
 
 // tiny-a converted (tiny_mla) and fine-tuned with tiny_options, this loss and choice of trainable weights.
@@ -150,15 +152,15 @@ TEST(Finetune, FrozenWeightsStayBitIdentical) {
   FinetuneResult r = tiny_finetune(d, "ce+attn-mse", "attn", &o);
   EXPECT_EQ(r.steps, 4);
   EXPECT_GT(r.trainable_parameters, 0);
-  int frozen = 0;
-  const int trained = trained_weights_changed(
+  WeightChanges w;
+  ASSERT_NO_FATAL_FAILURE(compare_weights(
       o.model_dir, o.out_dir,
       [](const std::string& name) {
         return name.find(".self_attn.") != std::string::npos && name.find("model.layers.") == 0;
       },
-      &frozen);
-  EXPECT_GT(trained, 10);
-  EXPECT_GT(frozen, 20);
+      &w));
+  EXPECT_GT(w.trained, 10);
+  EXPECT_GT(w.frozen, 20);
   // The saved model loads and runs with generate / eval.
   auto m = Vlm::load(o.out_dir);
   EXPECT_TRUE(m->config().mla.enabled);
@@ -172,16 +174,16 @@ TEST(Finetune, LatentOnlyUnderBothDistillationTerms) {
   TempDir d("latent");
   FinetuneOptions o;
   tiny_finetune(d, "ce+kl+attn-mse", "latent", &o, /*mse_weight=*/3);
-  int frozen = 0;
-  const int trained = trained_weights_changed(
+  WeightChanges w;
+  ASSERT_NO_FATAL_FAILURE(compare_weights(
       o.model_dir, o.out_dir,
       [](const std::string& name) {
         return name.find(".self_attn.kv_down_proj.") != std::string::npos ||
                name.find(".self_attn.kv_up_proj.") != std::string::npos;
       },
-      &frozen);
-  EXPECT_EQ(trained, 2 * 5);  // 2 layers: down and up per modality, and the up bias
-  EXPECT_GT(frozen, 20);
+      &w));
+  EXPECT_EQ(w.trained, 2 * 5);  // 2 layers: down and up per modality, and the up bias
+  EXPECT_GT(w.frozen, 20);
   const auto rows = csv_rows(o.out_dir + "/train_log.csv");  // step, epoch, loss, ce, kl, mse, ...
   ASSERT_EQ(rows.size(), 5u);
   for (size_t i = 1; i < rows.size(); ++i) {
@@ -221,16 +223,16 @@ TEST(Finetune, LlavaCheckpointsTrainWithTheDefaultRecipe) {
     EXPECT_GT(r.trainable_parameters, 0);
     EXPECT_TRUE(std::isfinite(r.final_loss));
     const std::string lm = Vlm::load(mla)->lm_prefix() + "layers.";
-    int frozen = 0;
-    const int trained = trained_weights_changed(
+    WeightChanges w;
+    ASSERT_NO_FATAL_FAILURE(compare_weights(
         mla, o.out_dir,
         [&](const std::string& t) {
           return t.rfind(lm, 0) == 0 &&
                  (t.find(".self_attn.") != std::string::npos || t.find("layernorm") != std::string::npos);
         },
-        &frozen);
-    EXPECT_GT(trained, 8);
-    EXPECT_GT(frozen, 20);  // vision tower, projector, embeddings, MLPs, head
+        &w));
+    EXPECT_GT(w.trained, 8);
+    EXPECT_GT(w.frozen, 20);  // vision tower, projector, embeddings, MLPs, head
     EXPECT_TRUE(Vlm::load(o.out_dir)->config().mla.enabled);
     // eval_log.csv: header, then step, accuracy, KL against the teacher, before and after training.
     const auto evals = csv_rows(o.out_dir + "/eval_log.csv");

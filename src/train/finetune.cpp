@@ -246,14 +246,15 @@ FinetuneResult finetune(const FinetuneOptions& o) {
   int64_t tokens = 0;
   const double run_start = elapsed();
   double loss_v = 0;
-  const bool kl_text = has_kl(o.loss) && o.kl_positions == "text";  // KL over every text position
+  const bool kl_term = has_kl(o.loss), mse_term = has_attn_mse(o.loss);  // the loss's distillation terms
+  const bool kl_text = kl_term && o.kl_positions == "text";              // KL over every text position
   for (; step < total; ++step) {
     double ce_sum = 0, kl_sum = 0, mse_sum = 0;
     int64_t step_tokens = 0;
     for (int64_t a = 0; a < o.grad_accum; ++a) {
       ForcedBatch f = forced_batch(*student, rows, micro_rows(step * o.grad_accum + a), kl_text);
       step_tokens += f.tokens;
-      Outputs s = run(*student, f, dev, has_attn_mse(o.loss));
+      Outputs s = run(*student, f, dev, mse_term);
       at::Tensor logp = at::log_softmax(s.logits, -1);
       at::Tensor targets = f.targets.to(dev);
       at::Tensor ce = -logp.gather(1, targets.unsqueeze(1)).mean();
@@ -262,16 +263,16 @@ FinetuneResult finetune(const FinetuneOptions& o) {
         Outputs t;
         {
           at::NoGradGuard no_grad;
-          t = run(*teacher, f, dev, has_attn_mse(o.loss));
+          t = run(*teacher, f, dev, mse_term);
         }
-        if (has_kl(o.loss)) {
+        if (kl_term) {
           at::Tensor tlogp = at::log_softmax(kl_text ? t.text_logits : t.logits, -1);
           at::Tensor slogp = kl_text ? at::log_softmax(s.text_logits, -1) : logp;
           at::Tensor kl = (tlogp.exp() * (tlogp - slogp)).sum(-1).mean();
           loss = loss + o.kl_weight * kl;
           kl_sum += kl.item<double>();
         }
-        if (has_attn_mse(o.loss)) {
+        if (mse_term) {
           at::Tensor valid = f.batch.valid.to(dev).unsqueeze(-1).to(at::kFloat);
           at::Tensor mse = at::zeros({}, logp.options());
           for (size_t l = 0; l < s.attention.size(); ++l) {
@@ -297,10 +298,9 @@ FinetuneResult finetune(const FinetuneOptions& o) {
     rec.step = step + 1;
     rec.epoch = double((step + 1) * o.grad_accum) / double(micro_per_epoch);
     rec.ce = ce_sum / double(o.grad_accum);
-    if (has_kl(o.loss)) rec.kl = kl_sum / double(o.grad_accum);
-    if (has_attn_mse(o.loss)) rec.mse = mse_sum / double(o.grad_accum);
-    rec.loss =
-        rec.ce + (has_kl(o.loss) ? o.kl_weight * rec.kl : 0) + (has_attn_mse(o.loss) ? o.mse_weight * rec.mse : 0);
+    if (kl_term) rec.kl = kl_sum / double(o.grad_accum);
+    if (mse_term) rec.mse = mse_sum / double(o.grad_accum);
+    rec.loss = rec.ce + (kl_term ? o.kl_weight * rec.kl : 0) + (mse_term ? o.mse_weight * rec.mse : 0);
     rec.lr = lr;
     rec.grad_norm = gnorm;
     rec.tokens_per_s = double(tokens) / std::max(secs, 1e-9);
