@@ -17,7 +17,9 @@
 # projections trained, --trainable latent, lr 5e-4), svd-mse-lr1e-4-epochs3 (--loss ce+attn-mse),
 # svd-latent-polish (the recipe that meets the text clause at the default data order: svd-latent-lr5e-4-epochs3,
 # which it runs first, then its text latent alone trained on the 386 text-only rows of train.jsonl, distilling the
-# next-token distribution at every text position, lr 3e-4, 6 epochs). calibtext converts with the text-only rows of
+# next-token distribution at every text position, lr 3e-4, 6 epochs), svd-latent-mse-polish (the same two stages with
+--loss ce+kl+attn-mse in both), svd-latent-mse10-polish (the same with the first stage's attention-output term
+weighted 10: the best overall accuracy). calibtext converts with the text-only rows of
 # train.jsonl added to the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic,
 # instead of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -49,13 +51,15 @@ if [[ " $runs " == *" svd-"* ]] && [ ! -d "$out/r8-d8-svd" ]; then
     --device "$dev" --dtype f32 >/dev/null
 fi
 [[ " $runs " != *" svd-latent-polish "* ]] || runs="svd-latent-lr5e-4-epochs3 $runs"
-run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS]]]]]]
+[[ " $runs " != *" svd-latent-mse-polish "* ]] || runs="svd-latent-mse-lr5e-4-epochs3 $runs"
+[[ " $runs " != *" svd-latent-mse10-polish "* ]] || runs="svd-latent-mse10-lr5e-4-epochs3 $runs"
+run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS [MSE_WEIGHT]]]]]]]
   local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
-  local klpos=${10:-answers}
+  local klpos=${10:-answers} msew=${11:-1}
   [[ " $runs " == *" $name "* ]] || return 0
   [ -f "$out/$name/finetune_report.json" ] || $mf finetune --model "$model" --teacher $orig --data "$train" \
     --out "$out/$name" --epochs "$epochs" --batch 16 --lr "$lr" --loss "$loss" --kl-weight "$klw" --seed "$seed" \
-    --trainable "$trainable" --kl-positions "$klpos" --device "$dev" >/dev/null
+    --trainable "$trainable" --kl-positions "$klpos" --mse-weight "$msew" --device "$dev" >/dev/null
   [ -f "$out/$name.eval.json" ] || $mf eval --model "$out/$name" --data "$data/eval.jsonl" --reference $orig \
     --device "$dev" --dtype f32 --report "$out/$name.eval.json" >/dev/null
   printf "%-28s " "$name"
@@ -90,3 +94,7 @@ run svd-mse-lr1e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 1e-4 ce+attn-m
 # With --trainable latent on text-only rows no image token reaches the image latent's down/up weights: they get no
 # gradient and stay bit-identical; what moves is the text latent and the up projection's bias, which both share.
 run svd-latent-polish "$text_rows" 6 "$out/svd-latent-lr5e-4-epochs3" 3e-4 ce+kl 0 10 latent text
+run svd-latent-mse-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce+kl+attn-mse 0 10 latent
+run svd-latent-mse-polish "$text_rows" 6 "$out/svd-latent-mse-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
+run svd-latent-mse10-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce+kl+attn-mse 0 10 latent answers 10
+run svd-latent-mse10-polish "$text_rows" 6 "$out/svd-latent-mse10-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
