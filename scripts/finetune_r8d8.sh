@@ -18,8 +18,8 @@
 # svd-latent-polish (the recipe that meets the text clause at the default data order: svd-latent-lr5e-4-epochs3,
 # which it runs first, then its text latent alone trained on the 386 text-only rows of train.jsonl, distilling the
 # next-token distribution at every text position, lr 3e-4, 6 epochs), svd-latent-mse-polish (the same two stages with
---loss ce+kl+attn-mse in both), svd-latent-mse10-polish (the same with the first stage's attention-output term
-weighted 10: the best overall accuracy). calibtext converts with the text-only rows of
+# --loss ce+kl+attn-mse in both), svd-latent-mse10-polish (the same with the first stage's attention-output term
+# weighted 10: the best overall accuracy). calibtext converts with the text-only rows of
 # train.jsonl added to the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic,
 # instead of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
