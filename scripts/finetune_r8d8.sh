@@ -19,7 +19,9 @@
 # which it runs first, then its text latent alone trained on the 386 text-only rows of train.jsonl, distilling the
 # next-token distribution at every text position, lr 3e-4, 6 epochs), svd-latent-mse-polish (the same two stages with
 # --loss ce+kl+attn-mse in both), svd-latent-mse10-polish (the same with the first stage's attention-output term
-# weighted 10: the best overall accuracy). calibtext converts with the text-only rows of
+# weighted 10: the best overall accuracy), svd-latent-mse-add9-polish and svd-latent-mse-add17-polish
+# (svd-latent-mse-polish with the text_add rows 9 or 17 times in the polish's rows; 17: the r8 dkv8 recipe, which keeps
+# the sums under every data order tried). calibtext converts with the text-only rows of
 # train.jsonl added to the calibration rows (the text latent then sees text-only prompts, 106 of them arithmetic,
 # instead of 14). Runs may go in parallel (one invocation each) once the r8-d8 conversion exists.
 set -euo pipefail
@@ -38,6 +40,9 @@ mkdir -p "$out"
 absolute() { sed "s#\"image\": \"#\"image\": \"$(cd "$data" && pwd)/#" "$1"; }
 text_rows=$out/train-text.jsonl  # the 386 text-only rows (no "image") of train.jsonl
 grep -v '"image"' "$data/train.jsonl" > "$text_rows"
+for k in 9 17; do  # the same with its 106 text_add rows (the sums) k times
+  { cat "$text_rows"; for i in $(seq 2 $k); do grep '"kind": "text_add"' "$text_rows"; done; } > "$out/train-text-add$k.jsonl"
+done
 text4=$out/train-text4.jsonl  # train.jsonl with its text-only rows four times
 { absolute "$data/train.jsonl"; for i in 1 2 3; do cat "$text_rows"; done; } > "$text4"
 calibtext=$out/calib-text.jsonl
@@ -53,6 +58,7 @@ fi
 [[ " $runs " != *" svd-latent-polish "* ]] || runs="svd-latent-lr5e-4-epochs3 $runs"
 [[ " $runs " != *" svd-latent-mse-polish "* ]] || runs="svd-latent-mse-lr5e-4-epochs3 $runs"
 [[ " $runs " != *" svd-latent-mse10-polish "* ]] || runs="svd-latent-mse10-lr5e-4-epochs3 $runs"
+[[ " $runs " != *" svd-latent-mse-add"* ]] || runs="svd-latent-mse-lr5e-4-epochs3 $runs"
 run() {  # NAME DATA EPOCHS CONVERTED [LR [LOSS [SEED [KL_WEIGHT [TRAINABLE [KL_POSITIONS [MSE_WEIGHT]]]]]]]
   local name=$1 train=$2 epochs=$3 model=$4 lr=${5:-2e-4} loss=${6:-ce+kl} seed=${7:-0} klw=${8:-10} trainable=${9:-attn+norms}
   local klpos=${10:-answers} msew=${11:-1}
@@ -98,3 +104,5 @@ run svd-latent-mse-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce
 run svd-latent-mse-polish "$text_rows" 6 "$out/svd-latent-mse-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
 run svd-latent-mse10-lr5e-4-epochs3 "$data/train.jsonl" 3 "$out/r8-d8-svd" 5e-4 ce+kl+attn-mse 0 10 latent answers 10
 run svd-latent-mse10-polish "$text_rows" 6 "$out/svd-latent-mse10-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
+run svd-latent-mse-add9-polish "$out/train-text-add9.jsonl" 6 "$out/svd-latent-mse-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
+run svd-latent-mse-add17-polish "$out/train-text-add17.jsonl" 6 "$out/svd-latent-mse-lr5e-4-epochs3" 3e-4 ce+kl+attn-mse 0 10 latent text
